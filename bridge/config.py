@@ -1,0 +1,167 @@
+"""HF ``config.json`` <-> Megatron ``args`` translation.
+
+HF -> Megatron writes the fields Megatron-LM / Megatron-Bridge read (argparse names, Falcon-H1
+provider names for the Mamba and µP fields). The exact HF ``config.json`` also travels beside the
+checkpoint (``hf_assets/``) so a round trip reproduces it byte for byte; without that sidecar
+the HF config is rebuilt from ``args`` alone.
+"""
+
+from __future__ import annotations
+
+import json
+from argparse import Namespace
+from pathlib import Path
+
+import torch
+from huggingface_hub.errors import StrictDataclassError
+from transformers import FalconH1Config
+
+from .errors import InputError
+
+MUP_SCALARS = (
+    "embedding_multiplier",
+    "lm_head_multiplier",
+    "key_multiplier",
+    "attention_in_multiplier",
+    "attention_out_multiplier",
+    "ssm_in_multiplier",
+    "ssm_out_multiplier",
+)
+MUP_LISTS = ("mlp_multipliers", "ssm_multipliers")
+MUP_FIELDS = MUP_SCALARS + MUP_LISTS
+
+# HF field -> Megatron-Bridge FalconH1ModelProvider field (falconh1_bridge.py CONFIG_MAPPING).
+HF_TO_PROVIDER = {
+    "mamba_d_state": "mamba_state_dim",
+    "mamba_d_head": "mamba_head_dim",
+    "mamba_n_heads": "mamba_num_heads",
+    "mamba_n_groups": "mamba_num_groups",
+    "mamba_expand": "expand",
+    "mamba_d_conv": "d_conv",
+    "mamba_conv_bias": "conv_bias",
+    "mamba_chunk_size": "chunk_size",
+    "mamba_rms_norm": "rmsnorm",
+    "mamba_norm_before_gate": "norm_before_gate",
+    **{name: name for name in MUP_FIELDS},
+}
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+HF_DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
+
+
+def load_hf_config(folder: Path) -> FalconH1Config:
+    """Reads ``config.json`` strictly: it must parse and describe a Falcon-H1 model."""
+    path = folder / "config.json"
+    if not path.is_file():
+        raise InputError(f"{path}: missing; expected a Hugging Face config.json")
+    return hf_config_from_json(path.read_text(), str(path))
+
+
+def hf_config_from_json(text: str, where: str) -> FalconH1Config:
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise InputError(f"{where}: invalid JSON ({e.msg} at line {e.lineno})") from None
+    if not isinstance(data, dict) or data.get("model_type") != "falcon_h1":
+        found = data.get("model_type") if isinstance(data, dict) else type(data).__name__
+        raise InputError(f"{where}: model_type is {found!r}, expected 'falcon_h1'")
+    try:
+        return FalconH1Config.from_dict(FalconH1Config._decode_special_floats(data))
+    except (TypeError, ValueError, StrictDataclassError) as e:
+        raise InputError(f"{where}: not a valid FalconH1Config ({str(e).splitlines()[0]})") from None
+
+
+def rope_theta(cfg: FalconH1Config) -> float:
+    return float((cfg.rope_parameters or {}).get("rope_theta", 1e11))
+
+
+def config_dtype(cfg: FalconH1Config) -> torch.dtype:
+    dtype = getattr(cfg, "dtype", None) or getattr(cfg, "torch_dtype", None) or torch.float32
+    return getattr(torch, dtype) if isinstance(dtype, str) else dtype
+
+
+def megatron_args(
+    cfg: FalconH1Config, *, tp: int, pp: int, padded_vocab: int, divisible_by: int, params_dtype: torch.dtype
+) -> Namespace:
+    """The ``args`` Namespace stored in legacy checkpoints (plain values and torch dtypes only)."""
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    args = dict(
+        num_layers=cfg.num_hidden_layers,
+        hidden_size=cfg.hidden_size,
+        ffn_hidden_size=cfg.intermediate_size,
+        num_attention_heads=cfg.num_attention_heads,
+        group_query_attention=cfg.num_key_value_heads != cfg.num_attention_heads,
+        num_query_groups=cfg.num_key_value_heads,
+        kv_channels=head_dim,
+        max_position_embeddings=cfg.max_position_embeddings,
+        seq_length=cfg.max_position_embeddings,
+        position_embedding_type="rope",
+        rotary_base=rope_theta(cfg),
+        rotary_percent=1.0,
+        normalization="RMSNorm",
+        norm_epsilon=cfg.rms_norm_eps,
+        swiglu=True,
+        add_position_embedding=False,
+        untie_embeddings_and_output_weights=not cfg.tie_word_embeddings,
+        vocab_size=cfg.vocab_size,
+        padded_vocab_size=padded_vocab,
+        make_vocab_size_divisible_by=divisible_by,
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        params_dtype=params_dtype,
+        bf16=params_dtype == torch.bfloat16,
+        fp16=params_dtype == torch.float16,
+        add_bias_linear=bool(cfg.projectors_bias),
+        add_qkv_bias=bool(cfg.attention_bias),
+        mamba_proj_bias=bool(cfg.mamba_proj_bias),
+        mlp_bias=bool(cfg.mlp_bias),
+        mamba_d_ssm=cfg.mamba_d_ssm,
+        hidden_dropout=0.0,
+        attention_dropout=float(cfg.attention_dropout or 0.0),
+        model_type="falcon_h1",
+    )
+    for hf_name, provider_name in HF_TO_PROVIDER.items():
+        value = getattr(cfg, hf_name)
+        args[provider_name] = list(value) if isinstance(value, (list, tuple)) else value
+    return Namespace(**args)
+
+
+def hf_config_from_args(args: Namespace) -> FalconH1Config:
+    """Rebuilds the HF config from Megatron args when no ``hf_assets/config.json`` sidecar exists."""
+    a = vars(args)
+
+    def need(name):
+        if name not in a:
+            raise InputError(f"checkpoint args: missing {name!r}; cannot rebuild the Falcon-H1 config")
+        return a[name]
+
+    fields = dict(
+        num_hidden_layers=need("num_layers"),
+        hidden_size=need("hidden_size"),
+        intermediate_size=need("ffn_hidden_size"),
+        num_attention_heads=need("num_attention_heads"),
+        num_key_value_heads=a.get("num_query_groups") or need("num_attention_heads"),
+        head_dim=a.get("kv_channels") or need("hidden_size") // need("num_attention_heads"),
+        max_position_embeddings=a.get("max_position_embeddings", 8192),
+        rope_parameters={"rope_type": "default", "rope_theta": float(a.get("rotary_base", 1e11))},
+        rms_norm_eps=a.get("norm_epsilon", 1e-5),
+        tie_word_embeddings=not a.get("untie_embeddings_and_output_weights", True),
+        vocab_size=a.get("vocab_size") or need("padded_vocab_size"),
+        projectors_bias=a.get("add_bias_linear", False),
+        attention_bias=a.get("add_qkv_bias", False),
+        mamba_proj_bias=a.get("mamba_proj_bias", False),
+        mlp_bias=a.get("mlp_bias", False),
+        mamba_d_ssm=a.get("mamba_d_ssm") or need("mamba_num_heads") * need("mamba_head_dim"),
+    )
+    for hf_name, provider_name in HF_TO_PROVIDER.items():
+        if provider_name in a:
+            fields[hf_name] = a[provider_name]
+    params_dtype = a.get("params_dtype")
+    if isinstance(params_dtype, torch.dtype):
+        fields["dtype"] = HF_DTYPE_NAMES.get(params_dtype, "float32")
+    try:
+        cfg = FalconH1Config(**fields)
+    except (TypeError, ValueError, StrictDataclassError) as e:
+        raise InputError(f"checkpoint args: do not describe a valid Falcon-H1 model ({e})") from None
+    cfg.architectures = ["FalconH1ForCausalLM"]
+    return cfg

@@ -1,0 +1,240 @@
+"""Streaming conversion between HF safetensors and legacy Megatron TP/PP checkpoints.
+
+HF -> Megatron builds one rank file at a time: for each table entry on that rank's stage it
+reads the entry's HF tensors, keeps the rank's shard and drops the rest, so memory holds one
+output file plus one parameter. Megatron -> HF builds one safetensors shard at a time from the
+memory-mapped rank files.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from mappings import LAYOUTS
+
+from .atomic import atomic_output_dir
+from .config import DTYPES, HF_DTYPE_NAMES, config_dtype, hf_config_from_args, hf_config_from_json, megatron_args
+from .errors import InputError
+from .hf_format import HFCheckpoint, copy_assets, write_hf_weights
+from .layout import check_tensor_set, expected_hf_shapes, expected_rank_shapes, hf_index
+from .legacy_format import (
+    HF_ASSETS,
+    LegacyCheckpoint,
+    iteration_dir_name,
+    rank_dir_name,
+    write_rank_file,
+    write_tracker,
+)
+from .plan import ParallelPlan, hf_name
+
+DTYPE_CHOICES = ("keep", *DTYPES)
+
+
+@dataclass
+class Summary:
+    """What a conversion did; printed by the CLI and emitted as JSON with --json."""
+
+    source: str
+    destination: str
+    direction: str
+    tp: int
+    pp: int
+    tensors: int = 0
+    bytes_written: int = 0
+    seconds: float = 0.0
+    files: list[str] = field(default_factory=list)
+    layout: str = "bridge"
+    dtype: str = "keep"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _materialize(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    """A fresh contiguous tensor: shards are often views, and torch.save would store the whole base."""
+    out = torch.empty(t.shape, dtype=dtype or t.dtype)
+    out.copy_(t)
+    return out
+
+
+def _target_dtype(choice: str) -> torch.dtype | None:
+    if choice not in DTYPE_CHOICES:
+        raise InputError(f"--dtype {choice!r}: expected one of {', '.join(DTYPE_CHOICES)}")
+    return DTYPES.get(choice)
+
+
+def _dir_bytes(folder: Path) -> tuple[int, list[str]]:
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    return sum(p.stat().st_size for p in files), [str(p.relative_to(folder)) for p in files]
+
+
+def hf_to_megatron(
+    src: Path,
+    dst: Path,
+    *,
+    tp: int = 1,
+    pp: int = 1,
+    dtype: str = "keep",
+    force: bool = False,
+    divisible_by: int = 128,
+    layout: str = "bridge",
+    progress: bool = False,
+) -> Summary:
+    """Converts an HF Falcon-H1 folder into a legacy Megatron checkpoint with the given TP/PP."""
+    start = time.perf_counter()
+    target = _target_dtype(dtype)
+    if layout not in LAYOUTS:
+        raise InputError(f"--layout {layout!r}: expected one of {', '.join(LAYOUTS)}")
+    ckpt = HFCheckpoint(src)
+    cfg = ckpt.config
+    plan = ParallelPlan(cfg, tp, pp, divisible_by, layout)
+    hf_shapes = expected_hf_shapes(cfg)
+    check_tensor_set(str(src), {k: ckpt.shape(k) for k in ckpt.keys()}, hf_shapes)
+    params_dtype = target or config_dtype(cfg)
+    args = megatron_args(cfg, tp=tp, pp=pp, padded_vocab=plan.dims.padded_vocab, divisible_by=divisible_by,
+                         params_dtype=params_dtype)
+    summary = Summary(str(src), str(dst), "hf-to-megatron", tp, pp, layout=layout, dtype=dtype)
+    bar = tqdm(total=len(plan.ranks()), unit="rank", desc="hf→megatron", disable=not progress)
+    with atomic_output_dir(dst, force=force, inputs=[src]) as tmp:
+        iter_dir = tmp / iteration_dir_name(0)
+        for tp_rank, pp_rank in plan.ranks():
+            model = {}
+            for param, layer, local in plan.stage_entries(pp_rank):
+                hf = [ckpt.get(hf_name(k, layer)) for k in param.hf]
+                shard = param.rule.shard(hf, plan.dims, tp, tp_rank)
+                model[plan.megatron_name(param, local)] = _materialize(shard, target)
+            path = iter_dir / rank_dir_name(tp_rank, pp_rank, pp) / "model_optim_rng.pt"
+            write_rank_file(path, model, args, iteration=0)
+            summary.tensors += len(model)
+            del model
+            bar.update()
+        write_tracker(tmp, 0)
+        assets = tmp / HF_ASSETS
+        copy_assets([src / "config.json", *ckpt.asset_files()], assets)
+        summary.bytes_written, summary.files = _dir_bytes(tmp)
+    bar.close()
+    summary.seconds = round(time.perf_counter() - start, 3)
+    return summary
+
+
+def _megatron_hf_config(meg: LegacyCheckpoint):
+    """The sidecar config.json when present (exact round trip), else one rebuilt from args."""
+    sidecar = meg.hf_assets / "config.json"
+    if sidecar.is_file():
+        return hf_config_from_json(sidecar.read_text(), str(sidecar)), sidecar
+    if meg.args is None:
+        raise InputError(f"{meg.rank_file(0, 0)}: no 'args' and no {HF_ASSETS}/config.json; cannot tell the model config")
+    return hf_config_from_args(meg.args), None
+
+
+def _detect_layout(meg: LegacyCheckpoint, cfg, hf_shapes, divisible_by: int, padded: int) -> ParallelPlan:
+    """The layout whose key names match rank 0 of the first stage; then every rank is checked fully."""
+    found = set(meg.model(0, 0))
+    for name in LAYOUTS:
+        plan = ParallelPlan(cfg, meg.tp, meg.pp, divisible_by, name, padded_vocab=padded)
+        if set(expected_rank_shapes(plan, hf_shapes, 0)) == found:
+            return plan
+    return ParallelPlan(cfg, meg.tp, meg.pp, divisible_by, "bridge", padded_vocab=padded)
+
+
+def megatron_plan(meg: LegacyCheckpoint, cfg) -> tuple[ParallelPlan, dict[str, torch.Size]]:
+    """Plan of an existing checkpoint, with every rank's keys and shapes validated against it."""
+    hf_shapes = expected_hf_shapes(cfg)
+    args = vars(meg.args) if meg.args is not None else {}
+    divisible_by = args.get("make_vocab_size_divisible_by", 128)
+    emb = meg.model(0, 0).get("embedding.word_embeddings.weight")
+    padded = args.get("padded_vocab_size") or (emb.shape[0] * meg.tp if emb is not None else None)
+    plan = _detect_layout(meg, cfg, hf_shapes, divisible_by, padded)
+    for tp_rank, pp_rank in plan.ranks():
+        model = meg.model(tp_rank, pp_rank)
+        check_tensor_set(str(meg.rank_file(tp_rank, pp_rank)), {k: v.shape for k, v in model.items()},
+                         expected_rank_shapes(plan, hf_shapes, pp_rank))
+    return plan, hf_shapes
+
+
+class MegatronToHF:
+    """Gathers HF tensors from rank shards; remembers the last merged entry (q/k/v share one merge)."""
+
+    def __init__(self, meg: LegacyCheckpoint, plan: ParallelPlan, dtype: torch.dtype | None):
+        self.meg, self.plan, self.dtype = meg, plan, dtype
+        self.index = hf_index(plan)
+        self._last: tuple[tuple[object, int | None], list[torch.Tensor]] | None = None
+
+    def _stage(self, param, layer) -> tuple[int, int | None]:
+        if layer is not None:
+            return self.plan.stage_of_layer(layer)
+        return (0 if param.stage == "first" else self.plan.pp - 1), None
+
+    def merged(self, key: str) -> torch.Tensor:
+        param, layer, pos = self.index[key]
+        if self._last is None or self._last[0] != (param, layer):
+            pp_rank, local = self._stage(param, layer)
+            name = self.plan.megatron_name(param, local)
+            shards = [self.meg.model(t, pp_rank)[name] for t in range(self.plan.tp)]
+            try:
+                outs = param.rule.merge(shards, self.plan.dims)
+            except ValueError as e:
+                raise InputError(f"{self.meg.iter_dir}: {name}: {e}") from None
+            self._last = ((param, layer), outs)
+        return self._last[1][pos]
+
+    def tensors(self, keys: list[str]) -> dict[str, torch.Tensor]:
+        return {k: _materialize(self.merged(k), self.dtype) for k in keys}
+
+    def source_dtype(self, key: str) -> torch.dtype:
+        param, layer, _ = self.index[key]
+        pp_rank, local = self._stage(param, layer)
+        return self.meg.model(0, pp_rank)[self.plan.megatron_name(param, local)].dtype
+
+
+def _write_hf_config(folder: Path, cfg, sidecar: Path | None, target: torch.dtype | None) -> None:
+    if sidecar is not None and target is None:
+        (folder / "config.json").write_bytes(sidecar.read_bytes())
+        return
+    if sidecar is not None:
+        data = json.loads(sidecar.read_text())
+        data["dtype"] = HF_DTYPE_NAMES[target]
+        if "torch_dtype" in data:
+            data["torch_dtype"] = HF_DTYPE_NAMES[target]
+        (folder / "config.json").write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+        return
+    if target is not None:
+        cfg.dtype = HF_DTYPE_NAMES[target]
+    cfg.save_pretrained(folder)
+
+
+def megatron_to_hf(
+    src: Path,
+    dst: Path,
+    *,
+    dtype: str = "keep",
+    force: bool = False,
+    max_shard_size: str | int = "5GB",
+    progress: bool = False,
+) -> Summary:
+    """Converts a legacy Megatron checkpoint (any TP/PP) into an HF Falcon-H1 folder."""
+    start = time.perf_counter()
+    target = _target_dtype(dtype)
+    meg = LegacyCheckpoint(src)
+    cfg, sidecar = _megatron_hf_config(meg)
+    plan, hf_shapes = megatron_plan(meg, cfg)
+    gather = MegatronToHF(meg, plan, target)
+    layout = {k: (hf_shapes[k], target or gather.source_dtype(k)) for k in hf_shapes}
+    summary = Summary(str(src), str(dst), "megatron-to-hf", meg.tp, meg.pp, layout=plan.layout, dtype=dtype)
+    bar = tqdm(total=len(layout), unit="tensor", desc="megatron→hf", disable=not progress)
+    with atomic_output_dir(dst, force=force, inputs=[src]) as tmp:
+        write_hf_weights(tmp, layout, gather.tensors, max_shard_size, progress=bar.update)
+        _write_hf_config(tmp, cfg, sidecar, target)
+        if meg.hf_assets.is_dir():
+            copy_assets([p for p in meg.hf_assets.iterdir() if p.is_file() and p.name != "config.json"], tmp)
+        summary.tensors = len(layout)
+        summary.bytes_written, summary.files = _dir_bytes(tmp)
+    bar.close()
+    summary.seconds = round(time.perf_counter() - start, 3)
+    return summary

@@ -1,0 +1,152 @@
+"""Hugging Face safetensors checkpoints: a lazy, strict reader and a shard-by-shard writer.
+
+Reading opens every shard with ``safe_open`` and loads one tensor at a time; the index is
+checked against the shard headers before any tensor is read. Writing plans the shard split
+with huggingface_hub on meta tensors, then materialises one shard at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+from huggingface_hub import split_torch_state_dict_into_shards
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from .config import load_hf_config
+from .errors import InputError
+
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".safetensors.index.json", ".bin.index.json")
+NOT_ASSETS = {"config.json", "README.md", ".gitattributes"}
+
+
+class HFCheckpoint:
+    """A Falcon-H1 HF folder: its config, and lazy access to its tensors by key."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        if not self.folder.is_dir():
+            raise InputError(f"{self.folder}: not a directory")
+        self.config = load_hf_config(self.folder)
+        self._handles: dict[str, object] = {}
+        self.key_to_file = self._read_layout()
+
+    def _open(self, filename: str):
+        if filename not in self._handles:
+            path = self.folder / filename
+            try:
+                self._handles[filename] = safe_open(str(path), framework="pt")
+            except (SafetensorError, OSError) as e:
+                raise InputError(f"{path}: not a readable safetensors file ({e})") from None
+        return self._handles[filename]
+
+    def _read_layout(self) -> dict[str, str]:
+        index_path = self.folder / INDEX
+        if index_path.is_file():
+            return self._read_index(index_path)
+        if (self.folder / SINGLE).is_file():
+            return {k: SINGLE for k in self._open(SINGLE).keys()}
+        raise InputError(f"{self.folder}: no {SINGLE} or {INDEX}; expected safetensors weights")
+
+    def _read_index(self, index_path: Path) -> dict[str, str]:
+        try:
+            weight_map = json.loads(index_path.read_text())["weight_map"]
+            assert isinstance(weight_map, dict)
+        except (json.JSONDecodeError, KeyError, TypeError, AssertionError):
+            raise InputError(f"{index_path}: invalid index; expected JSON with a 'weight_map' object") from None
+        root = self.folder.resolve()
+        files = sorted(set(weight_map.values()))
+        for name in files:
+            path = (self.folder / str(name)).resolve()
+            if path.parent != root:
+                raise InputError(f"{index_path}: shard path {name!r} is outside the checkpoint folder")
+            if not path.is_file():
+                raise InputError(f"{index_path}: names shard {name!r}, which does not exist")
+        seen: dict[str, str] = {}
+        for name in files:
+            for key in self._open(name).keys():
+                if key in seen:
+                    raise InputError(f"{self.folder / name}: tensor {key!r} is also stored in {seen[key]}")
+                seen[key] = name
+        for key, name in weight_map.items():
+            if seen.get(key) != name:
+                raise InputError(f"{index_path}: {key!r} is mapped to {name!r} but that shard does not hold it")
+        extra = sorted(set(seen) - set(weight_map))
+        if extra:
+            raise InputError(f"{self.folder / seen[extra[0]]}: tensor {extra[0]!r} is not listed in {INDEX}")
+        return dict(weight_map)
+
+    def keys(self) -> list[str]:
+        return list(self.key_to_file)
+
+    def shape(self, key: str) -> torch.Size:
+        return torch.Size(self._open(self.key_to_file[key]).get_slice(key).get_shape())
+
+    def dtype(self, key: str) -> torch.dtype:
+        return _SAFETENSORS_DTYPES[self._open(self.key_to_file[key]).get_slice(key).get_dtype()]
+
+    def get(self, key: str) -> torch.Tensor:
+        filename = self.key_to_file.get(key)
+        if filename is None:
+            raise InputError(f"{self.folder}: tensor {key!r} missing")
+        try:
+            return self._open(filename).get_tensor(key)
+        except (SafetensorError, OSError, RuntimeError) as e:
+            raise InputError(f"{self.folder / filename}: cannot read {key!r} ({e})") from None
+
+    def asset_files(self) -> list[Path]:
+        """Tokenizer, generation config and other non-weight files to carry along."""
+        return sorted(
+            p
+            for p in self.folder.iterdir()
+            if p.is_file() and p.name not in NOT_ASSETS and not p.name.endswith(WEIGHT_SUFFIXES)
+        )
+
+
+_SAFETENSORS_DTYPES = {
+    "BF16": torch.bfloat16,
+    "F16": torch.float16,
+    "F32": torch.float32,
+    "F64": torch.float64,
+    "U8": torch.uint8,
+    "I8": torch.int8,
+    "I32": torch.int32,
+    "I64": torch.int64,
+    "BOOL": torch.bool,
+}
+
+
+def copy_assets(files: Iterable[Path], dst: Path) -> list[str]:
+    dst.mkdir(parents=True, exist_ok=True)
+    names = []
+    for f in files:
+        shutil.copy2(f, dst / f.name)
+        names.append(f.name)
+    return names
+
+
+def write_hf_weights(
+    folder: Path,
+    layout: dict[str, tuple[torch.Size, torch.dtype]],
+    produce: Callable[[list[str]], dict[str, torch.Tensor]],
+    max_shard_size: str | int = "5GB",
+    progress: Callable[[int], None] | None = None,
+) -> list[str]:
+    """Writes ``layout`` as safetensors shards (+ index), asking ``produce`` for one shard's tensors at a time."""
+    metas = {k: torch.empty(shape, dtype=dtype, device="meta") for k, (shape, dtype) in layout.items()}
+    split = split_torch_state_dict_into_shards(metas, max_shard_size=max_shard_size)
+    for filename, keys in split.filename_to_tensors.items():
+        tensors = produce(keys)
+        save_file({k: tensors[k].contiguous() for k in keys}, str(folder / filename), metadata={"format": "pt"})
+        if progress:
+            progress(len(keys))
+    if split.is_sharded:
+        index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}
+        (folder / INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    return list(split.filename_to_tensors)

@@ -1,0 +1,63 @@
+"""What a valid checkpoint of a given config must contain, on the HF side and per Megatron rank.
+
+transformers is the oracle for HF names and shapes: the model is built on the meta device (no
+memory, no data) and its state dict read. Megatron per-rank shapes come from running each rule on
+meta tensors of those shapes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from transformers import FalconH1ForCausalLM
+
+from mappings import Param
+
+from .errors import InputError
+from .plan import ParallelPlan, hf_name
+
+
+def expected_hf_shapes(cfg) -> dict[str, torch.Size]:
+    """HF key -> shape of what ``save_pretrained`` stores for this config (tied lm_head dropped)."""
+    with torch.device("meta"):
+        model = FalconH1ForCausalLM(cfg)
+    shapes = {k: v.shape for k, v in model.state_dict().items()}
+    if cfg.tie_word_embeddings:
+        shapes.pop("lm_head.weight", None)
+    return shapes
+
+
+def hf_index(plan: ParallelPlan) -> dict[str, tuple[Param, int | None, int]]:
+    """HF key -> (table entry, global layer, position in the entry's HF keys), exported entries only."""
+    index = {}
+    for pp_rank in range(plan.pp):
+        for param, layer, _ in plan.stage_entries(pp_rank):
+            if param.export:
+                for pos, key in enumerate(param.hf):
+                    index[hf_name(key, layer)] = (param, layer, pos)
+    return index
+
+
+def expected_rank_shapes(plan: ParallelPlan, hf_shapes: Mapping[str, torch.Size], pp_rank: int) -> dict[str, torch.Size]:
+    """Megatron key -> per-rank shape on one pipeline stage."""
+    out = {}
+    for param, layer, local in plan.stage_entries(pp_rank):
+        shapes = [hf_shapes[hf_name(k, layer)] for k in param.hf]
+        out[plan.megatron_name(param, local)] = plan.shard_shape(param, shapes)
+    return out
+
+
+def check_tensor_set(
+    where: str, found: Mapping[str, torch.Size], expected: Mapping[str, torch.Size], hint: str = ""
+) -> None:
+    """One-line errors for the first missing, unexpected or mis-shaped tensor."""
+    missing = [k for k in expected if k not in found]
+    if missing:
+        raise InputError(f"{where}: missing tensor {missing[0]!r}{hint} ({len(missing)} missing in all)")
+    unexpected = [k for k in found if k not in expected]
+    if unexpected:
+        raise InputError(f"{where}: unexpected tensor {unexpected[0]!r}{hint} ({len(unexpected)} in all)")
+    for key, shape in expected.items():
+        if tuple(found[key]) != tuple(shape):
+            raise InputError(f"{where}: {key!r} has shape {tuple(found[key])}, config expects {tuple(shape)}")

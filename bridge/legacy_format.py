@@ -1,0 +1,138 @@
+"""Legacy Megatron checkpoints: ``iter_XXXXXXX/mp_rank_TT[_PPP]/model_optim_rng.pt`` per rank.
+
+Files are loaded with ``mmap=True, weights_only=True`` and a narrow allow-list (the argparse
+Namespace Megatron stores as ``args``): nothing in a checkpoint can run code, and tensors stay on
+disk until a rule touches them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import pickle
+import re
+import types
+from pathlib import Path
+
+import torch
+
+from .errors import InputError, UnsupportedError
+
+TRACKER = "latest_checkpointed_iteration.txt"
+RANK_FILE = "model_optim_rng.pt"
+HF_ASSETS = "hf_assets"
+CHECKPOINT_VERSION = 3.0
+SAFE_GLOBALS = [argparse.Namespace, types.SimpleNamespace, pathlib.PosixPath]
+_RANK_DIR = re.compile(r"^mp_rank_(\d{2})(?:_(\d{3}))?(_\d{3})?$")
+
+
+def iteration_dir_name(iteration: int | str) -> str:
+    return "release" if iteration == "release" else f"iter_{int(iteration):07d}"
+
+
+def rank_dir_name(tp_rank: int, pp_rank: int, pp: int) -> str:
+    return f"mp_rank_{tp_rank:02d}" if pp == 1 else f"mp_rank_{tp_rank:02d}_{pp_rank:03d}"
+
+
+def safe_load(path: Path) -> dict:
+    """``torch.load`` that never unpickles code: weights_only with the Namespace allow-list, mmap'd."""
+    try:
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
+            return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))
+        what = f"disallowed global {found.group(1)}" if found else "content outside the allow-list"
+        raise InputError(f"{path}: refused to load: pickle contains {what} (only tensors and args allowed)") from None
+    except (RuntimeError, OSError, EOFError, ValueError) as e:
+        raise InputError(f"{path}: not a readable torch checkpoint ({str(e).splitlines()[0]})") from None
+
+
+def find_iteration_dir(root: Path) -> Path:
+    """Resolves a root (with tracker), an iteration directory, or a root holding iter_* dirs."""
+    if any(_RANK_DIR.match(p.name) for p in root.iterdir() if p.is_dir()):
+        return root
+    tracker = root / TRACKER
+    if tracker.is_file():
+        text = tracker.read_text().strip()
+        if text != "release" and not text.isdigit():
+            raise InputError(f"{tracker}: expected an iteration number or 'release', found {text[:40]!r}")
+        it_dir = root / iteration_dir_name(text)
+        if not it_dir.is_dir():
+            raise InputError(f"{tracker}: points to {it_dir.name}, which does not exist")
+        return it_dir
+    iters = sorted(p for p in root.glob("iter_*") if p.is_dir())
+    if not iters:
+        raise InputError(f"{root}: no {TRACKER}, iter_* or mp_rank_* directories; not a Megatron checkpoint")
+    return iters[-1]
+
+
+class LegacyCheckpoint:
+    """Rank files of one iteration, opened lazily; ``args`` and layout read from rank 0."""
+
+    def __init__(self, path: Path):
+        self.root = Path(path)
+        self.iter_dir = find_iteration_dir(self.root)
+        self.tp, self.pp, self._rank_dirs = self._scan_ranks()
+        self._cache: dict[tuple[int, int], dict] = {}
+        first = self._load(0, 0)
+        self.args: argparse.Namespace | None = first.get("args")
+        self.iteration = first.get("iteration", 0)
+        if self.args is not None:
+            for name, found in (("tensor_model_parallel_size", self.tp), ("pipeline_model_parallel_size", self.pp)):
+                stored = getattr(self.args, name, found)
+                if stored != found:
+                    raise InputError(f"{self.iter_dir}: args say {name}={stored} but {found} rank dirs exist")
+
+    def _scan_ranks(self) -> tuple[int, int, dict[tuple[int, int], Path]]:
+        dirs: dict[tuple[int, int], Path] = {}
+        for p in self.iter_dir.iterdir():
+            m = _RANK_DIR.match(p.name)
+            if not (p.is_dir() and m):
+                continue
+            if m.group(3):
+                raise UnsupportedError(f"{p}: expert-parallel rank directories are not supported")
+            dirs[(int(m.group(1)), int(m.group(2) or 0))] = p
+        if not dirs:
+            raise InputError(f"{self.iter_dir}: no mp_rank_* directories")
+        tp = max(t for t, _ in dirs) + 1
+        pp = max(p for _, p in dirs) + 1
+        for t in range(tp):
+            for p in range(pp):
+                if (t, p) not in dirs:
+                    missing = self.iter_dir / rank_dir_name(t, p, pp)
+                    raise InputError(f"{missing}: missing rank directory (found TP={tp}, PP={pp})")
+        return tp, pp, dirs
+
+    def rank_file(self, tp_rank: int, pp_rank: int) -> Path:
+        return self._rank_dirs[(tp_rank, pp_rank)] / RANK_FILE
+
+    def _load(self, tp_rank: int, pp_rank: int) -> dict:
+        if (tp_rank, pp_rank) not in self._cache:
+            path = self.rank_file(tp_rank, pp_rank)
+            if not path.is_file():
+                raise InputError(f"{path}: missing rank file")
+            state = safe_load(path)
+            if not isinstance(state, dict) or "model" not in state:
+                extra = " (virtual pipeline 'model0' is not supported)" if "model0" in state else ""
+                raise InputError(f"{path}: no 'model' state dict{extra}")
+            self._cache[(tp_rank, pp_rank)] = state
+        return self._cache[(tp_rank, pp_rank)]
+
+    def model(self, tp_rank: int, pp_rank: int) -> dict[str, torch.Tensor]:
+        """The rank's weights (``_extra_state`` entries of Transformer Engine dropped)."""
+        model = self._load(tp_rank, pp_rank)["model"]
+        return {k: v for k, v in model.items() if not k.endswith("_extra_state")}
+
+    @property
+    def hf_assets(self) -> Path:
+        return self.root / HF_ASSETS if self.iter_dir != self.root else self.root.parent / HF_ASSETS
+
+
+def write_rank_file(path: Path, model: dict[str, torch.Tensor], args: argparse.Namespace, iteration: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {"args": args, "checkpoint_version": CHECKPOINT_VERSION, "iteration": iteration, "model": model}
+    torch.save(state, path)
+
+
+def write_tracker(root: Path, iteration: int | str) -> None:
+    (root / TRACKER).write_text(str(iteration))

@@ -1,0 +1,104 @@
+"""Parallel layout of one Megatron checkpoint: which rank holds what, and whether Megatron can run it.
+
+The divisibility checks mirror megatron-core's own asserts (``MambaMixer.__init__``,
+``Attention.__init__``, ``MLP``) so a layout Megatron would reject is refused here, before
+anything is written.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from mappings import FalconH1Dims, Param, megatron_key, padded_vocab_size, params_for
+
+from .errors import UnsupportedError
+
+
+@dataclass(frozen=True)
+class ParallelPlan:
+    hf_config: object
+    tp: int
+    pp: int
+    divisible_by: int = 128
+    layout: str = "bridge"
+    padded_vocab: int | None = None  # as found in an existing checkpoint; computed when None
+    dims: FalconH1Dims = field(init=False)
+
+    def __post_init__(self):
+        check_parallel_sizes(self.hf_config, self.tp, self.pp)
+        padded = self.padded_vocab or padded_vocab_size(self.hf_config.vocab_size, self.divisible_by, self.tp)
+        object.__setattr__(self, "dims", FalconH1Dims.from_hf_config(self.hf_config, padded))
+
+    @property
+    def num_layers(self) -> int:
+        return self.hf_config.num_hidden_layers
+
+    @property
+    def layers_per_stage(self) -> int:
+        return self.num_layers // self.pp
+
+    @property
+    def params(self) -> list[Param]:
+        return params_for(self.hf_config, self.pp)
+
+    def ranks(self) -> list[tuple[int, int]]:
+        """(tp_rank, pp_rank) pairs, in the order files are written."""
+        return [(t, p) for p in range(self.pp) for t in range(self.tp)]
+
+    def stage_entries(self, pp_rank: int) -> list[tuple[Param, int | None, int | None]]:
+        """(param, global layer, local layer) for everything stored on one pipeline stage."""
+        out: list[tuple[Param, int | None, int | None]] = []
+        first, last = pp_rank == 0, pp_rank == self.pp - 1
+        for p in self.params:
+            if p.stage == "first" and first:
+                out.append((p, None, None))
+        for local in range(self.layers_per_stage):
+            glob = pp_rank * self.layers_per_stage + local
+            out += [(p, glob, local) for p in self.params if p.is_layer]
+        for p in self.params:
+            if p.stage == "last" and last:
+                out.append((p, None, None))
+        return out
+
+    def megatron_name(self, param: Param, local_layer: int | None) -> str:
+        key = megatron_key(param, self.layout)
+        return key if local_layer is None else key.replace("{L}", str(local_layer))
+
+    def stage_of_layer(self, layer: int) -> tuple[int, int]:
+        """(pp_rank, local index) of a global layer."""
+        return divmod(layer, self.layers_per_stage)
+
+    def shard_shape(self, param: Param, hf_shapes: list[torch.Size]) -> torch.Size:
+        """Per-rank shape, computed by running the rule on meta tensors."""
+        metas = [torch.empty(s, device="meta") for s in hf_shapes]
+        return param.rule.shard(metas, self.dims, self.tp, 0).shape
+
+
+def hf_name(param_key: str, layer: int | None) -> str:
+    return param_key if layer is None else param_key.replace("{L}", str(layer))
+
+
+def check_parallel_sizes(cfg, tp: int, pp: int) -> None:
+    """Raises UnsupportedError, naming the constraint, when Megatron cannot run this TP/PP."""
+    if tp < 1 or pp < 1:
+        raise UnsupportedError(f"TP and PP must be >= 1 (got TP={tp}, PP={pp})")
+    d_ssm = cfg.mamba_d_ssm if cfg.mamba_d_ssm is not None else cfg.mamba_expand * cfg.hidden_size
+    checks = [
+        (cfg.num_attention_heads, "num_attention_heads"),
+        (cfg.num_key_value_heads, "num_key_value_heads (Megatron num_query_groups)"),
+        (cfg.intermediate_size, "intermediate_size (ffn_hidden_size)"),
+        (cfg.mamba_n_heads, "mamba_n_heads"),
+        (cfg.mamba_n_groups, "mamba_n_groups (megatron-core asserts ngroups % tp == 0)"),
+        (d_ssm, "mamba_d_ssm"),
+    ]
+    for value, what in checks:
+        if value % tp:
+            raise UnsupportedError(f"TP={tp} does not divide {what}={value}; Megatron cannot shard this model")
+    if cfg.mamba_n_heads % cfg.mamba_n_groups:
+        raise UnsupportedError(
+            f"mamba_n_heads={cfg.mamba_n_heads} is not divisible by mamba_n_groups={cfg.mamba_n_groups}"
+        )
+    if cfg.num_hidden_layers % pp:
+        raise UnsupportedError(f"PP={pp} does not divide num_hidden_layers={cfg.num_hidden_layers}")

@@ -1,0 +1,18 @@
+"""Declarative Falcon-H1 mapping tables and the pure tensor-parallel rules they use."""
+
+from .dims import FalconH1Dims, padded_vocab_size
+from .falcon_h1 import DEFAULT_LAYOUT, FALCON_H1, LAYOUTS, Param, megatron_key, params_for
+from .rules import Rule, ShardError
+
+__all__ = [
+    "DEFAULT_LAYOUT",
+    "FALCON_H1",
+    "LAYOUTS",
+    "FalconH1Dims",
+    "Param",
+    "Rule",
+    "ShardError",
+    "megatron_key",
+    "padded_vocab_size",
+    "params_for",
+]

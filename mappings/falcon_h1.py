@@ -1,0 +1,125 @@
+"""The Falcon-H1 parameter table: HF key(s) <-> Megatron key, and the TP rule between them.
+
+Megatron names follow Megatron-Bridge's Falcon-H1 bridge (``falconh1_bridge.py``): one Megatron
+layer per HF layer, holding ``mamba_mixer``, ``self_attention`` and ``mlp``; the shared input
+norm is ``decoder.layers.L.norm.weight`` and the pre-MLP norm is fused into ``linear_fc1``.
+
+``{L}`` stands for the layer index (HF: global; Megatron legacy: local to the pipeline stage).
+``when`` names a condition from ``CONDITIONS``; an entry exists only where it holds. ``stage``
+says which pipeline stage holds a non-layer parameter. Entries with ``export=False`` are
+copies Megatron keeps for itself and that HF does not store again.
+
+Other Megatron key layouts are plain renaming tables in ``LAYOUTS``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from .rules import (
+    COLUMN,
+    GATED_MLP,
+    MAMBA_CONV1D,
+    MAMBA_IN_PROJ,
+    QKV,
+    REPLICATED,
+    ROW,
+    VOCAB,
+    Rule,
+)
+
+LAYER = "{L}"
+
+
+@dataclass(frozen=True)
+class Param:
+    megatron: str
+    hf: tuple[str, ...]
+    rule: Rule
+    when: str | None = None
+    stage: str = "layer"  # "layer", "first" or "last" pipeline stage
+    export: bool = True
+
+    @property
+    def is_layer(self) -> bool:
+        return self.stage == "layer"
+
+
+def _layer(megatron: str, hf: str | tuple[str, ...], rule: Rule, when: str | None = None) -> Param:
+    hf_keys = (hf,) if isinstance(hf, str) else hf
+    return Param(
+        f"decoder.layers.{LAYER}.{megatron}",
+        tuple(f"model.layers.{LAYER}.{k}" for k in hf_keys),
+        rule,
+        when,
+    )
+
+
+_QKV = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+_GATE_UP = ("feed_forward.gate_proj", "feed_forward.up_proj")
+
+FALCON_H1: tuple[Param, ...] = (
+    Param("embedding.word_embeddings.weight", ("model.embed_tokens.weight",), VOCAB, stage="first"),
+    _layer("norm.weight", "input_layernorm.weight", REPLICATED),
+    _layer("mamba_mixer.in_proj.weight", "mamba.in_proj.weight", MAMBA_IN_PROJ),
+    _layer("mamba_mixer.in_proj.bias", "mamba.in_proj.bias", MAMBA_IN_PROJ, "mamba_proj_bias"),
+    _layer("mamba_mixer.conv1d.weight", "mamba.conv1d.weight", MAMBA_CONV1D),
+    _layer("mamba_mixer.conv1d.bias", "mamba.conv1d.bias", MAMBA_CONV1D, "mamba_conv_bias"),
+    _layer("mamba_mixer.A_log", "mamba.A_log", COLUMN),
+    _layer("mamba_mixer.D", "mamba.D", COLUMN),
+    _layer("mamba_mixer.dt_bias", "mamba.dt_bias", COLUMN),
+    _layer("mamba_mixer.norm.weight", "mamba.norm.weight", COLUMN, "mamba_rms_norm"),
+    _layer("mamba_mixer.out_proj.weight", "mamba.out_proj.weight", ROW),
+    _layer("mamba_mixer.out_proj.bias", "mamba.out_proj.bias", REPLICATED, "projectors_bias"),
+    _layer("self_attention.linear_qkv.weight", tuple(f"{k}.weight" for k in _QKV), QKV),
+    _layer("self_attention.linear_qkv.bias", tuple(f"{k}.bias" for k in _QKV), QKV, "attention_bias"),
+    _layer("self_attention.linear_proj.weight", "self_attn.o_proj.weight", ROW),
+    _layer("self_attention.linear_proj.bias", "self_attn.o_proj.bias", REPLICATED, "attention_bias"),
+    _layer("mlp.linear_fc1.layer_norm_weight", "pre_ff_layernorm.weight", REPLICATED),
+    _layer("mlp.linear_fc1.weight", tuple(f"{k}.weight" for k in _GATE_UP), GATED_MLP),
+    _layer("mlp.linear_fc1.bias", tuple(f"{k}.bias" for k in _GATE_UP), GATED_MLP, "mlp_bias"),
+    _layer("mlp.linear_fc2.weight", "feed_forward.down_proj.weight", ROW),
+    _layer("mlp.linear_fc2.bias", "feed_forward.down_proj.bias", REPLICATED, "mlp_bias"),
+    Param("decoder.final_norm.weight", ("model.final_layernorm.weight",), REPLICATED, stage="last"),
+    Param("output_layer.weight", ("lm_head.weight",), VOCAB, "untied", stage="last"),
+    # With tied embeddings and PP > 1, Megatron's last stage keeps its own copy of the embedding.
+    Param("output_layer.weight", ("model.embed_tokens.weight",), VOCAB, "tied_pp", stage="last", export=False),
+)
+
+# A condition sees the HF config and the pipeline size.
+CONDITIONS: dict[str, Callable[[object, int], bool]] = {
+    "mamba_proj_bias": lambda c, pp: bool(c.mamba_proj_bias),
+    "mamba_conv_bias": lambda c, pp: bool(c.mamba_conv_bias),
+    "mamba_rms_norm": lambda c, pp: bool(c.mamba_rms_norm),
+    "projectors_bias": lambda c, pp: bool(c.projectors_bias),
+    "attention_bias": lambda c, pp: bool(c.attention_bias),
+    "mlp_bias": lambda c, pp: bool(c.mlp_bias),
+    "untied": lambda c, pp: not c.tie_word_embeddings,
+    "tied_pp": lambda c, pp: bool(c.tie_word_embeddings) and pp > 1,
+}
+
+# Megatron key layouts, as renames of the canonical (Megatron-Bridge) key suffixes.
+LAYOUTS: dict[str, dict[str, str]] = {
+    "bridge": {},
+    # Megatron-LM main stores conv1d as direct parameters (legacy state_dict keys only).
+    "mlm-conv1d": {
+        "mamba_mixer.conv1d.weight": "mamba_mixer.conv1d_weight",
+        "mamba_mixer.conv1d.bias": "mamba_mixer.conv1d_bias",
+    },
+}
+DEFAULT_LAYOUT = "bridge"
+
+
+def params_for(hf_config, pp: int = 1) -> list[Param]:
+    """The entries that exist for this config and pipeline size."""
+    return [p for p in FALCON_H1 if p.when is None or CONDITIONS[p.when](hf_config, pp)]
+
+
+def megatron_key(param: Param, layout: str = DEFAULT_LAYOUT) -> str:
+    """The entry's Megatron key pattern in the given layout."""
+    key = param.megatron
+    for canonical, renamed in LAYOUTS[layout].items():
+        if key.endswith("." + canonical):
+            return key[: -len(canonical)] + renamed
+    return key

@@ -1,0 +1,186 @@
+"""Tensor-parallel rules: pure functions between HF tensors and Megatron per-rank shards.
+
+Each rule answers two questions and nothing else:
+
+* ``shard(hf, dims, tp, rank)`` -- which tensor does TP rank ``rank`` hold, given the HF
+  tensors of one table entry (in the entry's ``hf`` key order)?
+* ``merge(shards, dims)`` -- which HF tensors do the ``tp`` rank shards come from?
+
+``to_megatron`` / ``to_hf`` are the all-ranks forms. Rules work on any device, including
+``meta``, which is how the planner learns per-rank shapes without touching data.
+Returned shards may be views of the input; callers that persist them must ``clone()``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+
+from .dims import FalconH1Dims
+
+Tensor = torch.Tensor
+
+
+class ShardError(ValueError):
+    """A tensor does not have the shape a rule expects (wrong config, TP or file)."""
+
+
+def _chunk(t: Tensor, tp: int, dim: int, what: str) -> tuple[Tensor, ...]:
+    if t.shape[dim] % tp:
+        raise ShardError(f"{what}: size {t.shape[dim]} on dim {dim} is not divisible by TP={tp}")
+    return t.chunk(tp, dim)
+
+
+def _identical(shards: Sequence[Tensor]) -> bool:
+    return all(s.shape == shards[0].shape and torch.equal(s, shards[0]) for s in shards[1:])
+
+
+class Rule:
+    """Base: ``to_megatron`` and ``to_hf`` are derived from ``shard`` and ``merge``."""
+
+    name = "rule"
+
+    def shard(self, hf: Sequence[Tensor], dims: FalconH1Dims, tp: int, rank: int) -> Tensor:
+        raise NotImplementedError
+
+    def merge(self, shards: Sequence[Tensor], dims: FalconH1Dims) -> list[Tensor]:
+        raise NotImplementedError
+
+    def to_megatron(self, hf: Sequence[Tensor], dims: FalconH1Dims, tp: int) -> list[Tensor]:
+        return [self.shard(hf, dims, tp, rank) for rank in range(tp)]
+
+    def to_hf(self, shards: Sequence[Tensor], dims: FalconH1Dims) -> list[Tensor]:
+        return self.merge(shards, dims)
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+class Replicated(Rule):
+    """Every rank holds the full tensor (norms, row-parallel biases)."""
+
+    name = "replicated"
+
+    def shard(self, hf, dims, tp, rank):
+        return hf[0]
+
+    def merge(self, shards, dims):
+        if not _identical(shards):
+            raise ShardError("replicated tensor differs between TP ranks")
+        return [shards[0]]
+
+
+@dataclass(frozen=True, repr=False)
+class Split(Rule):
+    """Contiguous split on one dim: dim 0 = column parallel, dim 1 = row parallel."""
+
+    dim: int
+
+    @property
+    def name(self) -> str:  # type: ignore[override]
+        return {0: "column", 1: "row"}.get(self.dim, f"split{self.dim}")
+
+    def shard(self, hf, dims, tp, rank):
+        return _chunk(hf[0], tp, self.dim, self.name)[rank]
+
+    def merge(self, shards, dims):
+        return [torch.cat(list(shards), self.dim)]
+
+
+class VocabSplit(Rule):
+    """Embedding / output layer: pad rows to Megatron's padded vocab, split on dim 0; trim on export."""
+
+    name = "vocab"
+
+    def shard(self, hf, dims, tp, rank):
+        t = hf[0]
+        pad = dims.padded_vocab - t.shape[0]
+        if pad < 0:
+            raise ShardError(f"vocab: {t.shape[0]} rows exceed padded vocab {dims.padded_vocab}")
+        if pad:
+            t = torch.cat([t, t.new_zeros((pad, *t.shape[1:]))])
+        return _chunk(t, tp, 0, self.name)[rank]
+
+    def merge(self, shards, dims):
+        full = torch.cat(list(shards), 0)
+        if full.shape[0] < dims.vocab:
+            raise ShardError(f"vocab: {full.shape[0]} rows, fewer than vocab_size {dims.vocab}")
+        return [full[: dims.vocab]]
+
+
+@dataclass(frozen=True, repr=False)
+class Blockwise(Rule):
+    """Several row blocks, each split across ranks on its own, concatenated per rank.
+
+    One rule serves three fused Megatron tensors: Mamba ``in_proj`` (z|x|B|C|dt, from one HF
+    tensor), ``conv1d`` (x|B|C, one HF tensor) and SwiGLU ``linear_fc1`` (gate|up, two HF
+    tensors). A plain chunk of the fused tensor would hand rank 0 all of z and none of dt.
+    """
+
+    label: str
+    blocks: Callable[[FalconH1Dims], list[int]]
+    fused_hf: bool  # True: the blocks are rows of a single HF tensor
+
+    @property
+    def name(self) -> str:  # type: ignore[override]
+        return self.label
+
+    def _hf_blocks(self, hf, dims):
+        sizes = self.blocks(dims)
+        if not self.fused_hf:
+            return list(hf)
+        if hf[0].shape[0] != sum(sizes):
+            raise ShardError(f"{self.name}: {hf[0].shape[0]} rows, expected {sum(sizes)} = {sizes}")
+        return list(hf[0].split(sizes, 0))
+
+    def shard(self, hf, dims, tp, rank):
+        return torch.cat([_chunk(b, tp, 0, self.name)[rank] for b in self._hf_blocks(hf, dims)], 0)
+
+    def merge(self, shards, dims):
+        tp = len(shards)
+        local = [s // tp for s in self.blocks(dims)]
+        per_rank = []
+        for s in shards:
+            if s.shape[0] != sum(local):
+                raise ShardError(f"{self.name}: rank shard has {s.shape[0]} rows, expected {sum(local)}")
+            per_rank.append(s.split(local, 0))
+        blocks = [torch.cat([r[i] for r in per_rank], 0) for i in range(len(local))]
+        return [torch.cat(blocks, 0)] if self.fused_hf else blocks
+
+
+class QKVInterleave(Rule):
+    """GQA: Megatron stores [q heads of group g | k_g | v_g] for each query group g; TP splits groups."""
+
+    name = "qkv"
+
+    @staticmethod
+    def _group_rows(dims):
+        q_per_group = dims.n_heads // dims.n_kv_heads
+        return [q_per_group * dims.head_dim, dims.head_dim, dims.head_dim]
+
+    def shard(self, hf, dims, tp, rank):
+        q, k, v = hf
+        g, rest = dims.n_kv_heads, q.shape[1:]
+        fused = torch.cat([q.reshape(g, -1, *rest), k.reshape(g, -1, *rest), v.reshape(g, -1, *rest)], 1)
+        return _chunk(fused, tp, 0, "qkv query groups")[rank].reshape(-1, *rest)
+
+    def merge(self, shards, dims):
+        rows = self._group_rows(dims)
+        rest = shards[0].shape[1:]
+        fused = torch.cat(list(shards), 0)
+        if fused.shape[0] != dims.n_kv_heads * sum(rows):
+            raise ShardError(f"qkv: {fused.shape[0]} rows, expected {dims.n_kv_heads * sum(rows)}")
+        q, k, v = fused.reshape(dims.n_kv_heads, sum(rows), *rest).split(rows, 1)
+        return [t.reshape(-1, *rest) for t in (q, k, v)]
+
+
+REPLICATED = Replicated()
+COLUMN = Split(0)
+ROW = Split(1)
+VOCAB = VocabSplit()
+QKV = QKVInterleave()
+MAMBA_IN_PROJ = Blockwise("mamba_in_proj[z|x|B|C|dt]", lambda d: d.in_proj_blocks, fused_hf=True)
+MAMBA_CONV1D = Blockwise("mamba_conv1d[x|B|C]", lambda d: d.conv_blocks, fused_hf=True)
+GATED_MLP = Blockwise("gated_mlp[gate|up]", lambda d: d.mlp_blocks, fused_hf=False)
