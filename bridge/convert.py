@@ -100,8 +100,8 @@ def hf_to_megatron(
     args = megatron_args(cfg, tp=tp, pp=pp, padded_vocab=plan.dims.padded_vocab, divisible_by=divisible_by,
                          params_dtype=params_dtype)
     summary = Summary(str(src), str(dst), "hf-to-megatron", tp, pp, layout=layout, dtype=dtype)
-    bar = tqdm(total=len(plan.ranks()), unit="rank", desc="hf→megatron", disable=not progress)
     with atomic_output_dir(dst, force=force, inputs=[src]) as tmp:
+        bar = tqdm(total=len(plan.ranks()), unit="rank", desc="hf→megatron", disable=not progress)
         iter_dir = tmp / iteration_dir_name(0)
         for tp_rank, pp_rank in plan.ranks():
             model = {}
@@ -227,8 +227,8 @@ def megatron_to_hf(
     gather = MegatronToHF(meg, plan, target)
     layout = {k: (hf_shapes[k], target or gather.source_dtype(k)) for k in hf_shapes}
     summary = Summary(str(src), str(dst), "megatron-to-hf", meg.tp, meg.pp, layout=plan.layout, dtype=dtype)
-    bar = tqdm(total=len(layout), unit="tensor", desc="megatron→hf", disable=not progress)
     with atomic_output_dir(dst, force=force, inputs=[src]) as tmp:
+        bar = tqdm(total=len(layout), unit="tensor", desc="megatron→hf", disable=not progress)
         write_hf_weights(tmp, layout, gather.tensors, max_shard_size, progress=bar.update)
         _write_hf_config(tmp, cfg, sidecar, target)
         if meg.hf_assets.is_dir():

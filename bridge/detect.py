@@ -1,0 +1,28 @@
+"""Which checkpoint format a path holds, decided from file names only (nothing is loaded)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .errors import InputError
+from .hf_format import INDEX, SINGLE
+from .legacy_format import TRACKER
+
+HF = "hf"
+LEGACY = "megatron-legacy"
+
+
+def detect_format(path: Path) -> str:
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: does not exist")
+    if not path.is_dir():
+        raise InputError(f"{path}: not a directory; expected an HF folder or a Megatron checkpoint")
+    names = {p.name for p in path.iterdir()}
+    if not names:
+        raise InputError(f"{path}: empty directory")
+    if "config.json" in names and (SINGLE in names or INDEX in names):
+        return HF
+    if TRACKER in names or any(n.startswith(("iter_", "mp_rank_")) or n == "release" for n in names):
+        return LEGACY
+    raise InputError(f"{path}: neither an HF folder (config.json + safetensors) nor a Megatron checkpoint")

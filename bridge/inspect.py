@@ -1,0 +1,65 @@
+"""``inspect``: what a checkpoint is, without converting it."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+from .config import MUP_FIELDS
+from .convert import _megatron_hf_config, megatron_plan
+from .detect import HF, LEGACY, detect_format
+from .hf_format import HFCheckpoint
+from .layout import expected_hf_shapes
+from .legacy_format import LegacyCheckpoint
+
+_CONFIG_FIELDS = (
+    "num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
+    "head_dim", "vocab_size", "mamba_d_ssm", "mamba_n_heads", "mamba_d_head", "mamba_n_groups", "mamba_d_state",
+    "mamba_rms_norm", "tie_word_embeddings",
+)
+
+
+def _bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+def _config_info(cfg) -> tuple[dict, dict, int]:
+    config = {k: getattr(cfg, k, None) for k in _CONFIG_FIELDS}
+    mup = {k: getattr(cfg, k) for k in MUP_FIELDS}
+    params = sum(s.numel() for s in expected_hf_shapes(cfg).values())
+    return config, mup, params
+
+
+def inspect_checkpoint(path: Path) -> dict:
+    """Format, model config, µP multipliers, parallel layout, dtypes, parameter count and bytes."""
+    path = Path(path)
+    fmt = detect_format(path)
+    if fmt == HF:
+        ckpt = HFCheckpoint(path)
+        cfg = ckpt.config
+        dtypes = Counter(str(ckpt.dtype(k)).removeprefix("torch.") for k in ckpt.keys())
+        extra = {"tensors": len(ckpt.keys()), "files": len(set(ckpt.key_to_file.values()))}
+    else:
+        meg = LegacyCheckpoint(path)
+        cfg, sidecar = _megatron_hf_config(meg)
+        plan, _ = megatron_plan(meg, cfg)
+        dtypes = Counter(
+            str(t.dtype).removeprefix("torch.") for r in plan.ranks() for t in meg.model(*r).values()
+        )
+        extra = {"tp": meg.tp, "pp": meg.pp, "iteration": meg.iteration, "layout": plan.layout,
+                 "padded_vocab": plan.dims.padded_vocab, "hf_config_sidecar": sidecar is not None,
+                 "iter_dir": str(meg.iter_dir)}
+    config, mup, params = _config_info(cfg)
+    return {"path": str(path), "format": fmt, **extra, "parameters": params, "bytes": _bytes(path),
+            "dtypes": dict(dtypes), "config": config, "mup": mup}
+
+
+def format_inspect(info: dict) -> str:
+    lines = [f"{info['path']}: {info['format']}"]
+    if info["format"] == LEGACY:
+        lines.append(f"  TP={info['tp']} PP={info['pp']} iteration={info['iteration']} layout={info['layout']} "
+                     f"padded_vocab={info['padded_vocab']} hf_config_sidecar={info['hf_config_sidecar']}")
+    lines.append(f"  parameters {info['parameters']:,}  bytes {info['bytes']:,}  dtypes {info['dtypes']}")
+    lines.append("  config: " + ", ".join(f"{k}={v}" for k, v in info["config"].items()))
+    lines.append("  µP: " + ", ".join(f"{k}={v}" for k, v in info["mup"].items()))
+    return "\n".join(lines)

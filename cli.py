@@ -1,0 +1,177 @@
+"""``h1bridge``: a thin click CLI over the ``bridge`` Python API.
+
+Every command prints a short summary (or JSON with ``--json``) and exits with the code of the
+error class it hit: 0 ok, 1 verification failed, 2 usage, 3 bad input, 4 output refused,
+5 unsupported by Megatron / this tool. Errors are one line, never a traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from bridge import api
+from bridge.errors import BridgeError
+
+PathArg = click.Path(path_type=Path)
+
+
+def _emit(result: dict, as_json: bool, text: str) -> None:
+    click.echo(json.dumps(result, indent=2, default=str) if as_json else text)
+
+
+def _friendly(fn):
+    """Turns BridgeError into a one-line message and its exit code."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except BridgeError as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(e.exit_code)
+        except KeyboardInterrupt:
+            click.echo("interrupted; no partial output was left", err=True)
+            sys.exit(130)
+
+    return wrapper
+
+
+def _summary_text(s: dict) -> str:
+    size = s["bytes_written"] / 2**20
+    return (
+        f"{s['direction']}: {s['source']} -> {s['destination']}\n"
+        f"  TP={s['tp']} PP={s['pp']} layout={s['layout']} dtype={s['dtype']}\n"
+        f"  {s['tensors']} tensors, {len(s['files'])} files, {size:.1f} MiB in {s['seconds']:.2f}s"
+    )
+
+
+json_option = click.option("--json", "as_json", is_flag=True, help="Print a machine-readable JSON report.")
+force_option = click.option("--force", is_flag=True, help="Replace DST if it exists.")
+dtype_option = click.option(
+    "--dtype", type=click.Choice(api.DTYPE_CHOICES), default="keep", show_default=True,
+    help="Storage dtype of the output tensors.",
+)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="falcon-h1-bridge")
+def main():
+    """Exact, streaming Falcon-H1 conversion between Hugging Face and Megatron checkpoints.
+
+    \b
+    Examples:
+      h1bridge make-tiny tiny-hf
+      h1bridge hf-to-megatron tiny-hf tiny-meg --tp 2 --pp 2
+      h1bridge megatron-to-hf tiny-meg tiny-hf2
+      h1bridge inspect tiny-meg
+      h1bridge mappings
+    """
+
+
+@main.command("hf-to-megatron")
+@click.argument("src", type=PathArg)
+@click.argument("dst", type=PathArg)
+@click.option("--tp", default=1, show_default=True, help="Tensor-parallel size.")
+@click.option("--pp", default=1, show_default=True, help="Pipeline-parallel size.")
+@click.option("--layout", type=click.Choice(api.LAYOUT_CHOICES), default="bridge", show_default=True,
+              help="Megatron key layout to write.")
+@click.option("--vocab-divisible-by", default=128, show_default=True,
+              help="Megatron make_vocab_size_divisible_by (vocab padded to a multiple of this x TP).")
+@dtype_option
+@force_option
+@json_option
+@_friendly
+def hf_to_megatron(src, dst, tp, pp, layout, vocab_divisible_by, dtype, force, as_json):
+    """Convert an HF Falcon-H1 folder SRC into a legacy Megatron checkpoint DST.
+
+    \b
+    Example:
+      h1bridge hf-to-megatron Falcon-H1-0.5B meg-0.5b --tp 2 --pp 2 --dtype bf16
+    """
+    s = api.hf_to_megatron(src, dst, tp=tp, pp=pp, dtype=dtype, force=force, divisible_by=vocab_divisible_by,
+                           layout=layout, progress=not as_json).to_dict()
+    _emit(s, as_json, _summary_text(s))
+
+
+@main.command("megatron-to-hf")
+@click.argument("src", type=PathArg)
+@click.argument("dst", type=PathArg)
+@click.option("--max-shard-size", default="5GB", show_default=True, help="Largest safetensors shard.")
+@dtype_option
+@force_option
+@json_option
+@_friendly
+def megatron_to_hf(src, dst, max_shard_size, dtype, force, as_json):
+    """Convert a Megatron checkpoint SRC (any TP/PP) into an HF folder DST.
+
+    SRC may be the checkpoint root (with latest_checkpointed_iteration.txt) or an iter_* directory.
+
+    \b
+    Example:
+      h1bridge megatron-to-hf meg-0.5b Falcon-H1-0.5B-ft --dtype bf16
+    """
+    s = api.megatron_to_hf(src, dst, dtype=dtype, force=force, max_shard_size=max_shard_size,
+                           progress=not as_json).to_dict()
+    _emit(s, as_json, _summary_text(s))
+
+
+@main.command()
+@click.argument("path", type=PathArg)
+@json_option
+@_friendly
+def inspect(path, as_json):
+    """Detect the format of PATH and print config, TP/PP, dtypes, parameter count and bytes.
+
+    \b
+    Example:
+      h1bridge inspect meg-0.5b --json
+    """
+    info = api.inspect_checkpoint(path)
+    _emit(info, as_json, api.format_inspect(info))
+
+
+@main.command()
+@click.option("--layout", type=click.Choice(api.LAYOUT_CHOICES), default="bridge", show_default=True)
+@json_option
+def mappings(layout, as_json):
+    """Print the Falcon-H1 mapping table: Megatron key, HF key(s), TP rule, condition."""
+    rows = api.mapping_rows(layout)
+    if as_json:
+        _emit(rows, True, "")
+        return
+    width = max(len(r["megatron"]) for r in rows)
+    for r in rows:
+        cond = f"  [if {r['when']}]" if r["when"] else ""
+        click.echo(f"{r['megatron']:<{width}}  {r['rule']:<26} {', '.join(r['hf'])}{cond}")
+
+
+@main.command("make-tiny")
+@click.argument("dst", type=PathArg)
+@click.option("--preset", type=click.Choice(api.PRESET_CHOICES), default="tiny", show_default=True)
+@click.option("--seed", default=0, show_default=True)
+@click.option("--full", is_flag=True, help="Released full shape (family presets; streamed random weights).")
+@click.option("--dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True)
+@force_option
+@json_option
+@_friendly
+def make_tiny(dst, preset, seed, full, dtype, force, as_json):
+    """Write a random Falcon-H1 HF checkpoint DST (no download).
+
+    \b
+    Examples:
+      h1bridge make-tiny tiny-hf --preset tiny-mup
+      h1bridge make-tiny h1-3b --preset 3b --full --dtype bf16
+    """
+    cfg = api.make_tiny(dst, preset, seed=seed, full=full, dtype=dtype, force=force,
+                        max_shard_size="2GB" if full else "200KB")
+    info = {"destination": str(dst), "preset": preset, "full": full, "config": cfg.to_diff_dict()}
+    _emit(info, as_json, f"wrote {preset}{' (full shape)' if full else ''} Falcon-H1 to {dst}")
+
+
+if __name__ == "__main__":
+    main()
