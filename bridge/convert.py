@@ -116,7 +116,8 @@ def hf_to_megatron(
             bar.update()
         write_tracker(tmp, 0)
         assets = tmp / HF_ASSETS
-        copy_assets([src / "config.json", *ckpt.asset_files()], assets)
+        copy_assets(ckpt.asset_files(), assets)
+        (assets / "config.json").write_bytes(_config_bytes(src / "config.json", target))
         summary.bytes_written, summary.files = _dir_bytes(tmp)
     bar.close()
     summary.seconds = round(time.perf_counter() - start, 3)
@@ -193,16 +194,20 @@ class MegatronToHF:
         return self.meg.model(0, pp_rank)[self.plan.megatron_name(param, local)].dtype
 
 
+def _config_bytes(config_json: Path, dtype: torch.dtype | None) -> bytes:
+    """config.json as-is, or with its dtype fields updated when the conversion changed the dtype."""
+    if dtype is None:
+        return config_json.read_bytes()
+    data = json.loads(config_json.read_text())
+    data["dtype"] = HF_DTYPE_NAMES[dtype]
+    if "torch_dtype" in data:
+        data["torch_dtype"] = HF_DTYPE_NAMES[dtype]
+    return (json.dumps(data, indent=2, sort_keys=True) + "\n").encode()
+
+
 def _write_hf_config(folder: Path, cfg, sidecar: Path | None, target: torch.dtype | None) -> None:
-    if sidecar is not None and target is None:
-        (folder / "config.json").write_bytes(sidecar.read_bytes())
-        return
     if sidecar is not None:
-        data = json.loads(sidecar.read_text())
-        data["dtype"] = HF_DTYPE_NAMES[target]
-        if "torch_dtype" in data:
-            data["torch_dtype"] = HF_DTYPE_NAMES[target]
-        (folder / "config.json").write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+        (folder / "config.json").write_bytes(_config_bytes(sidecar, target))
         return
     if target is not None:
         cfg.dtype = HF_DTYPE_NAMES[target]

@@ -33,6 +33,8 @@ class HFCheckpoint:
         self.folder = Path(folder)
         if not self.folder.is_dir():
             raise InputError(f"{self.folder}: not a directory")
+        if not any(self.folder.iterdir()):
+            raise InputError(f"{self.folder}: empty directory; expected an HF Falcon-H1 folder")
         self.config = load_hf_config(self.folder)
         self._handles: dict[str, object] = {}
         self.key_to_file = self._read_layout()

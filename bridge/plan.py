@@ -87,7 +87,6 @@ def check_parallel_sizes(cfg, tp: int, pp: int) -> None:
     d_ssm = cfg.mamba_d_ssm if cfg.mamba_d_ssm is not None else cfg.mamba_expand * cfg.hidden_size
     checks = [
         (cfg.num_attention_heads, "num_attention_heads"),
-        (cfg.num_key_value_heads, "num_key_value_heads (Megatron num_query_groups)"),
         (cfg.intermediate_size, "intermediate_size (ffn_hidden_size)"),
         (cfg.mamba_n_heads, "mamba_n_heads"),
         (cfg.mamba_n_groups, "mamba_n_groups (megatron-core asserts ngroups % tp == 0)"),
@@ -96,6 +95,12 @@ def check_parallel_sizes(cfg, tp: int, pp: int) -> None:
     for value, what in checks:
         if value % tp:
             raise UnsupportedError(f"TP={tp} does not divide {what}={value}; Megatron cannot shard this model")
+    kv = cfg.num_key_value_heads
+    if kv % tp and tp % kv:
+        raise UnsupportedError(
+            f"TP={tp} and num_key_value_heads={kv}: megatron-core needs one to divide the other "
+            "(groups split across ranks, or ranks sharing a group)"
+        )
     if cfg.mamba_n_heads % cfg.mamba_n_groups:
         raise UnsupportedError(
             f"mamba_n_heads={cfg.mamba_n_heads} is not divisible by mamba_n_groups={cfg.mamba_n_groups}"

@@ -58,7 +58,7 @@ _MUP = dict(embedding_multiplier=2.5, lm_head_multiplier=0.375, key_multiplier=1
 PRESETS: dict[str, dict] = {
     **{name: _scaled(shape) for name, shape in FAMILY.items()},
     # Default demo/test model: several groups so TP=2/4 is possible, gated RMSNorm on.
-    "tiny": dict(_scaled(FAMILY["0.5b"]), mamba_n_groups=4, mamba_rms_norm=True),
+    "tiny": dict(_scaled(FAMILY["0.5b"]), num_key_value_heads=4, mamba_n_groups=4, mamba_rms_norm=True),
     "tiny-bias-tied": dict(_scaled(FAMILY["3b"]), mamba_n_groups=2, tie_word_embeddings=True, projectors_bias=True,
                            attention_bias=True, mlp_bias=True, mamba_proj_bias=True, mamba_conv_bias=True),
     "tiny-mup": dict(_scaled(FAMILY["1.5b"]), mamba_n_groups=4, mamba_conv_bias=False, **_MUP),
@@ -71,7 +71,7 @@ def preset_config(name: str, full: bool = False, **overrides) -> FalconH1Config:
         raise InputError(f"--full: preset {name!r} has no released full shape; choose one of {', '.join(FAMILY)}")
     if name not in PRESETS:
         raise InputError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
-    fields = dict(COMMON, **(FAMILY[name] if full else PRESETS[name]), **overrides)
+    fields = {**COMMON, **(FAMILY[name] if full else PRESETS[name]), **overrides}
     fields["mamba_d_ssm"] = fields["mamba_n_heads"] * fields["mamba_d_head"]
     return FalconH1Config(**fields, architectures=["FalconH1ForCausalLM"])
 

@@ -151,7 +151,11 @@ class Blockwise(Rule):
 
 
 class QKVInterleave(Rule):
-    """GQA: Megatron stores [q heads of group g | k_g | v_g] for each query group g; TP splits groups."""
+    """GQA: Megatron stores [q heads of group g | k_g | v_g] for each query group g, split by rows.
+
+    With ``num_query_groups >= tp`` each rank holds whole groups; with fewer groups than ranks
+    (megatron-core's ``num_query_groups < world_size`` path) a group spans several ranks.
+    """
 
     name = "qkv"
 
@@ -164,7 +168,7 @@ class QKVInterleave(Rule):
         q, k, v = hf
         g, rest = dims.n_kv_heads, q.shape[1:]
         fused = torch.cat([q.reshape(g, -1, *rest), k.reshape(g, -1, *rest), v.reshape(g, -1, *rest)], 1)
-        return _chunk(fused, tp, 0, "qkv query groups")[rank].reshape(-1, *rest)
+        return _chunk(fused.reshape(-1, *rest), tp, 0, "qkv")[rank]
 
     def merge(self, shards, dims):
         rows = self._group_rows(dims)
