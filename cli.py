@@ -50,6 +50,16 @@ def _summary_text(s: dict) -> str:
     )
 
 
+def _parse_override(text: str) -> tuple[str, object]:
+    name, sep, value = text.partition("=")
+    if not sep:
+        raise click.BadParameter(f"{text!r}: expected FIELD=VALUE", param_hint="--set")
+    try:
+        return name, json.loads(value)
+    except json.JSONDecodeError:
+        return name, value
+
+
 json_option = click.option("--json", "as_json", is_flag=True, help="Print a machine-readable JSON report.")
 force_option = click.option("--force", is_flag=True, help="Replace DST if it exists.")
 dtype_option = click.option(
@@ -156,19 +166,22 @@ def mappings(layout, as_json):
 @click.option("--seed", default=0, show_default=True)
 @click.option("--full", is_flag=True, help="Released full shape (family presets; streamed random weights).")
 @click.option("--dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True)
+@click.option("--set", "overrides", multiple=True, metavar="FIELD=VALUE",
+              help="Override a FalconH1Config field (JSON value), e.g. --set mamba_n_groups=2.")
 @force_option
 @json_option
 @_friendly
-def make_tiny(dst, preset, seed, full, dtype, force, as_json):
+def make_tiny(dst, preset, seed, full, dtype, overrides, force, as_json):
     """Write a random Falcon-H1 HF checkpoint DST (no download).
 
     \b
     Examples:
       h1bridge make-tiny tiny-hf --preset tiny-mup
-      h1bridge make-tiny h1-3b --preset 3b --full --dtype bf16
+      h1bridge make-tiny h1-3b --preset 3b --full --dtype bf16 --set mamba_n_groups=2
     """
+    fields = dict(_parse_override(o) for o in overrides)
     cfg = api.make_tiny(dst, preset, seed=seed, full=full, dtype=dtype, force=force,
-                        max_shard_size="2GB" if full else "200KB")
+                        max_shard_size="2GB" if full else "200KB", **fields)
     info = {"destination": str(dst), "preset": preset, "full": full, "config": cfg.to_diff_dict()}
     _emit(info, as_json, f"wrote {preset}{' (full shape)' if full else ''} Falcon-H1 to {dst}")
 

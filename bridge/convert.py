@@ -21,7 +21,7 @@ from mappings import LAYOUTS
 from .atomic import atomic_output_dir
 from .config import DTYPES, HF_DTYPE_NAMES, config_dtype, hf_config_from_args, hf_config_from_json, megatron_args
 from .errors import InputError
-from .hf_format import HFCheckpoint, copy_assets, write_hf_weights
+from .hf_format import HFCheckpoint, LazyTensors, copy_assets, write_hf_weights
 from .layout import check_tensor_set, expected_hf_shapes, expected_rank_shapes, hf_index
 from .legacy_format import (
     HF_ASSETS,
@@ -162,10 +162,13 @@ def megatron_plan(meg: LegacyCheckpoint, cfg) -> tuple[ParallelPlan, dict[str, t
 class MegatronToHF:
     """Gathers HF tensors from rank shards; remembers the last merged entry (q/k/v share one merge)."""
 
+    release_bytes = 256 * 2**20
+
     def __init__(self, meg: LegacyCheckpoint, plan: ParallelPlan, dtype: torch.dtype | None):
         self.meg, self.plan, self.dtype = meg, plan, dtype
         self.index = hf_index(plan)
         self._last: tuple[tuple[object, int | None], list[torch.Tensor]] | None = None
+        self._since_release = 0
 
     def _stage(self, param, layer) -> tuple[int, int | None]:
         if layer is not None:
@@ -185,8 +188,18 @@ class MegatronToHF:
             self._last = ((param, layer), outs)
         return self._last[1][pos]
 
-    def tensors(self, keys: list[str]) -> dict[str, torch.Tensor]:
-        return {k: _materialize(self.merged(k), self.dtype) for k in keys}
+    def tensor(self, key: str) -> torch.Tensor:
+        """One HF tensor, materialised; rank files are unmapped every ``release_bytes`` so the pages
+        already read do not pile up as resident memory."""
+        out = _materialize(self.merged(key), self.dtype)
+        self._since_release += out.numel() * out.element_size()
+        if self._since_release > self.release_bytes:
+            self._last, self._since_release = None, 0
+            self.meg.release()
+        return out
+
+    def tensors(self, keys: list[str]) -> LazyTensors:
+        return LazyTensors(keys, self.tensor)
 
     def source_dtype(self, key: str) -> torch.dtype:
         param, layer, _ = self.index[key]

@@ -8,19 +8,24 @@ with huggingface_hub on meta tensors, then materialises one shard at a time.
 from __future__ import annotations
 
 import json
+import math
+import os
 import shutil
+import struct
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Callable, Iterable
 
 import torch
 from huggingface_hub import split_torch_state_dict_into_shards
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from .config import load_hf_config
 from .errors import InputError
 
 INDEX = "model.safetensors.index.json"
+_UMASK = os.umask(0o022)  # read once: written files get the mode the user's umask asks for
+os.umask(_UMASK)
 SINGLE = "model.safetensors"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".safetensors.index.json", ".bin.index.json")
 NOT_ASSETS = {"config.json", "README.md", ".gitattributes"}
@@ -94,13 +99,17 @@ class HFCheckpoint:
         return _SAFETENSORS_DTYPES[self._open(self.key_to_file[key]).get_slice(key).get_dtype()]
 
     def get(self, key: str) -> torch.Tensor:
+        """Reads one tensor through a fresh handle: a long-lived handle's mapping keeps every page it
+        touched resident, so RSS would grow to the size of the model."""
         filename = self.key_to_file.get(key)
         if filename is None:
             raise InputError(f"{self.folder}: tensor {key!r} missing")
+        path = self.folder / filename
         try:
-            return self._open(filename).get_tensor(key)
+            with safe_open(str(path), framework="pt") as handle:
+                return handle.get_tensor(key)
         except (SafetensorError, OSError, RuntimeError) as e:
-            raise InputError(f"{self.folder / filename}: cannot read {key!r} ({e})") from None
+            raise InputError(f"{path}: cannot read {key!r} ({e})") from None
 
     def asset_files(self) -> list[Path]:
         """Tokenizer, generation config and other non-weight files to carry along."""
@@ -133,19 +142,62 @@ def copy_assets(files: Iterable[Path], dst: Path) -> list[str]:
     return names
 
 
+_DTYPE_CODES = {dtype: code for code, dtype in _SAFETENSORS_DTYPES.items()}
+
+
+def _write_safetensors(path: Path, keys: list[str], layout: dict, tensors: Mapping[str, torch.Tensor]) -> None:
+    """Streams one safetensors file: the header is known from ``layout``, then each tensor is fetched,
+    written and dropped. safetensors' ``save_file`` needs the whole file's tensors in memory at once."""
+    header: dict = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for key in keys:
+        shape, dtype = layout[key]
+        size = math.prod(shape) * dtype.itemsize
+        header[key] = {"dtype": _DTYPE_CODES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)) + blob)
+        for key in keys:
+            t = tensors[key]
+            if tuple(t.shape) != tuple(layout[key][0]) or t.dtype != layout[key][1]:
+                raise ValueError(f"{key}: produced {tuple(t.shape)} {t.dtype}, planned {tuple(layout[key][0])}")
+            f.write(t.contiguous().reshape(-1).view(torch.uint8).numpy().data)
+            del t
+
+
+class LazyTensors(Mapping):
+    """A shard's tensors computed on access, so the writer holds one at a time."""
+
+    def __init__(self, keys: list[str], fetch: Callable[[str], torch.Tensor]):
+        self._keys, self._fetch = keys, fetch
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return self._fetch(key)
+
+    def __iter__(self):
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+
 def write_hf_weights(
     folder: Path,
     layout: dict[str, tuple[torch.Size, torch.dtype]],
-    produce: Callable[[list[str]], dict[str, torch.Tensor]],
+    produce: Callable[[list[str]], Mapping[str, torch.Tensor]],
     max_shard_size: str | int = "5GB",
     progress: Callable[[int], None] | None = None,
 ) -> list[str]:
-    """Writes ``layout`` as safetensors shards (+ index), asking ``produce`` for one shard's tensors at a time."""
+    """Writes ``layout`` as safetensors shards (+ index). ``produce(keys)`` gives one shard's tensors;
+    return a ``LazyTensors`` to keep only one tensor in memory."""
     metas = {k: torch.empty(shape, dtype=dtype, device="meta") for k, (shape, dtype) in layout.items()}
     split = split_torch_state_dict_into_shards(metas, max_shard_size=max_shard_size)
     for filename, keys in split.filename_to_tensors.items():
-        tensors = produce(keys)
-        save_file({k: tensors[k].contiguous() for k in keys}, str(folder / filename), metadata={"format": "pt"})
+        path = folder / filename
+        _write_safetensors(path, keys, layout, produce(keys))
+        path.chmod(0o666 & ~_UMASK)
         if progress:
             progress(len(keys))
     if split.is_sharded:

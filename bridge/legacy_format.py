@@ -123,6 +123,10 @@ class LegacyCheckpoint:
         model = self._load(tp_rank, pp_rank)["model"]
         return {k: v for k, v in model.items() if not k.endswith("_extra_state")}
 
+    def release(self) -> None:
+        """Unmaps the rank files: pages a mapping has touched count as resident until it goes away."""
+        self._cache.clear()
+
     @property
     def hf_assets(self) -> Path:
         return self.root / HF_ASSETS if self.iter_dir != self.root else self.root.parent / HF_ASSETS

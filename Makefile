@@ -1,0 +1,32 @@
+# Two commands on a fresh machine: `make demo` (tiny Falcon-H1 -> Megatron TP=2 -> HF, verified) and `make test`.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+H1 := $(VENV)/bin/h1bridge
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test bench clean
+
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# Pinned so pip takes the CPU build; an unpinned torch pulls a multi-GB CUDA build.
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+demo: $(STAMP)
+	$(H1) make-tiny demo/hf --preset tiny --force
+	$(H1) hf-to-megatron demo/hf demo/megatron --tp 2 --force
+	$(H1) inspect demo/megatron
+	$(H1) megatron-to-hf demo/megatron demo/hf-roundtrip --force
+	$(H1) verify demo/hf demo/hf-roundtrip
+	$(H1) parity demo/hf demo/megatron
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+bench: $(STAMP)
+	$(PY) bench/convert_bench.py --presets 0.5b,1.5b,3b
+
+clean:
+	rm -rf demo bench/out
