@@ -8,21 +8,18 @@ disk until a rule touches them.
 from __future__ import annotations
 
 import argparse
-import pathlib
-import pickle
 import re
-import types
 from pathlib import Path
 
 import torch
 
 from .errors import InputError, UnsupportedError
+from .safe_pickle import safe_torch_load
 
 TRACKER = "latest_checkpointed_iteration.txt"
 RANK_FILE = "model_optim_rng.pt"
 HF_ASSETS = "hf_assets"
 CHECKPOINT_VERSION = 3.0
-SAFE_GLOBALS = [argparse.Namespace, types.SimpleNamespace, pathlib.PosixPath]
 _RANK_DIR = re.compile(r"^mp_rank_(\d{2})(?:_(\d{3}))?(_\d{3})?$")
 
 
@@ -35,16 +32,8 @@ def rank_dir_name(tp_rank: int, pp_rank: int, pp: int) -> str:
 
 
 def safe_load(path: Path) -> dict:
-    """``torch.load`` that never unpickles code: weights_only with the Namespace allow-list, mmap'd."""
-    try:
-        with torch.serialization.safe_globals(SAFE_GLOBALS):
-            return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-    except pickle.UnpicklingError as e:
-        found = re.search(r"GLOBAL ([\w.]+)", str(e))
-        what = f"disallowed global {found.group(1)}" if found else "content outside the allow-list"
-        raise InputError(f"{path}: refused to load: pickle contains {what} (only tensors and args allowed)") from None
-    except (RuntimeError, OSError, EOFError, ValueError) as e:
-        raise InputError(f"{path}: not a readable torch checkpoint ({str(e).splitlines()[0]})") from None
+    """Loads a rank file memory-mapped, never unpickling code (see ``safe_pickle``)."""
+    return safe_torch_load(path, str(path), mmap=True)
 
 
 def find_iteration_dir(root: Path) -> Path:

@@ -1,0 +1,202 @@
+"""Reader/writer for megatron-core ``torch_dist`` iteration directories, on CPU in one process.
+
+An iteration directory holds ``metadata.json`` (backend names), ``common.pt`` (plain
+``torch.save`` of everything that is not sharded), and a ``torch.distributed.checkpoint`` (DCP)
+checkpoint: ``.metadata`` plus ``__0_*.distcp`` data files. Every tensor is stored once as a
+GLOBAL (unsharded) tensor under its final sharded key, so any TP/PP layout can read any slice.
+Megatron ``ShardedObject`` s are DCP byte entries ``"{key}/shard_0_1"`` holding ``torch.save([obj])``.
+
+This module knows nothing about model names; it moves flat ``{key: tensor}`` data. It needs no
+process group and does not import megatron-core (except to borrow megatron's unpickling
+allow-list when a ``common.pt`` names megatron types, see :func:`_safe_load`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import pickle
+import warnings
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, DefaultSavePlanner
+from torch.distributed.checkpoint.filesystem import _StoragePrefix
+from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata, TensorStorageMetadata
+from torch.distributed.checkpoint.storage import WriteResult
+
+from .errors import InputError
+from .safe_pickle import safe_torch_load
+
+METADATA_JSON = {
+    "sharded_backend": "torch_dist",
+    "sharded_backend_version": 1,
+    "common_backend": "torch",
+    "common_backend_version": 1,
+}
+# Suffix megatron gives a ShardedObject with global offset (0,) and shape (1,), e.g. TE _extra_state.
+OBJECT_SUFFIX = "/shard_0_1"
+
+
+class TorchDistFormatError(InputError, ValueError):
+    """The directory is not a readable torch_dist checkpoint; the message names the file at fault."""
+
+
+def is_torch_dist(iter_dir: Path) -> bool:
+    """Same test as megatron-core's ``check_is_distributed_checkpoint``: ``metadata.json`` exists."""
+    return (Path(iter_dir) / "metadata.json").is_file()
+
+
+def write_torch_dist(
+    iter_dir: Path,
+    tensors: Iterable[tuple[str, torch.Tensor]],
+    common: dict,
+    *,
+    objects: dict[str, object] | None = None,
+) -> None:
+    """Writes ``iter_dir`` (absent or empty) as a torch_dist checkpoint megatron-core can load.
+
+    ``tensors`` are global tensors under their final sharded keys; they are consumed one at a time
+    and each is released before the next is requested, so peak memory is one tensor (plus a copy
+    if it is a view into a larger storage), not the checkpoint. ``objects`` are ShardedObject
+    payloads keyed without the ``/shard_0_1`` suffix. ``metadata.json`` is written last, so an
+    interrupted write is not mistaken for a checkpoint.
+
+    Streaming works by driving DCP's ``FileSystemWriter`` through its StorageWriter protocol one
+    entry at a time (one ``write_data`` per tensor, each into its own ``__0_{n}_0.distcp``) and
+    calling ``finish`` once with the merged metadata: ``dcp.save`` must plan every entry (shape and
+    dtype) before it writes any, and it may be called only once per directory.
+    """
+    iter_dir = Path(iter_dir)
+    if iter_dir.exists() and any(iter_dir.iterdir()):
+        raise FileExistsError(f"{iter_dir}: not empty; a torch_dist checkpoint needs a fresh directory")
+    iter_dir.mkdir(parents=True, exist_ok=True)
+    writer = FileSystemWriter(iter_dir)
+    writer.set_up_storage_writer(True)
+    entries: dict[str, TensorStorageMetadata | BytesStorageMetadata] = {}
+    results: list[WriteResult] = []
+
+    def write_part(part: int, state_dict: dict) -> None:
+        # flatten_state_dict=False keeps keys verbatim and [obj] as one byte entry, as megatron does.
+        planner = DefaultSavePlanner(flatten_state_dict=False)
+        planner.set_up_planner(state_dict, is_coordinator=True)
+        (plan,), metadata = planner.create_global_plan([writer.prepare_local_plan(planner.create_local_plan())])
+        if duplicates := entries.keys() & metadata.state_dict_metadata.keys():
+            raise ValueError(f"{iter_dir}: key written twice: {sorted(duplicates)[0]!r}")
+        entries.update(metadata.state_dict_metadata)
+        plan = dataclasses.replace(planner.finish_plan(plan), storage_data=_StoragePrefix(f"__0_{part}_"))
+        results.extend(writer.write_data(plan, planner).value())
+
+    if objects:
+        write_part(0, {key + OBJECT_SUFFIX: [obj] for key, obj in objects.items()})
+    part = 0
+    for key, tensor in tensors:  # no enumerate/zip: their cached result tuple would keep the last tensor alive
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"{key!r}: expected a torch.Tensor, got {type(tensor).__name__}")
+        part += 1
+        write_part(part, {key: tensor})
+        del tensor  # release it before the producer makes the next one
+    writer.finish(Metadata(entries), [results])
+    torch.save(common, iter_dir / "common.pt")
+    (iter_dir / "metadata.json").write_text(json.dumps(METADATA_JSON))
+
+
+class TorchDistReader:
+    """Random access to one torch_dist iteration directory: metadata up front, tensors on request."""
+
+    def __init__(self, iter_dir: Path):
+        self.iter_dir = Path(iter_dir)
+        config = self.iter_dir / "metadata.json"
+        try:
+            backend = json.loads(config.read_text()).get("sharded_backend")
+        except FileNotFoundError:
+            raise TorchDistFormatError(f"{config}: missing; not a torch_dist checkpoint directory") from None
+        except (OSError, ValueError, AttributeError) as e:
+            raise TorchDistFormatError(f"{config}: unreadable ({e})") from None
+        if backend != "torch_dist":
+            raise TorchDistFormatError(f"{config}: sharded_backend is {backend!r}; only 'torch_dist' is supported")
+        try:
+            metadata = FileSystemReader(self.iter_dir).read_metadata()
+        except FileNotFoundError:
+            raise TorchDistFormatError(f"{self.iter_dir / '.metadata'}: missing; the DCP index is required") from None
+        except (OSError, pickle.UnpicklingError, EOFError, AttributeError, ImportError, ValueError) as e:
+            raise TorchDistFormatError(f"{self.iter_dir / '.metadata'}: unreadable ({e})") from None
+        self._tensors = {
+            k: v for k, v in metadata.state_dict_metadata.items() if isinstance(v, TensorStorageMetadata)
+        }
+        self._objects = {
+            k.removesuffix(OBJECT_SUFFIX): k
+            for k, v in metadata.state_dict_metadata.items()
+            if isinstance(v, BytesStorageMetadata)
+        }
+        common = _safe_load(self.iter_dir / "common.pt", str(self.iter_dir / "common.pt"))
+        if not isinstance(common, dict):
+            raise TorchDistFormatError(f"{self.iter_dir / 'common.pt'}: expected a dict, found {type(common).__name__}")
+        self.common: dict = common
+
+    def keys(self) -> list[str]:
+        """Tensor keys, in the order they were written."""
+        return list(self._tensors)
+
+    def shape(self, key: str) -> torch.Size:
+        return self._tensors[key].size
+
+    def dtype(self, key: str) -> torch.dtype:
+        return self._tensors[key].properties.dtype
+
+    def load(self, keys: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Full global tensors for ``keys`` only: DCP reads just their byte ranges, so memory is
+        those tensors plus one transient copy of the one being decoded."""
+        missing = [k for k in keys if k not in self._tensors]
+        if missing:
+            raise KeyError(f"{self.iter_dir}: no tensor {missing[0]!r}")
+        return self._read({k: torch.empty(self.shape(k), dtype=self.dtype(k)) for k in keys})
+
+    def object_keys(self) -> list[str]:
+        """ShardedObject keys; the usual ``/shard_0_1`` suffix is dropped, other shard names stay."""
+        return list(self._objects)
+
+    def load_object(self, key: str) -> object:
+        """The object megatron stored for ``key`` (unwrapped from its ``[obj]`` payload)."""
+        if key not in self._objects:
+            raise KeyError(f"{self.iter_dir}: no object {key!r}")
+        dcp_key = self._objects[key]
+        payload = self._read({dcp_key: None})[dcp_key]
+        if not (isinstance(payload, list) and len(payload) == 1):
+            raise TorchDistFormatError(f"{self.iter_dir}: object {dcp_key!r} is not a ShardedObject payload [obj]")
+        return payload[0]
+
+    def _read(self, state_dict: dict) -> dict:
+        try:
+            with warnings.catch_warnings():  # no_dist=True always warns "assuming ... a single process"
+                warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
+                dcp.load(
+                    state_dict,
+                    storage_reader=FileSystemReader(self.iter_dir),
+                    planner=_SafeLoadPlanner(str(self.iter_dir)),
+                    no_dist=True,
+                )
+        except CheckpointException as e:  # a BaseException: would slip past `except Exception`
+            raise TorchDistFormatError(f"{self.iter_dir}: reading {sorted(state_dict)[:3]} failed: {e}") from None
+        return state_dict
+
+
+class _SafeLoadPlanner(DefaultLoadPlanner):
+    """DCP unpickles byte entries with ``weights_only=False``; these go through the allow-list instead."""
+
+    def __init__(self, where: str):
+        super().__init__(flatten_state_dict=False)
+        self.where = where
+
+    def load_bytes(self, read_item, value: io.BytesIO) -> None:
+        fqn = read_item.dest_index.fqn  # flat keys: the caller's dict, not the planner's copy
+        self.original_state_dict[fqn] = _safe_load(value, f"{self.where}: object {fqn!r}")
+
+
+def _safe_load(src: Path | io.BytesIO, name: str) -> object:
+    return safe_torch_load(src, name, error=TorchDistFormatError)
