@@ -68,6 +68,30 @@ dtype_option = click.option(
 )
 
 
+def _push_options(fn):
+    for option in reversed([
+        click.option("--private", is_flag=True, help="Create the repo private (if it does not exist)."),
+        click.option("--revision", help="Branch to push to (created from main if missing)."),
+        click.option("--commit-message", help="Commit message."),
+        click.option("--create-pr", is_flag=True, help="Open a pull request instead of committing to the branch."),
+    ]):
+        fn = option(fn)
+    return fn
+
+
+def _push_report(result) -> tuple[dict, str]:
+    plan = result.plan
+    info = {"repo_id": plan.repo_id, "revision": plan.revision, "dry_run": result.dry_run,
+            "files": [{"path": f.path, "bytes": f.size} for f in plan.files], "warnings": plan.warnings,
+            "commit_url": result.commit_url, "pr_url": result.pr_url}
+    lines = [*(f"warning: {w}" for w in plan.warnings), *plan.lines()]
+    if result.dry_run:
+        lines += ["", "--- model card (README.md) ---", plan.card_text]
+    else:
+        lines.append(f"pushed: {result.pr_url or result.commit_url}")
+    return info, "\n".join(lines)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="falcon-h1-bridge")
 def main():
@@ -112,22 +136,34 @@ def hf_to_megatron(src, dst, tp, pp, layout, vocab_divisible_by, dtype, force, a
 @click.argument("src", type=PathArg)
 @click.argument("dst", type=PathArg)
 @click.option("--max-shard-size", default="5GB", show_default=True, help="Largest safetensors shard.")
+@click.option("--push-to", metavar="REPO_ID", help="After converting, upload DST to this Hub repo.")
+@_push_options
 @dtype_option
 @force_option
 @json_option
 @_friendly
-def megatron_to_hf(src, dst, max_shard_size, dtype, force, as_json):
+def megatron_to_hf(src, dst, max_shard_size, push_to, private, revision, commit_message, create_pr, dtype, force,
+                   as_json):
     """Convert a Megatron checkpoint SRC (any TP/PP) into an HF folder DST.
 
     SRC may be the checkpoint root (with latest_checkpointed_iteration.txt) or an iter_* directory.
 
     \b
-    Example:
+    Examples:
       h1bridge megatron-to-hf meg-0.5b Falcon-H1-0.5B-ft --dtype bf16
+      h1bridge megatron-to-hf meg-0.5b Falcon-H1-0.5B-ft --push-to my-org/Falcon-H1-0.5B-ft --private
     """
     s = api.megatron_to_hf(src, dst, dtype=dtype, force=force, max_shard_size=max_shard_size,
                            progress=not as_json).to_dict()
-    _emit(s, as_json, _summary_text(s))
+    text = _summary_text(s)
+    if push_to:
+        provenance = {"source_format": "megatron-legacy", "source": str(src), "tp": s["tp"], "pp": s["pp"],
+                      "dtype": s["dtype"], "mup_policy": "keep (multipliers in config.json)"}
+        result = api.push(dst, push_to, private=private, revision=revision, commit_message=commit_message,
+                          create_pr=create_pr, provenance=provenance)
+        s["push"], push_text = _push_report(result)
+        text += "\n" + push_text
+    _emit(s, as_json, text)
 
 
 @main.command()
@@ -184,6 +220,30 @@ def make_tiny(dst, preset, seed, full, dtype, overrides, force, as_json):
                         max_shard_size="2GB" if full else "200KB", **fields)
     info = {"destination": str(dst), "preset": preset, "full": full, "config": cfg.to_diff_dict()}
     _emit(info, as_json, f"wrote {preset}{' (full shape)' if full else ''} Falcon-H1 to {dst}")
+
+
+@main.command()
+@click.argument("hf_dir", type=PathArg)
+@click.argument("repo_id")
+@_push_options
+@click.option("--dry-run", is_flag=True, help="Validate and list files, sizes and the card; upload nothing.")
+@json_option
+@_friendly
+def push(hf_dir, repo_id, private, revision, commit_message, create_pr, dry_run, as_json):
+    """Validate HF_DIR and upload it to the Hub as REPO_ID, with a generated model card.
+
+    The token comes from HF_TOKEN or `hf auth login`; it is never printed. HF_ENDPOINT selects
+    another Hub-compatible server.
+
+    \b
+    Examples:
+      h1bridge push Falcon-H1-0.5B-ft my-org/Falcon-H1-0.5B-ft --private --dry-run
+      h1bridge push Falcon-H1-0.5B-ft my-org/Falcon-H1-0.5B-ft --revision megatron-step-1000
+    """
+    result = api.push(hf_dir, repo_id, private=private, revision=revision, commit_message=commit_message,
+                      create_pr=create_pr, dry_run=dry_run)
+    info, text = _push_report(result)
+    _emit(info, as_json, text)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from mappings import FALCON_H1, LAYOUTS, megatron_key
 
+from .hub import plan_push, push, validate_hf_folder
 from .convert import DTYPE_CHOICES, Summary, hf_to_megatron, megatron_to_hf
 from .inspect import format_inspect, inspect_checkpoint
 from .tiny import PRESETS, make_tiny
@@ -23,5 +24,5 @@ def mapping_rows(layout: str = "bridge") -> list[dict]:
 
 __all__ = [
     "DTYPE_CHOICES", "LAYOUT_CHOICES", "PRESET_CHOICES", "Summary", "format_inspect", "hf_to_megatron",
-    "inspect_checkpoint", "make_tiny", "mapping_rows", "megatron_to_hf",
+    "inspect_checkpoint", "make_tiny", "mapping_rows", "megatron_to_hf", "plan_push", "push", "validate_hf_folder",
 ]

@@ -22,6 +22,8 @@ from huggingface_hub import CommitOperationAdd, HfApi, ModelCard, ModelCardData,
 from huggingface_hub.utils import DEFAULT_IGNORE_PATTERNS, HFValidationError, filter_repo_objects, validate_repo_id
 
 from .errors import InputError, OutputError
+from .hf_format import HFCheckpoint
+from .layout import check_tensor_set, expected_hf_shapes
 
 SINGLE_WEIGHTS = "model.safetensors"
 WEIGHTS_INDEX = "model.safetensors.index.json"
@@ -105,95 +107,36 @@ class PushResult:
 def validate_hf_folder(folder: Path) -> list[str]:
     """Checks that ``folder`` loads as a Falcon-H1 transformers model; returns warnings, raises if it would not.
 
-    Checked locally and cheaply (headers only, no tensor data read): ``config.json`` loads with
-    ``AutoConfig`` without remote code and is ``falcon_h1``; the safetensors weights agree with
-    their index key by key. A missing tokenizer only warns: the weights are still usable.
+    The same strict reader the converter uses does the work (headers only, no tensor data read):
+    config.json is a valid Falcon-H1 config, the index agrees with the shards key by key, and the
+    tensor names and shapes are what transformers builds for that config. Shards nobody maps are
+    refused (a stale conversion); a missing tokenizer only warns: the weights are still usable.
     """
     folder = Path(folder)
-    if not folder.is_dir():
-        raise HubValidationError(f"{folder}: not a directory")
-    _check_config(folder)
-    warnings = _check_weights(folder)
+    if (folder / WEIGHTS_INDEX).is_file() and (folder / SINGLE_WEIGHTS).is_file():
+        raise HubValidationError(f"{folder / SINGLE_WEIGHTS}: present next to {WEIGHTS_INDEX}; one is stale, remove it")
+    try:
+        ckpt = HFCheckpoint(folder)
+        shapes = {k: ckpt.shape(k) for k in ckpt.keys()}
+        check_tensor_set(str(folder), shapes, expected_hf_shapes(ckpt.config))
+    except InputError as e:
+        raise HubValidationError(str(e)) from None
+    warnings = _unreferenced_weights(folder, set(ckpt.key_to_file.values()))
     if not any((folder / name).is_file() for name in TOKENIZER_FILES):
         warnings.append(f"{folder}: no tokenizer ({', '.join(TOKENIZER_FILES)}); AutoTokenizer will not load the repo")
     return warnings
 
 
-def _check_config(folder: Path) -> None:
-    from transformers import AutoConfig  # lazy: importing transformers costs seconds
-
-    path = folder / "config.json"
-    if not path.is_file():
-        raise HubValidationError(f"{path}: missing; a transformers model repo needs config.json")
-    try:
-        cfg = AutoConfig.from_pretrained(folder)  # no trust_remote_code: must load with stock transformers
-    except Exception as e:  # transformers raises ValueError, OSError, KeyError... depending on the defect
-        raise HubValidationError(f"{path}: not loadable by transformers.AutoConfig ({_first_line(e)})") from None
-    if getattr(cfg, "model_type", None) != "falcon_h1":
-        raise HubValidationError(f"{path}: model_type is {cfg.model_type!r}, expected 'falcon_h1'")
-
-
-def _check_weights(folder: Path) -> list[str]:
-    index, single = folder / WEIGHTS_INDEX, folder / SINGLE_WEIGHTS
-    if index.is_file() and single.is_file():
-        raise HubValidationError(f"{single}: present next to {WEIGHTS_INDEX}; one of them is stale, remove it")
-    if index.is_file():
-        referenced = _check_index(folder, index)
-    elif single.is_file():
-        if not _tensor_names(single):
-            raise HubValidationError(f"{single}: holds no tensors")
-        referenced = {SINGLE_WEIGHTS}
-    else:
-        raise HubValidationError(f"{folder}: no weights; expected {SINGLE_WEIGHTS} or {WEIGHTS_INDEX}")
+def _unreferenced_weights(folder: Path, referenced: set[str]) -> list[str]:
     warnings = []
     for path in sorted(folder.rglob("*.safetensors")):
         if path.relative_to(folder).as_posix() in referenced:
             continue
         if path.parent != folder or not _SHARD_NAME.fullmatch(path.name):
             warnings.append(f"{path}: not referenced by the weights; uploaded but never loaded")
-        elif names := _tensor_names(path):  # a shard nobody maps: a stale conversion or a broken index
-            raise HubValidationError(
-                f"{path}: holds {len(names)} tensor(s), e.g. {min(names)!r}, but the weights index maps none to it"
-            )
+        else:  # a shard nobody maps: a stale conversion or a broken index
+            raise HubValidationError(f"{path}: a weight shard that the index does not reference")
     return warnings
-
-
-def _check_index(folder: Path, index: Path) -> set[str]:
-    try:
-        weight_map = json.loads(index.read_text())["weight_map"]
-        if not isinstance(weight_map, dict) or not weight_map:
-            raise TypeError("weight_map is not a non-empty object")
-    except (ValueError, KeyError, TypeError) as e:
-        raise HubValidationError(f"{index}: not a usable safetensors index ({_first_line(e)})") from None
-    by_shard: dict[str, set[str]] = {}
-    for key, shard in weight_map.items():
-        by_shard.setdefault(str(shard), set()).add(key)
-    for shard, keys in sorted(by_shard.items()):
-        path = folder / shard
-        if Path(shard).is_absolute() or ".." in Path(shard).parts:
-            raise HubValidationError(f"{index}: shard name {shard!r} points outside the folder")
-        if not path.is_file():
-            raise HubValidationError(f"{path}: missing, but {index.name} maps {len(keys)} tensor(s) to it")
-        names = _tensor_names(path)
-        if missing := sorted(keys - names):
-            raise HubValidationError(
-                f"{path}: lacks {len(missing)} tensor(s) that {index.name} maps to it, e.g. {missing[0]!r}"
-            )
-        if extra := sorted(names - keys):
-            raise HubValidationError(
-                f"{path}: holds {len(extra)} tensor(s) that {index.name} does not map to it, e.g. {extra[0]!r}"
-            )
-    return set(by_shard)
-
-
-def _tensor_names(path: Path) -> set[str]:
-    from safetensors import safe_open
-
-    try:
-        with safe_open(path, framework="pt") as f:  # reads the header only
-            return set(f.keys())
-    except Exception as e:  # safetensors raises its own SafetensorError plus OSError
-        raise HubValidationError(f"{path}: not a readable safetensors file ({_first_line(e)})") from None
 
 
 # --------------------------------------------------------------------------------------------- model card

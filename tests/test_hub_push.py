@@ -164,7 +164,7 @@ def test_create_pr_opens_pull_request(hub, folder):
 
 def _missing_shard(folder: Path) -> str:
     (folder / "model-00003-of-00010.safetensors").unlink()
-    return "model-00003-of-00010.safetensors: missing"
+    return "names shard 'model-00003-of-00010.safetensors', which does not exist"
 
 
 def _other_model_type(folder: Path) -> str:
@@ -175,7 +175,7 @@ def _other_model_type(folder: Path) -> str:
 
 def _unknown_model_type(folder: Path) -> str:
     (folder / "config.json").write_text(json.dumps({"model_type": "no-such-model"}))
-    return "config.json: not loadable by transformers.AutoConfig"
+    return "config.json: model_type is 'no-such-model', expected 'falcon_h1'"
 
 
 def _no_config(folder: Path) -> str:
@@ -187,7 +187,7 @@ def _index_names_absent_tensor(folder: Path) -> str:
     index = json.loads((folder / "model.safetensors.index.json").read_text())
     index["weight_map"]["model.ghost.weight"] = "model-00001-of-00010.safetensors"
     (folder / "model.safetensors.index.json").write_text(json.dumps(index))
-    return "model-00001-of-00010.safetensors: lacks 1 tensor(s)"
+    return "'model.ghost.weight' is mapped to 'model-00001-of-00010.safetensors' but that shard does not hold it"
 
 
 def _drop_from_index(folder: Path, key: str) -> None:
@@ -198,12 +198,12 @@ def _drop_from_index(folder: Path, key: str) -> None:
 
 def _shard_tensor_not_in_index(folder: Path) -> str:
     _drop_from_index(folder, "model.layers.0.feed_forward.up_proj.weight")  # shard 2 also holds gate_proj
-    return "model-00002-of-00010.safetensors: holds 1 tensor(s) that model.safetensors.index.json does not map"
+    return "model-00002-of-00010.safetensors: tensor 'model.layers.0.feed_forward.up_proj.weight' is not listed"
 
 
 def _shard_not_in_index(folder: Path) -> str:
     _drop_from_index(folder, "model.embed_tokens.weight")  # the only tensor of shard 1
-    return "model-00001-of-00010.safetensors: holds 1 tensor(s), e.g. 'model.embed_tokens.weight', but the"
+    return "missing tensor 'model.embed_tokens.weight'"
 
 
 def _truncated_shard(folder: Path) -> str:
@@ -296,3 +296,25 @@ def test_dry_run_lists_files_and_sends_nothing(hub, folder):
 def test_tokenizer_present_means_no_warning(folder):
     (folder / "tokenizer.json").write_text("{}")
     assert validate_hf_folder(folder) == []
+
+
+def test_cli_megatron_to_hf_push_to(hub, hf_preset, tmp_path, monkeypatch, capsys):
+    """The CLI path users run: convert Megatron -> HF and publish, token from the environment."""
+    from click.testing import CliRunner
+
+    import cli
+    from bridge.convert import hf_to_megatron
+
+    hf_to_megatron(hf_preset("tiny"), tmp_path / "meg", tp=2)
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    monkeypatch.setenv("HF_ENDPOINT", hub.url)
+    result = CliRunner().invoke(cli.main, ["megatron-to-hf", str(tmp_path / "meg"), str(tmp_path / "hf"),
+                                           "--push-to", REPO, "--revision", "converted", "--json"])
+    assert result.exit_code == 0, result.output
+    assert TOKEN not in result.output
+    files = hub.repos[REPO].files("converted")
+    for path in (tmp_path / "hf").iterdir():
+        assert files[path.name] == path.read_bytes()
+    card = files["README.md"].decode()
+    assert "megatron-legacy" in card and "Tensor parallel (TP)" in card
+    assert json.loads(result.stdout)["push"]["revision"] == "converted"
