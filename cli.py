@@ -45,7 +45,7 @@ def _summary_text(s: dict) -> str:
     size = s["bytes_written"] / 2**20
     return (
         f"{s['direction']}: {s['source']} -> {s['destination']}\n"
-        f"  TP={s['tp']} PP={s['pp']} layout={s['layout']} dtype={s['dtype']}\n"
+        f"  format={s['format']} TP={s['tp']} PP={s['pp']} layout={s['layout']} dtype={s['dtype']}\n"
         f"  {s['tensors']} tensors, {len(s['files'])} files, {size:.1f} MiB in {s['seconds']:.2f}s"
     )
 
@@ -62,6 +62,10 @@ def _parse_override(text: str) -> tuple[str, object]:
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print a machine-readable JSON report.")
 force_option = click.option("--force", is_flag=True, help="Replace DST if it exists.")
+format_option = click.option(
+    "--format", "fmt", type=click.Choice(api.FORMAT_CHOICES), default="legacy", show_default=True,
+    help="Megatron checkpoint format: legacy per-rank files or megatron-core torch_dist.",
+)
 dtype_option = click.option(
     "--dtype", type=click.Choice(api.DTYPE_CHOICES), default="keep", show_default=True,
     help="Storage dtype of the output tensors.",
@@ -116,19 +120,46 @@ def main():
               help="Megatron key layout to write.")
 @click.option("--vocab-divisible-by", default=128, show_default=True,
               help="Megatron make_vocab_size_divisible_by (vocab padded to a multiple of this x TP).")
+@format_option
 @dtype_option
 @force_option
 @json_option
 @_friendly
-def hf_to_megatron(src, dst, tp, pp, layout, vocab_divisible_by, dtype, force, as_json):
-    """Convert an HF Falcon-H1 folder SRC into a legacy Megatron checkpoint DST.
+def hf_to_megatron(src, dst, tp, pp, layout, vocab_divisible_by, fmt, dtype, force, as_json):
+    """Convert an HF Falcon-H1 folder SRC into a Megatron checkpoint DST.
 
     \b
-    Example:
-      h1bridge hf-to-megatron Falcon-H1-0.5B meg-0.5b --tp 2 --pp 2 --dtype bf16
+    Examples:
+      h1bridge hf-to-megatron Falcon-H1-7B meg-7b --tp 2 --pp 2 --dtype bf16
+      h1bridge hf-to-megatron Falcon-H1-7B meg-7b-dist --tp 2 --format torch_dist
     """
     s = api.hf_to_megatron(src, dst, tp=tp, pp=pp, dtype=dtype, force=force, divisible_by=vocab_divisible_by,
-                           layout=layout, progress=not as_json).to_dict()
+                           layout=layout, fmt=fmt, progress=not as_json).to_dict()
+    _emit(s, as_json, _summary_text(s))
+
+
+@main.command()
+@click.argument("src", type=PathArg)
+@click.argument("dst", type=PathArg)
+@click.option("--tp", default=1, show_default=True, help="Target tensor-parallel size.")
+@click.option("--pp", default=1, show_default=True, help="Target pipeline-parallel size.")
+@click.option("--layout", type=click.Choice(api.LAYOUT_CHOICES), default="bridge", show_default=True,
+              help="Megatron key layout to write.")
+@format_option
+@dtype_option
+@force_option
+@json_option
+@_friendly
+def reshard(src, dst, tp, pp, layout, fmt, dtype, force, as_json):
+    """Re-shard a Megatron checkpoint SRC (legacy or torch_dist) to another TP/PP/format/layout, no HF detour.
+
+    \b
+    Examples:
+      h1bridge reshard meg-tp2 meg-tp4-pp2 --tp 4 --pp 2
+      h1bridge reshard meg-tp2 meg-dist --tp 2 --format torch_dist
+    """
+    s = api.reshard(src, dst, tp=tp, pp=pp, fmt=fmt, layout=layout, dtype=dtype, force=force,
+                    progress=not as_json).to_dict()
     _emit(s, as_json, _summary_text(s))
 
 
@@ -138,12 +169,13 @@ def hf_to_megatron(src, dst, tp, pp, layout, vocab_divisible_by, dtype, force, a
 @click.option("--max-shard-size", default="5GB", show_default=True, help="Largest safetensors shard.")
 @click.option("--push-to", metavar="REPO_ID", help="After converting, upload DST to this Hub repo.")
 @_push_options
+@click.option("--fold-mup", is_flag=True, help="Fold the µP multipliers into the weights (see `h1bridge mup`).")
 @dtype_option
 @force_option
 @json_option
 @_friendly
-def megatron_to_hf(src, dst, max_shard_size, push_to, private, revision, commit_message, create_pr, dtype, force,
-                   as_json):
+def megatron_to_hf(src, dst, max_shard_size, push_to, private, revision, commit_message, create_pr, fold_mup, dtype,
+                   force, as_json):
     """Convert a Megatron checkpoint SRC (any TP/PP) into an HF folder DST.
 
     SRC may be the checkpoint root (with latest_checkpointed_iteration.txt) or an iter_* directory.
@@ -154,11 +186,12 @@ def megatron_to_hf(src, dst, max_shard_size, push_to, private, revision, commit_
       h1bridge megatron-to-hf meg-0.5b Falcon-H1-0.5B-ft --push-to my-org/Falcon-H1-0.5B-ft --private
     """
     s = api.megatron_to_hf(src, dst, dtype=dtype, force=force, max_shard_size=max_shard_size,
-                           progress=not as_json).to_dict()
+                           progress=not as_json, fold_mup=fold_mup).to_dict()
     text = _summary_text(s)
     if push_to:
         provenance = {"source_format": "megatron-legacy", "source": str(src), "tp": s["tp"], "pp": s["pp"],
-                      "dtype": s["dtype"], "mup_policy": "keep (multipliers in config.json)"}
+                      "dtype": s["dtype"], "mup_policy": "fold (originals in config.json mup_folded)" if fold_mup
+                      else "keep (multipliers in config.json)"}
         result = api.push(dst, push_to, private=private, revision=revision, commit_message=commit_message,
                           create_pr=create_pr, provenance=provenance)
         s["push"], push_text = _push_report(result)
@@ -244,6 +277,134 @@ def push(hf_dir, repo_id, private, revision, commit_message, create_pr, dry_run,
                       create_pr=create_pr, dry_run=dry_run)
     info, text = _push_report(result)
     _emit(info, as_json, text)
+
+
+def _fold_text(r: dict) -> str:
+    after = ("multipliers now 1.0, originals in config.json mup_folded" if r["direction"] == "fold"
+             else "multipliers restored from mup_folded")
+    lines = [
+        f"mup {r['direction']}: {r['source']} -> {r['destination']}",
+        f"  dtype={r['dtype']}, {r['scaled']} of {r['tensors']} tensors scaled; {after}",
+        f"  {r['bytes_written'] / 2**20:.1f} MiB in {r['seconds']:.2f}s",
+    ]
+    if r["rounding"]:
+        key, worst = max(r["rounding"].items(), key=lambda kv: kv[1]["max_rel"])
+        lines.append(f"  storage rounding: max rel error {worst['max_rel']:.2e} ({key}); see --json per tensor")
+    return "\n".join(lines)
+
+
+@main.group()
+def mup():
+    """Fold Falcon-H1 µP multipliers into the weights, or undo that (HF -> HF).
+
+    The default everywhere else is to keep the multipliers in config.json, as transformers and
+    Megatron-Bridge apply them at run time. Fold for runtimes that ignore them (GGUF-style
+    exporters, custom kernels); unfold to get the trainable µP form back.
+
+    \b
+    Examples:
+      h1bridge mup fold tiny-hf tiny-folded --dtype bf16
+      h1bridge mup unfold tiny-folded tiny-mup --json
+    """
+
+
+def _mup_options(fn):
+    for option in reversed([
+        click.argument("src", type=PathArg),
+        click.argument("dst", type=PathArg),
+        click.option("--max-shard-size", default="5GB", show_default=True, help="Largest safetensors shard."),
+        dtype_option,
+        force_option,
+        json_option,
+    ]):
+        fn = option(fn)
+    return fn
+
+
+@mup.command("fold")
+@_mup_options
+@_friendly
+def mup_fold(src, dst, max_shard_size, dtype, force, as_json):
+    """Fold the µP multipliers of HF folder SRC into its weights, writing DST.
+
+    Each factor is multiplied into the linear map it scales (in fp32, stored as --dtype) and its
+    config field becomes 1.0; the original entries are kept under "mup_folded" for `mup unfold`.
+
+    \b
+    Example:
+      h1bridge mup fold Falcon-H1-0.5B Falcon-H1-0.5B-folded --dtype bf16
+    """
+    r = api.fold_mup(src, dst, dtype=dtype, force=force, max_shard_size=max_shard_size,
+                     progress=not as_json).to_dict()
+    _emit(r, as_json, _fold_text(r))
+
+
+@mup.command("unfold")
+@_mup_options
+@_friendly
+def mup_unfold(src, dst, max_shard_size, dtype, force, as_json):
+    """Undo `mup fold`: divide the recorded factors out of SRC's weights and restore its config, writing DST.
+
+    \b
+    Example:
+      h1bridge mup unfold Falcon-H1-0.5B-folded Falcon-H1-0.5B-mup
+    """
+    r = api.unfold_mup(src, dst, dtype=dtype, force=force, max_shard_size=max_shard_size,
+                       progress=not as_json).to_dict()
+    _emit(r, as_json, _fold_text(r))
+
+
+def _report_exit(report, as_json: bool) -> None:
+    """Prints a verify/parity report; exit code 1 (as VerificationFailed) when it did not pass."""
+    _emit(report.to_dict(), as_json, report.format())
+    if not report.ok:
+        sys.exit(1)
+
+
+@main.command()
+@click.argument("a", type=PathArg)
+@click.argument("b", type=PathArg)
+@click.option("--atol", default=0.0, show_default=True, help="Largest |Δ| per element still accepted (0: exact).")
+@json_option
+@_friendly
+def verify(a, b, atol, as_json):
+    """Compare checkpoints A and B tensor by tensor (in HF key space) and config field by field.
+
+    A and B may each be an HF folder or a Megatron checkpoint of any TP/PP. Exits 1 when a tensor,
+    a key or a config field (µP multipliers included) differs.
+
+    \b
+    Examples:
+      h1bridge verify Falcon-H1-0.5B meg-0.5b
+      h1bridge verify meg-tp2 meg-tp4 --json
+    """
+    _report_exit(api.verify(a, b, atol=atol), as_json)
+
+
+@main.command()
+@click.argument("hf_dir", type=PathArg)
+@click.argument("megatron_dir", type=PathArg)
+@click.option("--tokens", default=32, show_default=True, help="Tokens per random sequence.")
+@click.option("--seed", default=0, show_default=True, help="Seed of the random token ids.")
+@click.option("--batch", default=2, show_default=True, help="Random sequences per batch.")
+@click.option("--atol", default=1e-5, show_default=True, help="Largest max|Δ logits| still accepted (fp32).")
+@json_option
+@_friendly
+def parity(hf_dir, megatron_dir, tokens, seed, batch, atol, as_json):
+    """Logits of transformers on HF_DIR vs an independent forward on MEGATRON_DIR's TP shards.
+
+    The Megatron side runs each TP rank on its own legacy shard (fp32, CPU) and combines ranks as
+    Megatron's collectives would. Exits 1 unless max|Δ| <= --atol and top-1 agreement is 100%.
+
+    \b
+    Example:
+      h1bridge parity Falcon-H1-0.5B meg-0.5b --tokens 64 --json
+    """
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()  # loading bars and kernel-fallback notes would bury the report
+    hf_logging.disable_progress_bar()
+    _report_exit(api.parity(hf_dir, megatron_dir, tokens=tokens, seed=seed, batch=batch, atol=atol), as_json)
 
 
 if __name__ == "__main__":

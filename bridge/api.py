@@ -4,12 +4,17 @@ from __future__ import annotations
 
 from mappings import FALCON_H1, LAYOUTS, megatron_key
 
+from .convert import DTYPE_CHOICES, FORMATS, Summary, hf_to_megatron, megatron_to_hf
 from .hub import plan_push, push, validate_hf_folder
-from .convert import DTYPE_CHOICES, Summary, hf_to_megatron, megatron_to_hf
 from .inspect import format_inspect, inspect_checkpoint
+from .mup import FoldReport, fold_mup, unfold_mup
+from .parity import ParityReport, parity
+from .reshard import reshard
 from .tiny import PRESETS, make_tiny
+from .verify import VerifyReport, verify
 
 LAYOUT_CHOICES = tuple(LAYOUTS)
+FORMAT_CHOICES = FORMATS
 PRESET_CHOICES = tuple(PRESETS)
 
 
@@ -23,6 +28,7 @@ def mapping_rows(layout: str = "bridge") -> list[dict]:
 
 
 __all__ = [
-    "DTYPE_CHOICES", "LAYOUT_CHOICES", "PRESET_CHOICES", "Summary", "format_inspect", "hf_to_megatron",
-    "inspect_checkpoint", "make_tiny", "mapping_rows", "megatron_to_hf", "plan_push", "push", "validate_hf_folder",
+    "DTYPE_CHOICES", "FORMAT_CHOICES", "reshard", "LAYOUT_CHOICES", "PRESET_CHOICES", "FoldReport", "Summary", "fold_mup", "format_inspect",
+    "hf_to_megatron", "inspect_checkpoint", "make_tiny", "mapping_rows", "megatron_to_hf", "plan_push", "push",
+    "unfold_mup", "validate_hf_folder", "ParityReport", "parity", "VerifyReport", "verify",
 ]

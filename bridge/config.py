@@ -9,6 +9,7 @@ the HF config is rebuilt from ``args`` alone.
 from __future__ import annotations
 
 import json
+import logging
 from argparse import Namespace
 from pathlib import Path
 
@@ -17,6 +18,8 @@ from huggingface_hub.errors import StrictDataclassError
 from transformers import FalconH1Config
 
 from .errors import InputError
+
+_log = logging.getLogger(__name__)
 
 MUP_SCALARS = (
     "embedding_multiplier",
@@ -156,6 +159,10 @@ def hf_config_from_args(args: Namespace) -> FalconH1Config:
     for hf_name, provider_name in HF_TO_PROVIDER.items():
         if provider_name in a:
             fields[hf_name] = a[provider_name]
+    missing = [name for name in MUP_FIELDS if HF_TO_PROVIDER[name] not in a]
+    if missing:
+        which = "all" if len(missing) == len(MUP_FIELDS) else ", ".join(missing)
+        _log.warning("checkpoint args: µP multipliers missing (%s); treating them as 1.0", which)
     params_dtype = a.get("params_dtype")
     if isinstance(params_dtype, torch.dtype):
         fields["dtype"] = HF_DTYPE_NAMES.get(params_dtype, "float32")

@@ -20,7 +20,7 @@ from mappings import LAYOUTS
 
 from .atomic import atomic_output_dir
 from .config import DTYPES, HF_DTYPE_NAMES, config_dtype, hf_config_from_args, hf_config_from_json, megatron_args
-from .errors import InputError
+from .errors import InputError, UnsupportedError
 from .hf_format import HFCheckpoint, LazyTensors, copy_assets, write_hf_weights
 from .layout import check_tensor_set, expected_hf_shapes, expected_rank_shapes, hf_index
 from .legacy_format import (
@@ -32,8 +32,11 @@ from .legacy_format import (
     write_tracker,
 )
 from .plan import ParallelPlan, hf_name
+from .torch_dist_format import TorchDistCheckpoint, global_tensors, open_megatron
+from .torch_dist_format import write_checkpoint as write_dist_checkpoint
 
 DTYPE_CHOICES = ("keep", *DTYPES)
+MegatronCheckpoint = LegacyCheckpoint | TorchDistCheckpoint
 
 
 @dataclass
@@ -51,6 +54,7 @@ class Summary:
     files: list[str] = field(default_factory=list)
     layout: str = "bridge"
     dtype: str = "keep"
+    format: str = "legacy"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -74,6 +78,9 @@ def _dir_bytes(folder: Path) -> tuple[int, list[str]]:
     return sum(p.stat().st_size for p in files), [str(p.relative_to(folder)) for p in files]
 
 
+FORMATS = ("legacy", "torch_dist")
+
+
 def hf_to_megatron(
     src: Path,
     dst: Path,
@@ -84,47 +91,82 @@ def hf_to_megatron(
     force: bool = False,
     divisible_by: int = 128,
     layout: str = "bridge",
+    fmt: str = "legacy",
     progress: bool = False,
 ) -> Summary:
-    """Converts an HF Falcon-H1 folder into a legacy Megatron checkpoint with the given TP/PP."""
+    """Converts an HF Falcon-H1 folder into a Megatron checkpoint (legacy per-rank files or torch_dist)."""
     start = time.perf_counter()
-    target = _target_dtype(dtype)
-    if layout not in LAYOUTS:
-        raise InputError(f"--layout {layout!r}: expected one of {', '.join(LAYOUTS)}")
     ckpt = HFCheckpoint(src)
-    cfg = ckpt.config
-    plan = ParallelPlan(cfg, tp, pp, divisible_by, layout)
-    hf_shapes = expected_hf_shapes(cfg)
-    check_tensor_set(str(src), {k: ckpt.shape(k) for k in ckpt.keys()}, hf_shapes)
-    params_dtype = target or config_dtype(cfg)
-    args = megatron_args(cfg, tp=tp, pp=pp, padded_vocab=plan.dims.padded_vocab, divisible_by=divisible_by,
-                         params_dtype=params_dtype)
-    summary = Summary(str(src), str(dst), "hf-to-megatron", tp, pp, layout=layout, dtype=dtype)
-    with atomic_output_dir(dst, force=force, inputs=[src]) as tmp:
-        bar = tqdm(total=len(plan.ranks()), unit="rank", desc="hf→megatron", disable=not progress)
-        iter_dir = tmp / iteration_dir_name(0)
-        for tp_rank, pp_rank in plan.ranks():
-            model = {}
-            for param, layer, local in plan.stage_entries(pp_rank):
-                hf = [ckpt.get(hf_name(k, layer)) for k in param.hf]
-                shard = param.rule.shard(hf, plan.dims, tp, tp_rank)
-                model[plan.megatron_name(param, local)] = _materialize(shard, target)
-            path = iter_dir / rank_dir_name(tp_rank, pp_rank, pp) / "model_optim_rng.pt"
-            write_rank_file(path, model, args, iteration=0)
-            summary.tensors += len(model)
-            del model
-            bar.update()
-        write_tracker(tmp, 0)
-        assets = tmp / HF_ASSETS
-        copy_assets(ckpt.asset_files(), assets)
-        (assets / "config.json").write_bytes(_config_bytes(src / "config.json", target))
-        summary.bytes_written, summary.files = _dir_bytes(tmp)
-    bar.close()
+    check_tensor_set(str(src), {k: ckpt.shape(k) for k in ckpt.keys()}, expected_hf_shapes(ckpt.config))
+    summary = write_megatron(ckpt, ckpt.config, dst, tp=tp, pp=pp, dtype=dtype, force=force, divisible_by=divisible_by,
+                             layout=layout, fmt=fmt, progress=progress, inputs=[src],
+                             config_json=src / "config.json", assets=ckpt.asset_files())
+    summary.source, summary.direction = str(src), "hf-to-megatron"
     summary.seconds = round(time.perf_counter() - start, 3)
     return summary
 
 
-def _megatron_hf_config(meg: LegacyCheckpoint):
+def write_megatron(
+    source, cfg, dst: Path, *, tp: int, pp: int, dtype: str, force: bool, divisible_by: int, layout: str, fmt: str,
+    progress: bool, inputs: list[Path], config_json: Path | None, assets: list[Path],
+) -> Summary:
+    """Writes a Megatron checkpoint from any ``source.get(hf_key)``: an HF folder, or another Megatron
+    checkpoint being re-sharded (its tensors merged on the fly)."""
+    target = _target_dtype(dtype)
+    if layout not in LAYOUTS:
+        raise InputError(f"--layout {layout!r}: expected one of {', '.join(LAYOUTS)}")
+    if fmt not in FORMATS:
+        raise InputError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}")
+    if fmt == "torch_dist" and layout != "bridge":
+        raise UnsupportedError("torch_dist keys are layout-independent (megatron-core keeps conv1d.weight); "
+                               "use --layout bridge")
+    plan = ParallelPlan(cfg, tp, pp, divisible_by, layout)
+    args = megatron_args(cfg, tp=tp, pp=pp, padded_vocab=plan.dims.padded_vocab, divisible_by=divisible_by,
+                         params_dtype=target or config_dtype(cfg))
+    summary = Summary("", str(dst), "", tp, pp, layout=layout, dtype=dtype, format=fmt)
+    with atomic_output_dir(dst, force=force, inputs=inputs) as tmp:
+        iter_dir = tmp / iteration_dir_name(0)
+        if fmt == "torch_dist":
+            whole = ParallelPlan(cfg, tp, 1, divisible_by, padded_vocab=plan.dims.padded_vocab)
+            write_dist_checkpoint(iter_dir, _counted(global_tensors(source, whole, lambda t: _materialize(t, target)),
+                                                     summary, progress), args)
+        else:
+            _write_legacy_ranks(source, plan, iter_dir, target, args, summary, progress)
+        write_tracker(tmp, 0)
+        hf_assets = tmp / HF_ASSETS
+        copy_assets(assets, hf_assets)
+        if config_json is not None:
+            (hf_assets / "config.json").write_bytes(_config_bytes(config_json, target))
+        else:
+            _write_hf_config(hf_assets, cfg, None, target)
+        summary.bytes_written, summary.files = _dir_bytes(tmp)
+    return summary
+
+
+def _counted(tensors, summary: Summary, progress: bool):
+    with tqdm(unit="tensor", desc="→torch_dist", disable=not progress) as bar:
+        for item in tensors:
+            summary.tensors += 1
+            bar.update()
+            yield item
+            del item
+
+
+def _write_legacy_ranks(source, plan: ParallelPlan, iter_dir: Path, target, args, summary: Summary, progress: bool):
+    """One rank file at a time: each holds only its shards, so memory is one output file."""
+    for tp_rank, pp_rank in tqdm(plan.ranks(), unit="rank", desc="→megatron", disable=not progress):
+        model = {}
+        for param, layer, local in plan.stage_entries(pp_rank):
+            hf = [source.get(hf_name(k, layer)) for k in param.hf]
+            shard = param.rule.shard(hf, plan.dims, plan.tp, tp_rank)
+            model[plan.megatron_name(param, local)] = _materialize(shard, target)
+        path = iter_dir / rank_dir_name(tp_rank, pp_rank, plan.pp) / "model_optim_rng.pt"
+        write_rank_file(path, model, args, iteration=0)
+        summary.tensors += len(model)
+        del model
+
+
+def _megatron_hf_config(meg: MegatronCheckpoint):
     """The sidecar config.json when present (exact round trip), else one rebuilt from args."""
     sidecar = meg.hf_assets / "config.json"
     if sidecar.is_file():
@@ -134,7 +176,7 @@ def _megatron_hf_config(meg: LegacyCheckpoint):
     return hf_config_from_args(meg.args), None
 
 
-def _detect_layout(meg: LegacyCheckpoint, cfg, hf_shapes, divisible_by: int, padded: int) -> ParallelPlan:
+def _detect_layout(meg: MegatronCheckpoint, cfg, hf_shapes, divisible_by: int, padded: int) -> ParallelPlan:
     """The layout whose key names match rank 0 of the first stage; then every rank is checked fully."""
     found = set(meg.model(0, 0))
     for name in LAYOUTS:
@@ -144,17 +186,17 @@ def _detect_layout(meg: LegacyCheckpoint, cfg, hf_shapes, divisible_by: int, pad
     return ParallelPlan(cfg, meg.tp, meg.pp, divisible_by, "bridge", padded_vocab=padded)
 
 
-def megatron_plan(meg: LegacyCheckpoint, cfg) -> tuple[ParallelPlan, dict[str, torch.Size]]:
+def megatron_plan(meg: MegatronCheckpoint, cfg) -> tuple[ParallelPlan, dict[str, torch.Size]]:
     """Plan of an existing checkpoint, with every rank's keys and shapes validated against it."""
     hf_shapes = expected_hf_shapes(cfg)
     args = vars(meg.args) if meg.args is not None else {}
     divisible_by = args.get("make_vocab_size_divisible_by", 128)
-    emb = meg.model(0, 0).get("embedding.word_embeddings.weight")
-    padded = args.get("padded_vocab_size") or (emb.shape[0] * meg.tp if emb is not None else None)
+    emb = meg.tensor_meta(0, 0).get("embedding.word_embeddings.weight")
+    padded = args.get("padded_vocab_size") or (emb[0][0] * meg.tp if emb is not None else None)
     plan = _detect_layout(meg, cfg, hf_shapes, divisible_by, padded)
     for tp_rank, pp_rank in plan.ranks():
-        model = meg.model(tp_rank, pp_rank)
-        check_tensor_set(str(meg.rank_file(tp_rank, pp_rank)), {k: v.shape for k, v in model.items()},
+        meta = meg.tensor_meta(tp_rank, pp_rank)
+        check_tensor_set(str(meg.rank_file(tp_rank, pp_rank)), {k: shape for k, (shape, _) in meta.items()},
                          expected_rank_shapes(plan, hf_shapes, pp_rank))
     return plan, hf_shapes
 
@@ -164,7 +206,7 @@ class MegatronToHF:
 
     release_bytes = 256 * 2**20
 
-    def __init__(self, meg: LegacyCheckpoint, plan: ParallelPlan, dtype: torch.dtype | None):
+    def __init__(self, meg: MegatronCheckpoint, plan: ParallelPlan, dtype: torch.dtype | None):
         self.meg, self.plan, self.dtype = meg, plan, dtype
         self.index = hf_index(plan)
         self._last: tuple[tuple[object, int | None], list[torch.Tensor]] | None = None
@@ -188,6 +230,8 @@ class MegatronToHF:
             self._last = ((param, layer), outs)
         return self._last[1][pos]
 
+    get = merged  # a Megatron checkpoint read as an HF source (re-sharding)
+
     def tensor(self, key: str) -> torch.Tensor:
         """One HF tensor, materialised; rank files are unmapped every ``release_bytes`` so the pages
         already read do not pile up as resident memory."""
@@ -204,7 +248,7 @@ class MegatronToHF:
     def source_dtype(self, key: str) -> torch.dtype:
         param, layer, _ = self.index[key]
         pp_rank, local = self._stage(param, layer)
-        return self.meg.model(0, pp_rank)[self.plan.megatron_name(param, local)].dtype
+        return self.meg.tensor_meta(0, pp_rank)[self.plan.megatron_name(param, local)][1]
 
 
 def _config_bytes(config_json: Path, dtype: torch.dtype | None) -> bytes:
@@ -235,20 +279,31 @@ def megatron_to_hf(
     force: bool = False,
     max_shard_size: str | int = "5GB",
     progress: bool = False,
+    fold_mup: bool = False,
 ) -> Summary:
-    """Converts a legacy Megatron checkpoint (any TP/PP) into an HF Falcon-H1 folder."""
+    """Converts a Megatron checkpoint (legacy any TP/PP, or torch_dist) into an HF Falcon-H1 folder.
+
+    ``fold_mup`` folds the µP multipliers into the exported weights (see ``bridge.mup``).
+    """
+    from .mup import MupScaler  # bridge.mup builds on this module
+
     start = time.perf_counter()
     target = _target_dtype(dtype)
-    meg = LegacyCheckpoint(src)
+    meg = open_megatron(src)
     cfg, sidecar = _megatron_hf_config(meg)
     plan, hf_shapes = megatron_plan(meg, cfg)
-    gather = MegatronToHF(meg, plan, target)
+    fold = MupScaler.fold(cfg, plan.dims, str(sidecar or meg.iter_dir)) if fold_mup else None
+    gather = MegatronToHF(meg, plan, None if fold else target)  # a fold scales first, then casts
     layout = {k: (hf_shapes[k], target or gather.source_dtype(k)) for k in hf_shapes}
-    summary = Summary(str(src), str(dst), "megatron-to-hf", meg.tp, meg.pp, layout=plan.layout, dtype=dtype)
+    produce = fold.producer(gather.tensors, layout) if fold else gather.tensors
+    fmt = "torch_dist" if isinstance(meg, TorchDistCheckpoint) else "legacy"
+    summary = Summary(str(src), str(dst), "megatron-to-hf", meg.tp, meg.pp, layout=plan.layout, dtype=dtype, format=fmt)
     with atomic_output_dir(dst, force=force, inputs=[src]) as tmp:
         bar = tqdm(total=len(layout), unit="tensor", desc="megatron→hf", disable=not progress)
-        write_hf_weights(tmp, layout, gather.tensors, max_shard_size, progress=bar.update)
+        write_hf_weights(tmp, layout, produce, max_shard_size, progress=bar.update)
         _write_hf_config(tmp, cfg, sidecar, target)
+        if fold:
+            fold.edit_config(tmp / "config.json")
         if meg.hf_assets.is_dir():
             copy_assets([p for p in meg.hf_assets.iterdir() if p.is_file() and p.name != "config.json"], tmp)
         summary.tensors = len(layout)

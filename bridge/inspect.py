@@ -7,10 +7,10 @@ from pathlib import Path
 
 from .config import MUP_FIELDS
 from .convert import _megatron_hf_config, megatron_plan
-from .detect import HF, LEGACY, detect_format
+from .detect import HF, detect_format
 from .hf_format import HFCheckpoint
 from .layout import expected_hf_shapes
-from .legacy_format import LegacyCheckpoint
+from .torch_dist_format import TorchDistCheckpoint, open_megatron
 
 _CONFIG_FIELDS = (
     "num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
@@ -40,11 +40,13 @@ def inspect_checkpoint(path: Path) -> dict:
         dtypes = Counter(str(ckpt.dtype(k)).removeprefix("torch.") for k in ckpt.keys())
         extra = {"tensors": len(ckpt.keys()), "files": len(set(ckpt.key_to_file.values()))}
     else:
-        meg = LegacyCheckpoint(path)
+        meg = open_megatron(path)
+        if isinstance(meg, TorchDistCheckpoint):
+            fmt = "megatron-torch_dist"
         cfg, sidecar = _megatron_hf_config(meg)
         plan, _ = megatron_plan(meg, cfg)
         dtypes = Counter(
-            str(t.dtype).removeprefix("torch.") for r in plan.ranks() for t in meg.model(*r).values()
+            str(dtype).removeprefix("torch.") for r in plan.ranks() for _, dtype in meg.tensor_meta(*r).values()
         )
         extra = {"tp": meg.tp, "pp": meg.pp, "iteration": meg.iteration, "layout": plan.layout,
                  "padded_vocab": plan.dims.padded_vocab, "hf_config_sidecar": sidecar is not None,
@@ -56,7 +58,7 @@ def inspect_checkpoint(path: Path) -> dict:
 
 def format_inspect(info: dict) -> str:
     lines = [f"{info['path']}: {info['format']}"]
-    if info["format"] == LEGACY:
+    if info["format"] != HF:
         lines.append(f"  TP={info['tp']} PP={info['pp']} iteration={info['iteration']} layout={info['layout']} "
                      f"padded_vocab={info['padded_vocab']} hf_config_sidecar={info['hf_config_sidecar']}")
     lines.append(f"  parameters {info['parameters']:,}  bytes {info['bytes']:,}  dtypes {info['dtypes']}")

@@ -112,6 +112,9 @@ class LegacyCheckpoint:
         model = self._load(tp_rank, pp_rank)["model"]
         return {k: v for k, v in model.items() if not k.endswith("_extra_state")}
 
+    def tensor_meta(self, tp_rank: int, pp_rank: int) -> dict[str, tuple[torch.Size, torch.dtype]]:
+        return {k: (v.shape, v.dtype) for k, v in self.model(tp_rank, pp_rank).items()}
+
     def release(self) -> None:
         """Unmaps the rank files: pages a mapping has touched count as resident until it goes away."""
         self._cache.clear()

@@ -122,6 +122,7 @@ class Blockwise(Rule):
     label: str
     blocks: Callable[[FalconH1Dims], list[int]]
     fused_hf: bool  # True: the blocks are rows of a single HF tensor
+    dist_keys: tuple[str, ...] = ()  # torch_dist stores these blocks under separate keys (MambaMixer)
 
     @property
     def name(self) -> str:  # type: ignore[override]
@@ -185,6 +186,6 @@ COLUMN = Split(0)
 ROW = Split(1)
 VOCAB = VocabSplit()
 QKV = QKVInterleave()
-MAMBA_IN_PROJ = Blockwise("mamba_in_proj[z|x|B|C|dt]", lambda d: d.in_proj_blocks, fused_hf=True)
-MAMBA_CONV1D = Blockwise("mamba_conv1d[x|B|C]", lambda d: d.conv_blocks, fused_hf=True)
+MAMBA_IN_PROJ = Blockwise("mamba_in_proj[z|x|B|C|dt]", lambda d: d.in_proj_blocks, True, ("z", "x", "B", "C", "dt"))
+MAMBA_CONV1D = Blockwise("mamba_conv1d[x|B|C]", lambda d: d.conv_blocks, True, ("x", "B", "C"))
 GATED_MLP = Blockwise("gated_mlp[gate|up]", lambda d: d.mlp_blocks, fused_hf=False)

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import hashlib
+import socket
+import warnings
 from pathlib import Path
 
 import pytest
+import torch.distributed as dist
 
 from bridge.tiny import make_tiny
 
@@ -34,3 +37,20 @@ def tree_digest(root: Path) -> str:
             h.update(str(p.relative_to(root)).encode())
             h.update(p.read_bytes())
     return h.hexdigest()
+
+
+@pytest.fixture(scope="module")
+def dist_checkpointing():
+    """megatron-core's own ``dist_checkpointing`` in a one-rank gloo group (no launcher, no GPU)."""
+    owned = not dist.is_initialized()
+    if owned:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    with warnings.catch_warnings():  # "Transformer Engine and Apex are not installed"
+        warnings.simplefilter("ignore")
+        from megatron.core import dist_checkpointing
+    yield dist_checkpointing
+    if owned:
+        dist.destroy_process_group()

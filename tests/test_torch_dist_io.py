@@ -6,14 +6,12 @@ import argparse
 import datetime
 import io
 import json
-import socket
 import warnings
 import weakref
 from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from bridge.torch_dist_io import TorchDistFormatError, TorchDistReader, is_torch_dist, write_torch_dist
 
@@ -149,22 +147,6 @@ def test_missing_directory_is_not_torch_dist(tmp_path):
 
 
 # --- megatron-core's own loader/saver, in a one-rank gloo group ---------------------------------
-
-
-@pytest.fixture(scope="module")
-def dist_checkpointing():
-    owned = not dist.is_initialized()
-    if owned:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
-    with warnings.catch_warnings():  # "Transformer Engine and Apex are not installed"
-        warnings.simplefilter("ignore")
-        from megatron.core import dist_checkpointing
-    yield dist_checkpointing
-    if owned:
-        dist.destroy_process_group()
 
 
 def test_megatron_loads_our_output(ckpt, dist_checkpointing):

@@ -1,0 +1,375 @@
+"""BitNet b1.58 ternary weights: transformers' packed HF format <-> plain (latent or dequantized) weights.
+
+Packed format (transformers ``integrations/bitnet.py``): each BitNet linear (``mappings.bitnet``)
+stores ``weight`` as uint8 ``[out/4, in]``, four ternary values per byte in row blocks (bits 2i..2i+1
+of ``packed[r, c]`` hold ``W[i*R + r, c] + 1``, ``R = out/4``), and ``weight_scale`` ``[1]`` in the
+model dtype: ``1/mean|W|`` for ``linear_class="bitlinear"`` (BitLinear divides its output by it),
+``mean|W|`` for ``"autobitlinear"`` (AutoBitLinear multiplies).
+
+Scale design. Unpacking writes ``W = t * m`` in the chosen dtype, ``m`` the magnitude a ternary ±1
+stands for. Re-quantizing that with absmean would keep ``t`` but give ``mean|W| = m * (share of
+non-zeros)``, not ``m``; and for bitlinear even ``m`` does not determine the stored scale (in bf16,
+``s -> bf16(1/s)`` maps distinct scales to one magnitude). So ``ternarize`` first recognises a
+dequantized tensor (every non-zero has the same magnitude: ``t = sign(W)``) and takes its scale
+from the record written when it was unpacked, provided that record reproduces ``W`` bit for bit;
+with no (or a stale) record the scale is derived from the magnitude. Only a latent tensor is
+quantized with absmean. The record travels in ``config.json`` (``bitnet_unpacked``) of unpacked HF
+folders and in ``args.bitnet_weight_scales`` of Megatron checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Mapping
+
+import torch
+from tqdm import tqdm
+from transformers.quantizers.quantizers_utils import should_convert_module
+
+from mappings.bitnet import NOT_CONVERTED, bitnet_modules, is_bitnet_weight
+
+from .atomic import atomic_output_dir
+from .config import config_dtype
+from .convert import _config_bytes, _dir_bytes, _target_dtype
+from .errors import InputError, UnsupportedError
+from .hf_format import HFCheckpoint, LazyTensors, copy_assets, write_hf_weights
+from .layout import check_tensor_set, expected_hf_shapes
+
+EPS = 1e-5  # absmean floor of transformers' WeightQuant and onebitllms
+LINEAR_CLASSES = ("bitlinear", "autobitlinear")
+RECORD_KEY = "bitnet_unpacked"  # config.json entry of an unpacked folder: {"quantization_config", "weight_scale"}
+SCALE_SHAPE = torch.Size((1,))
+Layout = Mapping[str, tuple[torch.Size, torch.dtype]]
+Producer = Callable[[list[str]], Mapping[str, torch.Tensor]]
+
+
+def quantize(latent: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Absmean ternarization over the whole tensor: ``(t int8, mean fp32 0-d)``.
+
+    Exactly transformers' ``WeightQuant`` and onebitllms' ``_weight_quant``: in fp32,
+    ``mean = max(mean|W|, 1e-5)``, ``t = clamp(round(W * (1/mean)), -1, 1)`` -- a multiply by the
+    reciprocal, which can differ from ``W / mean`` by one ulp right at a rounding tie. ``torch.round``
+    rounds half to even; onebitllms' Triton training kernel rounds half up (``floor(x + 0.5)``),
+    which differs only where ``W/mean`` is exactly +0.5 (0 here, 1 there).
+    """
+    w = latent.float()
+    mean = w.abs().mean().clamp(min=EPS)
+    return (w * (1.0 / mean)).round().clamp(-1, 1).to(torch.int8), mean
+
+
+def weight_scale(magnitude: torch.Tensor, linear_class: str) -> torch.Tensor:
+    """The stored ``weight_scale`` for the value a ternary ±1 stands for (``mean`` when quantizing),
+    computed in the argument's dtype: 1/magnitude for bitlinear, magnitude for autobitlinear. The map
+    is its own inverse, so it also turns a stored scale back into its magnitude."""
+    return 1.0 / magnitude if linear_class == "bitlinear" else magnitude
+
+
+def dequantize(ternary: torch.Tensor, scale: torch.Tensor, linear_class: str, dtype: torch.dtype) -> torch.Tensor:
+    """``t * magnitude`` in ``dtype``; the magnitude is computed in float64 and rounded once."""
+    magnitude = weight_scale(scale.double().reshape(()), linear_class).to(dtype)
+    return ternary.to(dtype) * magnitude
+
+
+def pack(ternary: torch.Tensor) -> torch.Tensor:
+    """uint8 ``[ceil(rows/4), ...]``, bit-identical to transformers' ``pack_weights`` (which adds 1 to its
+    input in place; this leaves the input alone). Padding rows hold field 0."""
+    if not bool(((ternary == -1) | (ternary == 0) | (ternary == 1)).all()):
+        raise ValueError("values outside {-1, 0, 1}")
+    rows, rest = ternary.shape[0], ternary.shape[1:]
+    packed_rows = -(-rows // 4)
+    fields = torch.zeros((4 * packed_rows, *rest), dtype=torch.uint8)
+    fields[:rows] = (ternary + 1).to(torch.uint8)
+    f = fields.view(4, packed_rows, *rest)
+    return f[0] | f[1] << 2 | f[2] << 4 | f[3] << 6
+
+
+def unpack(packed: torch.Tensor, rows: int) -> torch.Tensor:
+    """int8 ternary ``[rows, ...]``: transformers' ``unpack_weights`` cropped to ``rows``. The unused field
+    value 3 raises ValueError -- the tensor is corrupt or not BitNet."""
+    if packed.dtype != torch.uint8:
+        raise ValueError(f"dtype {packed.dtype}, expected uint8 packed ternary values")
+    fields = torch.cat([(packed >> 2 * i) & 3 for i in range(4)])[:rows]
+    bad = (fields == 3).nonzero()
+    if len(bad):
+        row = int(bad[0, 0])
+        where = (row % packed.shape[0], *bad[0, 1:].tolist())
+        raise ValueError(f"packed byte {where} holds field value 3 (bits {2 * (row // packed.shape[0])}-"
+                         f"{2 * (row // packed.shape[0]) + 1}), which is not a ternary value")
+    return fields.to(torch.int8) - 1
+
+
+def ternarize(w: torch.Tensor, linear_class: str, recorded: float | None = None) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """``(t int8, weight_scale, how)`` for one whole (TP-gathered) HF tensor; ``how`` says which rule:
+    "record" / "dequantized" for a tensor that already is ternary × one magnitude (its recorded
+    scale when that reproduces it bit for bit, else one derived from the magnitude), "latent" for
+    anything else (``quantize``). See the module docstring for why."""
+    if not bool(torch.isfinite(w).all()):
+        raise ValueError("non-finite values")
+    t = w.sign().to(torch.int8)
+    nonzero = w[t != 0].abs()
+    if bool((nonzero == nonzero[:1]).all()):
+        if recorded is not None:
+            scale = torch.tensor(recorded, dtype=torch.float64)
+            if torch.equal(dequantize(t, scale, linear_class, w.dtype), w):
+                return t, scale, "record"
+        if len(nonzero):
+            return t, weight_scale(nonzero[0].double(), linear_class), "dequantized"
+    t, mean = quantize(w)
+    return t, weight_scale(mean, linear_class), "latent"
+
+
+def scale_key(weight_key: str) -> str:
+    return weight_key + "_scale"
+
+
+def default_quant_config(linear_class: str) -> dict:
+    """The quantization_config a packed checkpoint gets (transformers' BitNetQuantConfig fields)."""
+    if linear_class not in LINEAR_CLASSES:
+        raise InputError(f"linear_class {linear_class!r}: expected one of {', '.join(LINEAR_CLASSES)}")
+    return {"quant_method": "bitnet", "linear_class": linear_class, "quantization_mode": "offline",
+            "modules_to_not_convert": list(NOT_CONVERTED)}
+
+
+def quant_config(cfg) -> dict | None:
+    """The checkpoint's BitNet quantization_config, checked to be one this tool packs the same way
+    transformers loads it; None when the config has none."""
+    quant = getattr(cfg, "quantization_config", None)
+    if not quant:
+        return None
+    method = quant.get("quant_method") if isinstance(quant, dict) else None
+    if method != "bitnet":
+        raise UnsupportedError(f"config.json: quantization_config quant_method={method!r}; only 'bitnet' is supported")
+    linear_class = quant.get("linear_class", "bitlinear")
+    if linear_class not in LINEAR_CLASSES:
+        raise InputError(f"config.json: quantization_config linear_class={linear_class!r}, expected one of "
+                         f"{', '.join(LINEAR_CLASSES)}")
+    if linear_class == "autobitlinear" and quant.get("quantization_mode", "offline") != "offline":
+        raise UnsupportedError("config.json: autobitlinear in online mode stores float weights, not packed ones; "
+                               "drop quantization_config and convert it as a plain checkpoint")
+    if quant.get("use_rms_norm"):
+        raise UnsupportedError("config.json: quantization_config use_rms_norm adds an RMSNorm to every linear, "
+                               "which Megatron's Falcon-H1 has no place for")
+    skip = quant.get("modules_to_not_convert") or list(NOT_CONVERTED)  # None: transformers skips lm_head
+    wrong = [m for m in bitnet_modules(cfg.num_hidden_layers) if not should_convert_module(m, skip)]
+    if wrong or should_convert_module("lm_head", skip):
+        what = f"leaves {wrong[0]!r} unquantized" if wrong else "quantizes lm_head"
+        raise UnsupportedError(f"config.json: quantization_config modules_to_not_convert={skip} {what}; "
+                               f"supported: every Falcon-H1 linear packed except {list(NOT_CONVERTED)}")
+    return quant
+
+
+def packed_layout(layout: Layout, scale_dtype: torch.dtype | None) -> dict[str, tuple[torch.Size, torch.dtype]]:
+    """The layout with each BitNet linear as uint8 ``[out/4, in]`` followed by its ``weight_scale [1]``."""
+    out = {}
+    for key, (shape, dtype) in layout.items():
+        if not is_bitnet_weight(key):
+            out[key] = (shape, dtype)
+            continue
+        if shape[0] % 4:
+            hint = " (Mamba in_proj rows = 2*d_ssm + 2*n_groups*d_state + n_heads)" if "in_proj" in key else ""
+            raise UnsupportedError(f"{key}: {shape[0]} output rows{hint}; BitNet packing needs a multiple of 4 "
+                                   "(transformers' BitLinear stores out_features // 4 packed rows)")
+        out[key] = (torch.Size((shape[0] // 4, *shape[1:])), torch.uint8)
+        out[scale_key(key)] = (SCALE_SHAPE, scale_dtype)
+    return out
+
+
+class UnpackedView:
+    """A BitNet-packed HF folder read as the plain checkpoint it encodes: BitNet linears come out as
+    ternary × magnitude in ``dtype`` (default: the config's), everything else as stored. It has
+    HFCheckpoint's reading interface, so it is a drop-in source for hf_to_megatron."""
+
+    def __init__(self, ckpt: HFCheckpoint, dtype: torch.dtype | None = None):
+        self.ckpt, self.folder, self.config = ckpt, ckpt.folder, ckpt.config
+        quant = quant_config(self.config)
+        if quant is None:
+            raise InputError(f"{self.folder / 'config.json'}: no BitNet quantization_config; not a packed checkpoint")
+        self.quant, self.linear_class = quant, quant.get("linear_class", "bitlinear")
+        self.shapes = expected_hf_shapes(self.config)
+        packed = packed_layout({k: (s, None) for k, s in self.shapes.items()}, None)
+        check_tensor_set(str(self.folder), {k: ckpt.shape(k) for k in ckpt.keys()}, {k: s for k, (s, _) in packed.items()},
+                         " (BitNet-packed checkpoint)")
+        self.weight_dtype = dtype or config_dtype(self.config)
+
+    def keys(self) -> list[str]:
+        return list(self.shapes)
+
+    def shape(self, key: str) -> torch.Size:
+        return self.shapes[key]
+
+    def dtype(self, key: str) -> torch.dtype:
+        return self.weight_dtype if is_bitnet_weight(key) else self.ckpt.dtype(key)
+
+    def get(self, key: str) -> torch.Tensor:
+        if not is_bitnet_weight(key):
+            return self.ckpt.get(key)
+        try:
+            ternary = unpack(self.ckpt.get(key), self.shapes[key][0])
+        except ValueError as e:
+            raise InputError(f"{self.folder}: {key!r}: {e}") from None
+        return dequantize(ternary, self.scale(key), self.linear_class, self.weight_dtype)
+
+    def scale(self, weight_key: str) -> torch.Tensor:
+        key = scale_key(weight_key)
+        scale = self.ckpt.get(key)
+        if not scale.is_floating_point() or not bool(torch.isfinite(scale).all() & (scale > 0).all()):
+            raise InputError(f"{self.folder}: {key!r} = {scale.tolist()}; expected one finite positive float")
+        return scale
+
+    def record(self) -> dict[str, float]:
+        """Every stored weight_scale, exactly (a float64 holds any bf16/fp16/fp32 value)."""
+        return {scale_key(k): float(self.scale(k)) for k in self.shapes if is_bitnet_weight(k)}
+
+    def asset_files(self) -> list[Path]:
+        return self.ckpt.asset_files()
+
+
+def megatron_args(view: UnpackedView) -> dict:
+    """What a Megatron checkpoint made from a packed folder adds to ``args``: the BitNet flag (Megatron-LM's
+    ``--use-bitnet``), the scale convention, and the exact scales that make the export bit-exact."""
+    return {"use_bitnet": True, "bitnet_linear_class": view.linear_class, "bitnet_weight_scales": view.record()}
+
+
+class BitNetExport:
+    """Writes BitNet linears packed (``pack``) or plain, and config.json with quantization_config or the
+    unpacked record. An export transform in bridge.convert's sense: ``layout``, ``producer``,
+    ``edit_config``; tensors arrive whole (TP-gathered) at source precision."""
+
+    def __init__(self, pack: bool, quant: dict, scales: Mapping[str, float], scale_dtype: torch.dtype):
+        self.pack, self.quant, self.scales, self.scale_dtype = pack, quant, dict(scales), scale_dtype
+        self.linear_class = quant.get("linear_class", "bitlinear")
+        self.counts: Counter[str] = Counter()
+        self._last: tuple[str, tuple[torch.Tensor, torch.Tensor]] | None = None
+
+    def layout(self, layout: Layout) -> dict[str, tuple[torch.Size, torch.dtype]]:
+        return packed_layout(layout, self.scale_dtype) if self.pack else dict(layout)
+
+    def producer(self, source: Producer, layout: Layout) -> Producer:
+        def tensor(key: str) -> torch.Tensor:
+            if self.pack and key.endswith("_scale") and is_bitnet_weight(key[: -len("_scale")]):
+                return self._packed(key[: -len("_scale")], source)[1]
+            if self.pack and is_bitnet_weight(key):
+                return self._packed(key, source)[0]
+            return source([key])[key].to(layout[key][1])
+
+        return lambda keys: LazyTensors(keys, tensor)
+
+    def _packed(self, key: str, source: Producer) -> tuple[torch.Tensor, torch.Tensor]:
+        """Packed weight and scale of one linear; kept until the next, as a shard may end between the two."""
+        if self._last is None or self._last[0] != key:
+            try:
+                t, scale, how = ternarize(source([key])[key], self.linear_class, self.scales.get(scale_key(key)))
+            except ValueError as e:
+                raise InputError(f"{key}: {e}") from None
+            self.counts[how] += 1
+            self._last = (key, (pack(t), scale.reshape(1).to(self.scale_dtype)))
+        return self._last[1]
+
+    def edit_config(self, path: Path) -> None:
+        """Packed: quantization_config in, record out. Plain: the reverse, when there are scales to record.
+        An unchanged config keeps its bytes."""
+        data = json.loads(path.read_text())
+        new = dict(data)
+        if self.pack:
+            new.pop(RECORD_KEY, None)
+            new["quantization_config"] = self.quant
+        else:
+            new.pop("quantization_config", None)
+            if self.scales:
+                new[RECORD_KEY] = {"quantization_config": self.quant, "weight_scale": dict(sorted(self.scales.items()))}
+        if new != data:
+            path.write_text(json.dumps(new, indent=2, sort_keys=True) + "\n")
+
+
+def export_transform(cfg, args: Mapping, target: torch.dtype | None, pack: bool | None) -> BitNetExport | None:
+    """The BitNet rewrite for megatron_to_hf, or None. ``pack=None`` packs a BitNet checkpoint (config
+    quantization_config or ``args.use_bitnet``); a packed-origin one exported plain loses its
+    quantization_config and records its scales instead."""
+    quant = quant_config(cfg)
+    record = getattr(cfg, RECORD_KEY, None) or {}
+    if pack is None:
+        pack = quant is not None or bool(args.get("use_bitnet"))
+    if not pack and quant is None:
+        return None
+    quant = quant or record.get("quantization_config") or default_quant_config(args.get("bitnet_linear_class", "bitlinear"))
+    scales = args.get("bitnet_weight_scales") or record.get("weight_scale") or {}
+    return BitNetExport(pack, quant, scales, target or config_dtype(cfg))
+
+
+@dataclass
+class BitNetReport:
+    """What pack/unpack did; ``quantized`` counts the linears by ``ternarize`` rule."""
+
+    source: str
+    destination: str
+    direction: str
+    linear_class: str
+    dtype: str
+    tensors: int = 0
+    linears: int = 0
+    quantized: dict[str, int] = field(default_factory=dict)
+    bytes_written: int = 0
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _rewrite(src: Path, dst: Path, source, transform: BitNetExport, report: BitNetReport, target: torch.dtype | None,
+             force: bool, max_shard_size: str | int, progress: bool) -> BitNetReport:
+    """Streams ``source`` through ``transform`` into an HF folder, config and tokenizer assets included."""
+    start = time.perf_counter()
+    layout = transform.layout({k: (source.shape(k), target or source.dtype(k)) for k in source.keys()})
+    with atomic_output_dir(dst, force=force, inputs=[src]) as tmp:
+        bar = tqdm(total=len(layout), unit="tensor", desc=f"bitnet {report.direction}", disable=not progress)
+        produce = transform.producer(lambda keys: {k: source.get(k) for k in keys}, layout)
+        write_hf_weights(tmp, layout, produce, max_shard_size, progress=bar.update)
+        (tmp / "config.json").write_bytes(_config_bytes(src / "config.json", target))
+        transform.edit_config(tmp / "config.json")
+        copy_assets(source.asset_files(), tmp)
+        report.bytes_written, _ = _dir_bytes(tmp)
+    bar.close()
+    report.tensors, report.quantized = len(layout), dict(transform.counts)
+    report.linears = sum(is_bitnet_weight(k) for k in layout)
+    report.seconds = round(time.perf_counter() - start, 3)
+    return report
+
+
+def pack_checkpoint(src_hf: Path, dst_hf: Path, *, linear_class: str | None = None, dtype: str = "keep",
+                    force: bool = False, max_shard_size: str | int = "5GB", progress: bool = False) -> BitNetReport:
+    """HF latent or unpacked weights -> ternary-packed HF with ``weight_scale`` and quantization_config.
+
+    Each BitNet linear is quantized over its whole tensor. ``linear_class`` defaults to the one an
+    unpacked folder records, else bitlinear; ``dtype`` is the model dtype (scales, unquantized tensors).
+    """
+    src_hf, dst_hf = Path(src_hf), Path(dst_hf)
+    target = _target_dtype(dtype)
+    ckpt = HFCheckpoint(src_hf)
+    cfg = ckpt.config
+    if quant_config(cfg) is not None:
+        raise InputError(f"{src_hf / 'config.json'}: already BitNet-packed (quantization_config); nothing to pack")
+    check_tensor_set(str(src_hf), {k: ckpt.shape(k) for k in ckpt.keys()}, expected_hf_shapes(cfg))
+    record = getattr(cfg, RECORD_KEY, None) or {}
+    recorded = record.get("quantization_config") or {}
+    linear_class = linear_class or recorded.get("linear_class", "bitlinear")
+    same = recorded.get("linear_class", "bitlinear") == linear_class and bool(recorded)
+    quant = recorded if same else default_quant_config(linear_class)
+    transform = BitNetExport(True, quant, record.get("weight_scale", {}) if same else {}, target or config_dtype(cfg))
+    report = BitNetReport(str(src_hf), str(dst_hf), "pack", linear_class, dtype)
+    return _rewrite(src_hf, dst_hf, ckpt, transform, report, target, force, max_shard_size, progress)
+
+
+def unpack_checkpoint(src_packed: Path, dst_hf: Path, *, dtype: str = "keep", force: bool = False,
+                      max_shard_size: str | int = "5GB", progress: bool = False) -> BitNetReport:
+    """Ternary-packed HF -> plain HF with ternary × scale weights in ``dtype`` (default: the config's),
+    no quantization_config, and the exact scales recorded so that packing again is bit-exact."""
+    src_packed, dst_hf = Path(src_packed), Path(dst_hf)
+    target = _target_dtype(dtype)
+    view = UnpackedView(HFCheckpoint(src_packed), target)
+    transform = BitNetExport(False, view.quant, view.record(), view.weight_dtype)
+    report = BitNetReport(str(src_packed), str(dst_hf), "unpack", view.linear_class, dtype)
+    return _rewrite(src_packed, dst_hf, view, transform, report, target, force, max_shard_size, progress)

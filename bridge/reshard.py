@@ -1,0 +1,43 @@
+"""Megatron -> Megatron: any TP/PP/format/layout to any other, without writing an HF copy.
+
+The source's tensors are merged to HF form one at a time (exactly what megatron-to-hf does) and
+sharded again for the target (exactly what hf-to-megatron does), so the result is bit-identical
+to going through HF, in the memory of one output file.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from .convert import MegatronToHF, Summary, _megatron_hf_config, megatron_plan, write_megatron
+from .torch_dist_format import open_megatron
+
+
+def reshard(
+    src: Path,
+    dst: Path,
+    *,
+    tp: int = 1,
+    pp: int = 1,
+    fmt: str = "legacy",
+    layout: str = "bridge",
+    dtype: str = "keep",
+    divisible_by: int | None = None,
+    force: bool = False,
+    progress: bool = False,
+) -> Summary:
+    """Re-shards a Megatron checkpoint; ``divisible_by`` defaults to the source's vocab padding rule."""
+    start = time.perf_counter()
+    meg = open_megatron(src)
+    cfg, sidecar = _megatron_hf_config(meg)
+    plan, _ = megatron_plan(meg, cfg)
+    source_divisible = getattr(meg.args, "make_vocab_size_divisible_by", 128) if meg.args is not None else 128
+    assets = [p for p in meg.hf_assets.iterdir() if p.is_file() and p.name != "config.json"] \
+        if meg.hf_assets.is_dir() else []
+    summary = write_megatron(MegatronToHF(meg, plan, None), cfg, dst, tp=tp, pp=pp, dtype=dtype, force=force,
+                             divisible_by=divisible_by or source_divisible, layout=layout, fmt=fmt,
+                             progress=progress, inputs=[src], config_json=sidecar, assets=assets)
+    summary.source, summary.direction = str(src), "reshard"
+    summary.seconds = round(time.perf_counter() - start, 3)
+    return summary

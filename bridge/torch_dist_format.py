@@ -1,0 +1,121 @@
+"""megatron-core ``torch_dist`` checkpoints in Falcon-H1 terms, on top of ``torch_dist_io``.
+
+torch_dist stores every tensor once, GLOBAL (what a TP=1 rank holds) under its global layer
+number, so it reads as a single TP=1, PP=1 rank. Two Mamba tensors are stored as separate
+blocks, as ``MambaMixer.sharded_state_dict`` saves them: ``in_proj.weight.{z,x,B,C,dt}`` and
+``conv1d.{weight,bias}.{x,B,C}`` (which blocks, and their names, come from the table's rules).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from mappings import FALCON_H1
+
+from .errors import InputError
+from .hf_format import LazyTensors
+from .legacy_format import HF_ASSETS, LegacyCheckpoint, find_iteration_dir
+from .plan import ParallelPlan, hf_name
+from .torch_dist_io import TorchDistReader, is_torch_dist, write_torch_dist
+
+CONTENT_METADATA = {"singleton_local_shards": False, "chained_optim_avoid_prefix": True}
+
+# Megatron key suffix (after the layer prefix) -> names of the blocks torch_dist stores separately.
+_BLOCK_NAMES = {
+    p.megatron.split("{L}.", 1)[1]: p.rule.dist_keys for p in FALCON_H1 if getattr(p.rule, "dist_keys", ())
+}
+
+
+def _block_names(key: str) -> tuple[str, ...]:
+    for suffix, names in _BLOCK_NAMES.items():
+        if key.endswith("." + suffix):
+            return names
+    return ()
+
+
+def global_tensors(source, plan: ParallelPlan, materialize) -> Iterator[tuple[str, torch.Tensor]]:
+    """(sharded key, global tensor) pairs of a whole model, one at a time, for ``write_torch_dist``."""
+    for param, layer, _ in plan.stage_entries(0):
+        full = param.rule.shard([source.get(hf_name(k, layer)) for k in param.hf], plan.dims, 1, 0)
+        key = plan.megatron_name(param, layer)
+        names = _block_names(key)
+        if names:
+            for name, block in zip(names, full.split(param.rule.blocks(plan.dims), 0)):
+                yield f"{key}.{name}", materialize(block)
+        else:
+            yield key, materialize(full)
+
+
+def write_checkpoint(iter_dir: Path, tensors: Iterator[tuple[str, torch.Tensor]], args, iteration: int = 0) -> None:
+    common = {"args": args, "checkpoint_version": 3.0, "iteration": iteration, "content_metadata": CONTENT_METADATA}
+    write_torch_dist(iter_dir, tensors, common)
+
+
+class TorchDistCheckpoint:
+    """A torch_dist iteration, presented like ``LegacyCheckpoint`` with one TP=1, PP=1 rank."""
+
+    tp = pp = 1
+
+    def __init__(self, path: Path):
+        self.root = Path(path)
+        self.iter_dir = self.root if is_torch_dist(self.root) else find_iteration_dir(self.root)
+        if not is_torch_dist(self.iter_dir):
+            raise InputError(f"{self.iter_dir}: no metadata.json; not a torch_dist checkpoint")
+        self.reader = TorchDistReader(self.iter_dir)
+        self.args = self.reader.common.get("args")
+        self.iteration = self.reader.common.get("iteration", 0)
+        self._parts: dict[str, list[str]] = {}
+        for key in self.reader.keys():
+            base, _, name = key.rpartition(".")
+            if name in _block_names(base):
+                self._parts.setdefault(base, []).append(key)
+        for base, keys in self._parts.items():
+            names = _block_names(base)
+            if sorted(keys) != sorted(f"{base}.{n}" for n in names):
+                raise InputError(f"{self.iter_dir}: {base} must be stored as blocks {', '.join(names)}")
+            self._parts[base] = [f"{base}.{n}" for n in names]
+
+    def _names(self) -> list[str]:
+        whole = [k for k in self.reader.keys() if k.rpartition(".")[0] not in self._parts]
+        return whole + list(self._parts)
+
+    def tensor_meta(self, tp_rank: int, pp_rank: int) -> dict[str, tuple[torch.Size, torch.dtype]]:
+        meta = {}
+        for name in self._names():
+            parts = self._parts.get(name, [name])
+            shape = self.reader.shape(parts[0])
+            rows = sum(self.reader.shape(p)[0] for p in parts)
+            meta[name] = (torch.Size([rows, *shape[1:]]), self.reader.dtype(parts[0]))
+        return meta
+
+    def _load(self, name: str) -> torch.Tensor:
+        parts = self._parts.get(name, [name])
+        loaded = self.reader.load(parts)
+        return torch.cat([loaded[p] for p in parts], 0) if len(parts) > 1 else loaded[name]
+
+    def model(self, tp_rank: int, pp_rank: int) -> LazyTensors:
+        return LazyTensors(self._names(), self._load)
+
+    def rank_file(self, tp_rank: int, pp_rank: int) -> Path:
+        return self.iter_dir
+
+    def release(self) -> None:
+        """Nothing is mapped: tensors are read on request."""
+
+    @property
+    def hf_assets(self) -> Path:
+        return (self.root if self.iter_dir != self.root else self.root.parent) / HF_ASSETS
+
+
+def open_megatron(path: Path):
+    """A legacy or torch_dist checkpoint, told apart by the iteration directory's files."""
+    path = Path(path)
+    if not path.is_dir():
+        raise InputError(f"{path}: {'does not exist' if not path.exists() else 'not a directory'}")
+    if not any(path.iterdir()):
+        raise InputError(f"{path}: empty directory")
+    iter_dir = path if is_torch_dist(path) else find_iteration_dir(path)
+    return TorchDistCheckpoint(path) if is_torch_dist(iter_dir) else LegacyCheckpoint(path)
