@@ -66,6 +66,11 @@ format_option = click.option(
     "--format", "fmt", type=click.Choice(api.FORMAT_CHOICES), default="legacy", show_default=True,
     help="Megatron checkpoint format: legacy per-rank files or megatron-core torch_dist.",
 )
+expand_groups_option = click.option(
+    "--expand-groups", is_flag=True,
+    help="Replicate Mamba B/C groups when TP exceeds mamba_n_groups (exact without mamba_rms_norm); "
+    "collapsed back on export.",
+)
 dtype_option = click.option(
     "--dtype", type=click.Choice(api.DTYPE_CHOICES), default="keep", show_default=True,
     help="Storage dtype of the output tensors.",
@@ -121,11 +126,12 @@ def main():
 @click.option("--vocab-divisible-by", default=128, show_default=True,
               help="Megatron make_vocab_size_divisible_by (vocab padded to a multiple of this x TP).")
 @format_option
+@expand_groups_option
 @dtype_option
 @force_option
 @json_option
 @_friendly
-def hf_to_megatron(src, dst, tp, pp, layout, vocab_divisible_by, fmt, dtype, force, as_json):
+def hf_to_megatron(src, dst, tp, pp, layout, vocab_divisible_by, fmt, expand_groups, dtype, force, as_json):
     """Convert an HF Falcon-H1 folder SRC into a Megatron checkpoint DST.
 
     \b
@@ -134,7 +140,7 @@ def hf_to_megatron(src, dst, tp, pp, layout, vocab_divisible_by, fmt, dtype, for
       h1bridge hf-to-megatron Falcon-H1-7B meg-7b-dist --tp 2 --format torch_dist
     """
     s = api.hf_to_megatron(src, dst, tp=tp, pp=pp, dtype=dtype, force=force, divisible_by=vocab_divisible_by,
-                           layout=layout, fmt=fmt, progress=not as_json).to_dict()
+                           layout=layout, fmt=fmt, expand_groups=expand_groups, progress=not as_json).to_dict()
     _emit(s, as_json, _summary_text(s))
 
 
@@ -146,11 +152,12 @@ def hf_to_megatron(src, dst, tp, pp, layout, vocab_divisible_by, fmt, dtype, for
 @click.option("--layout", type=click.Choice(api.LAYOUT_CHOICES), default="bridge", show_default=True,
               help="Megatron key layout to write.")
 @format_option
+@expand_groups_option
 @dtype_option
 @force_option
 @json_option
 @_friendly
-def reshard(src, dst, tp, pp, layout, fmt, dtype, force, as_json):
+def reshard(src, dst, tp, pp, layout, fmt, expand_groups, dtype, force, as_json):
     """Re-shard a Megatron checkpoint SRC (legacy or torch_dist) to another TP/PP/format/layout, no HF detour.
 
     \b
@@ -159,7 +166,7 @@ def reshard(src, dst, tp, pp, layout, fmt, dtype, force, as_json):
       h1bridge reshard meg-tp2 meg-dist --tp 2 --format torch_dist
     """
     s = api.reshard(src, dst, tp=tp, pp=pp, fmt=fmt, layout=layout, dtype=dtype, force=force,
-                    progress=not as_json).to_dict()
+                    expand_groups=expand_groups, progress=not as_json).to_dict()
     _emit(s, as_json, _summary_text(s))
 
 
@@ -405,6 +412,75 @@ def parity(hf_dir, megatron_dir, tokens, seed, batch, atol, as_json):
     hf_logging.set_verbosity_error()  # loading bars and kernel-fallback notes would bury the report
     hf_logging.disable_progress_bar()
     _report_exit(api.parity(hf_dir, megatron_dir, tokens=tokens, seed=seed, batch=batch, atol=atol), as_json)
+
+
+from bridge.bitnet import LINEAR_CLASSES, pack_checkpoint, unpack_checkpoint  # noqa: E402  (kept with its commands)
+
+
+@main.group()
+def bitnet():
+    """BitNet b1.58 ternary weights: transformers' packed HF format <-> plain weights.
+
+    \b
+    Examples:
+      h1bridge bitnet pack Falcon-H1-ft Falcon-H1-ft-1.58bit
+      h1bridge bitnet unpack Falcon-H1-ft-1.58bit Falcon-H1-ft-bf16 --dtype bf16
+    """
+
+
+def _bitnet_text(r: dict) -> str:
+    rules = ", ".join(f"{n} {rule}" for rule, n in sorted(r["quantized"].items()))
+    return (
+        f"bitnet {r['direction']}: {r['source']} -> {r['destination']}\n"
+        f"  linear_class={r['linear_class']} dtype={r['dtype']}\n"
+        f"  {r['linears']} BitNet linears{f' ({rules})' if rules else ''}, {r['tensors']} tensors, "
+        f"{r['bytes_written'] / 2**20:.1f} MiB in {r['seconds']:.2f}s"
+    )
+
+
+@bitnet.command("pack")
+@click.argument("src", type=PathArg)
+@click.argument("dst", type=PathArg)
+@click.option("--linear-class", type=click.Choice(LINEAR_CLASSES), default=None,
+              help="transformers layer: bitlinear stores weight_scale = 1/mean|W|, autobitlinear mean|W| "
+                   "[default: the one an unpacked SRC records, else bitlinear].")
+@dtype_option
+@force_option
+@json_option
+@_friendly
+def bitnet_pack(src, dst, linear_class, dtype, force, as_json):
+    """Quantize the Falcon-H1 linears of the HF folder SRC to ternary and write the packed HF folder DST.
+
+    Latent weights get absmean over each whole tensor; weights from `bitnet unpack` (or from a
+    packed-origin Megatron checkpoint) are packed back bit for bit.
+
+    \b
+    Example:
+      h1bridge bitnet pack Falcon-H1-ft Falcon-H1-ft-1.58bit --linear-class autobitlinear
+    """
+    r = pack_checkpoint(src, dst, linear_class=linear_class, dtype=dtype, force=force, progress=not as_json).to_dict()
+    _emit(r, as_json, _bitnet_text(r))
+
+
+@bitnet.command("unpack")
+@click.argument("src", type=PathArg)
+@click.argument("dst", type=PathArg)
+@dtype_option
+@force_option
+@json_option
+@_friendly
+def bitnet_unpack(src, dst, dtype, force, as_json):
+    """Write the packed HF folder SRC as plain weights (ternary × scale, in --dtype) to DST.
+
+    DST has no quantization_config; config.json records the exact scales, so `bitnet pack` gives
+    SRC back bit for bit.
+
+    \b
+    Example:
+      h1bridge bitnet unpack Falcon-H1-ft-1.58bit Falcon-H1-ft-bf16 --dtype bf16
+    """
+    r = unpack_checkpoint(src, dst, dtype=dtype, force=force, progress=not as_json).to_dict()
+    _emit(r, as_json, _bitnet_text(r))
 
 
 if __name__ == "__main__":

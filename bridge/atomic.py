@@ -20,11 +20,33 @@ def check_output(dst: Path, *, force: bool, inputs: Sequence[Path] = ()) -> Path
     dst = Path(os.path.abspath(dst))
     for src in inputs:
         src = Path(os.path.abspath(src))
-        if _inside(dst, src) or _inside(src, dst):
+        real_dst, real_src = dst.resolve(), src.resolve()  # a symlinked parent may lead into the input
+        if _inside(dst, src) or _inside(src, dst) or _inside(real_dst, real_src) or _inside(real_src, real_dst):
             raise OutputError(f"{dst}: output overlaps the input {src}; choose a separate directory")
     if dst.exists() and not force:
         raise OutputError(f"{dst}: already exists; pass --force to replace it")
     return dst
+
+
+@contextmanager
+def os_errors_surfaced() -> Iterator[None]:
+    """torch's C++ zip writer reports a failed write (a full disk) as a RuntimeError whose context is
+    the OSError: re-raise that, so ``atomic_output_dir`` turns it into one line."""
+    try:
+        yield
+    except RuntimeError as e:
+        if isinstance(e.__context__, OSError):
+            raise e.__context__ from None
+        raise
+
+
+def torch_save(obj, path: Path) -> None:
+    """``torch.save`` through a Python file: given a path, torch writes from C++ and a full disk
+    shows up only as "iostream error"; through a file object the OSError (ENOSPC) is kept."""
+    import torch
+
+    with os_errors_surfaced(), open(path, "wb") as f:
+        torch.save(obj, f)
 
 
 def _fsync_tree(root: Path) -> None:
@@ -37,12 +59,60 @@ def _fsync_tree(root: Path) -> None:
                 os.close(fd)
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: someone else's live process
+        return True
+    return True
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _remove_stale(dst: Path, kind: str) -> None:
+    """Removes ``.NAME.{kind}-PID`` siblings left by a killed run (PID no longer alive). A live
+    process's (a concurrent run) is left alone, so is anything whose suffix is not a PID."""
+    prefix = f".{dst.name}.{kind}-"
+    for p in dst.parent.iterdir():
+        pid = p.name[len(prefix):]
+        if p.name.startswith(prefix) and pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+            _remove(p)
+
+
+def _fsync_dir(path: Path) -> None:
+    """Makes the rename durable; best effort (some filesystems refuse fsync on a directory)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 @contextmanager
 def atomic_output_dir(dst: Path, *, force: bool, inputs: Sequence[Path] = ()) -> Iterator[Path]:
-    """Yields a temporary sibling directory; on success it replaces ``dst``, on any failure it vanishes."""
+    """Yields a temporary sibling directory; on success it replaces ``dst``, on any failure it vanishes.
+
+    A run killed outright (SIGKILL, power loss) leaves ``dst`` as it was (absent, or the previous
+    complete output) plus a hidden ``.NAME.partial-PID`` sibling; the next run on ``dst`` removes
+    those of dead processes before it starts, and a ``.NAME.old-PID`` (killed while swapping an
+    existing ``dst`` under --force) once it has put its own output in place."""
     dst = check_output(dst, force=force, inputs=inputs)
+    created = [p for p in (dst.parent, *dst.parent.parents) if not p.exists()]
     try:
         dst.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale(dst, "partial")
         tmp = dst.parent / f".{dst.name}.partial-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
@@ -51,16 +121,22 @@ def atomic_output_dir(dst: Path, *, force: bool, inputs: Sequence[Path] = ()) ->
     try:
         yield tmp
         _fsync_tree(tmp)
-        if dst.exists():
+        if dst.exists() or dst.is_symlink():
             old = dst.parent / f".{dst.name}.old-{os.getpid()}"
             dst.rename(old)
             tmp.rename(dst)
-            shutil.rmtree(old)
+            _remove(old)
         else:
             tmp.rename(dst)
-    except OSError as e:
+        _fsync_dir(dst.parent)
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise OutputError(f"{dst}: writing failed ({e.strerror or e}); nothing was left behind") from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        for p in created:  # parents made for this output, innermost first; only while still empty
+            try:
+                p.rmdir()
+            except OSError:
+                break
+        if isinstance(e, OSError):
+            raise OutputError(f"{dst}: writing failed ({e.strerror or e}); nothing was left behind") from None
         raise
+    _remove_stale(dst, "old")

@@ -24,7 +24,7 @@ import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Mapping
 
 import torch
 from tqdm import tqdm
@@ -34,7 +34,7 @@ from mappings.bitnet import NOT_CONVERTED, bitnet_modules, is_bitnet_weight
 
 from .atomic import atomic_output_dir
 from .config import config_dtype
-from .convert import _config_bytes, _dir_bytes, _target_dtype
+from .convert import Layout, Producer, _config_bytes, _dir_bytes, _target_dtype
 from .errors import InputError, UnsupportedError
 from .hf_format import HFCheckpoint, LazyTensors, copy_assets, write_hf_weights
 from .layout import check_tensor_set, expected_hf_shapes
@@ -43,8 +43,6 @@ EPS = 1e-5  # absmean floor of transformers' WeightQuant and onebitllms
 LINEAR_CLASSES = ("bitlinear", "autobitlinear")
 RECORD_KEY = "bitnet_unpacked"  # config.json entry of an unpacked folder: {"quantization_config", "weight_scale"}
 SCALE_SHAPE = torch.Size((1,))
-Layout = Mapping[str, tuple[torch.Size, torch.dtype]]
-Producer = Callable[[list[str]], Mapping[str, torch.Tensor]]
 
 
 def quantize(latent: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -95,10 +93,8 @@ def unpack(packed: torch.Tensor, rows: int) -> torch.Tensor:
     fields = torch.cat([(packed >> 2 * i) & 3 for i in range(4)])[:rows]
     bad = (fields == 3).nonzero()
     if len(bad):
-        row = int(bad[0, 0])
-        where = (row % packed.shape[0], *bad[0, 1:].tolist())
-        raise ValueError(f"packed byte {where} holds field value 3 (bits {2 * (row // packed.shape[0])}-"
-                         f"{2 * (row // packed.shape[0]) + 1}), which is not a ternary value")
+        byte = (int(bad[0, 0]) % packed.shape[0], *bad[0, 1:].tolist())
+        raise ValueError(f"packed byte {byte} holds the unused field value 3, which is not a ternary value")
     return fields.to(torch.int8) - 1
 
 
@@ -153,7 +149,8 @@ def quant_config(cfg) -> dict | None:
     if quant.get("use_rms_norm"):
         raise UnsupportedError("config.json: quantization_config use_rms_norm adds an RMSNorm to every linear, "
                                "which Megatron's Falcon-H1 has no place for")
-    skip = quant.get("modules_to_not_convert") or list(NOT_CONVERTED)  # None: transformers skips lm_head
+    skip = quant.get("modules_to_not_convert")
+    skip = list(NOT_CONVERTED) if skip is None else skip  # None: transformers' default skip, lm_head here
     wrong = [m for m in bitnet_modules(cfg.num_hidden_layers) if not should_convert_module(m, skip)]
     if wrong or should_convert_module("lm_head", skip):
         what = f"leaves {wrong[0]!r} unquantized" if wrong else "quantizes lm_head"
@@ -228,10 +225,14 @@ class UnpackedView:
         return self.ckpt.asset_files()
 
 
-def megatron_args(view: UnpackedView) -> dict:
-    """What a Megatron checkpoint made from a packed folder adds to ``args``: the BitNet flag (Megatron-LM's
-    ``--use-bitnet``), the scale convention, and the exact scales that make the export bit-exact."""
-    return {"use_bitnet": True, "bitnet_linear_class": view.linear_class, "bitnet_weight_scales": view.record()}
+def hf_source(ckpt: HFCheckpoint, dtype: torch.dtype | None) -> tuple[HFCheckpoint | UnpackedView, dict]:
+    """What hf_to_megatron reads and adds to ``args``. A packed folder is read unpacked (ternary × scale
+    in ``dtype``) and adds the BitNet flag (Megatron-LM's ``--use-bitnet``), the scale convention and
+    the exact scales that make the export bit-exact; any other folder is read as is."""
+    if not getattr(ckpt.config, "quantization_config", None):
+        return ckpt, {}
+    view = UnpackedView(ckpt, dtype)  # checks the quantization_config
+    return view, {"use_bitnet": True, "bitnet_linear_class": view.linear_class, "bitnet_weight_scales": view.record()}
 
 
 class BitNetExport:
@@ -354,11 +355,13 @@ def pack_checkpoint(src_hf: Path, dst_hf: Path, *, linear_class: str | None = No
         raise InputError(f"{src_hf / 'config.json'}: already BitNet-packed (quantization_config); nothing to pack")
     check_tensor_set(str(src_hf), {k: ckpt.shape(k) for k in ckpt.keys()}, expected_hf_shapes(cfg))
     record = getattr(cfg, RECORD_KEY, None) or {}
-    recorded = record.get("quantization_config") or {}
-    linear_class = linear_class or recorded.get("linear_class", "bitlinear")
-    same = recorded.get("linear_class", "bitlinear") == linear_class and bool(recorded)
-    quant = recorded if same else default_quant_config(linear_class)
-    transform = BitNetExport(True, quant, record.get("weight_scale", {}) if same else {}, target or config_dtype(cfg))
+    recorded = record.get("quantization_config")
+    linear_class = linear_class or (recorded or {}).get("linear_class", "bitlinear")
+    if recorded and recorded.get("linear_class", "bitlinear") == linear_class:
+        quant, scales = recorded, record.get("weight_scale", {})
+    else:  # recorded scales follow the other convention; derive them from the magnitudes instead
+        quant, scales = default_quant_config(linear_class), {}
+    transform = BitNetExport(True, quant, scales, target or config_dtype(cfg))
     report = BitNetReport(str(src_hf), str(dst_hf), "pack", linear_class, dtype)
     return _rewrite(src_hf, dst_hf, ckpt, transform, report, target, force, max_shard_size, progress)
 
@@ -373,3 +376,18 @@ def unpack_checkpoint(src_packed: Path, dst_hf: Path, *, dtype: str = "keep", fo
     transform = BitNetExport(False, view.quant, view.record(), view.weight_dtype)
     report = BitNetReport(str(src_packed), str(dst_hf), "unpack", view.linear_class, dtype)
     return _rewrite(src_packed, dst_hf, view, transform, report, target, force, max_shard_size, progress)
+
+
+def describe(cfg, args: Mapping) -> str | None:
+    """One line for ``inspect``: how this checkpoint holds BitNet weights, None when it has none."""
+    quant = getattr(cfg, "quantization_config", None)
+    record = getattr(cfg, RECORD_KEY, None)
+    if args.get("use_bitnet"):
+        return (f"Megatron BitNet ({args.get('bitnet_linear_class', 'bitlinear')}): weights stored unpacked, "
+                "megatron-to-hf writes them ternary-packed")
+    if isinstance(quant, dict) and quant.get("quant_method") == "bitnet":
+        return f"ternary-packed ({quant.get('linear_class', 'bitlinear')}), one weight_scale per linear"
+    if isinstance(record, dict):
+        return (f"unpacked ternary × scale, {len(record.get('weight_scale', {}))} exact scales recorded "
+                "(bitnet pack restores the packed checkpoint bit for bit)")
+    return None

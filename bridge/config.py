@@ -48,6 +48,13 @@ HF_TO_PROVIDER = {
     **{name: name for name in MUP_FIELDS},
 }
 
+# Sizes that must be positive integers (None allowed for the derived ones): transformers would build a
+# model from a negative or zero size, or fail deep inside with an unrelated error.
+POSITIVE_SIZES = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                  "vocab_size", "max_position_embeddings", "mamba_n_heads", "mamba_d_head", "mamba_d_state",
+                  "mamba_n_groups", "mamba_d_conv", "mamba_expand", "mamba_chunk_size")
+OPTIONAL_SIZES = ("head_dim", "mamba_d_ssm")
+
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 HF_DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
 
@@ -68,10 +75,22 @@ def hf_config_from_json(text: str, where: str) -> FalconH1Config:
     if not isinstance(data, dict) or data.get("model_type") != "falcon_h1":
         found = data.get("model_type") if isinstance(data, dict) else type(data).__name__
         raise InputError(f"{where}: model_type is {found!r}, expected 'falcon_h1'")
+    check_sizes(data, where)
     try:
         return FalconH1Config.from_dict(FalconH1Config._decode_special_floats(data))
-    except (TypeError, ValueError, StrictDataclassError) as e:
-        raise InputError(f"{where}: not a valid FalconH1Config ({str(e).splitlines()[0]})") from None
+    except (TypeError, ValueError, AttributeError, KeyError, StrictDataclassError) as e:
+        detail = " ".join(line.strip() for line in str(e).splitlines())
+        raise InputError(f"{where}: not a valid FalconH1Config ({detail})") from None
+
+
+def check_sizes(fields: dict, where: str) -> None:
+    """One-line error for the first size field that is not a positive integer."""
+    for name in POSITIVE_SIZES + OPTIONAL_SIZES:
+        if name not in fields or (fields[name] is None and name in OPTIONAL_SIZES):
+            continue
+        value = fields[name]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise InputError(f"{where}: {name} is {value!r}; expected a positive integer")
 
 
 def rope_theta(cfg: FalconH1Config) -> float:
@@ -166,9 +185,11 @@ def hf_config_from_args(args: Namespace) -> FalconH1Config:
     params_dtype = a.get("params_dtype")
     if isinstance(params_dtype, torch.dtype):
         fields["dtype"] = HF_DTYPE_NAMES.get(params_dtype, "float32")
+    check_sizes(fields, "checkpoint args")
     try:
         cfg = FalconH1Config(**fields)
-    except (TypeError, ValueError, StrictDataclassError) as e:
-        raise InputError(f"checkpoint args: do not describe a valid Falcon-H1 model ({e})") from None
+    except (TypeError, ValueError, AttributeError, KeyError, StrictDataclassError) as e:
+        detail = " ".join(line.strip() for line in str(e).splitlines())
+        raise InputError(f"checkpoint args: do not describe a valid Falcon-H1 model ({detail})") from None
     cfg.architectures = ["FalconH1ForCausalLM"]
     return cfg

@@ -10,19 +10,22 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from tqdm import tqdm
 
-from mappings import LAYOUTS
+from mappings import LAYOUTS, FalconH1Dims
 
 from .atomic import atomic_output_dir
 from .config import DTYPES, HF_DTYPE_NAMES, config_dtype, hf_config_from_args, hf_config_from_json, megatron_args
 from .errors import InputError, UnsupportedError
-from .hf_format import HFCheckpoint, LazyTensors, copy_assets, write_hf_weights
-from .layout import check_tensor_set, expected_hf_shapes, expected_rank_shapes, hf_index
+from .groups import ExpandedSource, collapse, expanded_config, expansion_factor
+from .hf_format import CheckedSource, HFCheckpoint, LazyTensors, NonFiniteCount, copy_assets, write_hf_weights
+from .layout import check_float_dtypes, check_tensor_set, expected_hf_shapes, expected_rank_shapes, hf_index
 from .legacy_format import (
     HF_ASSETS,
     LegacyCheckpoint,
@@ -92,15 +95,23 @@ def hf_to_megatron(
     divisible_by: int = 128,
     layout: str = "bridge",
     fmt: str = "legacy",
+    expand_groups: bool = False,
     progress: bool = False,
 ) -> Summary:
-    """Converts an HF Falcon-H1 folder into a Megatron checkpoint (legacy per-rank files or torch_dist)."""
+    """Converts an HF Falcon-H1 folder into a Megatron checkpoint (legacy per-rank files or torch_dist).
+
+    ``expand_groups`` replicates Mamba B/C groups when TP exceeds them (see ``bridge.groups``)."""
+    from . import bitnet  # bridge.bitnet builds on this module
+
     start = time.perf_counter()
     ckpt = HFCheckpoint(src)
-    check_tensor_set(str(src), {k: ckpt.shape(k) for k in ckpt.keys()}, expected_hf_shapes(ckpt.config))
-    summary = write_megatron(ckpt, ckpt.config, dst, tp=tp, pp=pp, dtype=dtype, force=force, divisible_by=divisible_by,
-                             layout=layout, fmt=fmt, progress=progress, inputs=[src],
-                             config_json=src / "config.json", assets=ckpt.asset_files())
+    source, extra_args = bitnet.hf_source(ckpt, _target_dtype(dtype))  # a BitNet-packed folder is read unpacked
+    check_tensor_set(str(src), {k: source.shape(k) for k in source.keys()}, expected_hf_shapes(ckpt.config))
+    check_float_dtypes(str(src), {k: source.dtype(k) for k in source.keys()})
+    summary = write_megatron(source, ckpt.config, dst, tp=tp, pp=pp, dtype=dtype, force=force,
+                             divisible_by=divisible_by, layout=layout, fmt=fmt, expand_groups=expand_groups,
+                             progress=progress, inputs=[src], config_json=src / "config.json",
+                             assets=ckpt.asset_files(), extra_args=extra_args)
     summary.source, summary.direction = str(src), "hf-to-megatron"
     summary.seconds = round(time.perf_counter() - start, 3)
     return summary
@@ -108,11 +119,21 @@ def hf_to_megatron(
 
 def write_megatron(
     source, cfg, dst: Path, *, tp: int, pp: int, dtype: str, force: bool, divisible_by: int, layout: str, fmt: str,
-    progress: bool, inputs: list[Path], config_json: Path | None, assets: list[Path],
+    progress: bool, inputs: list[Path], config_json: Path | None, assets: list[Path], extra_args: Mapping | None = None,
+    expand_groups: bool = False,
 ) -> Summary:
     """Writes a Megatron checkpoint from any ``source.get(hf_key)``: an HF folder, or another Megatron
-    checkpoint being re-sharded (its tensors merged on the fly)."""
+    checkpoint being re-sharded (its tensors merged on the fly). ``extra_args`` are stored in ``args``
+    as given (e.g. BitNet's flag and scales). ``expand_groups``: see ``bridge.groups``."""
     target = _target_dtype(dtype)
+    nonfinite = NonFiniteCount()
+    source = CheckedSource(source, nonfinite)  # NaN/Inf are converted as they are, and reported once at the end
+    extra_args = dict(extra_args or {})
+    factor = expansion_factor(cfg, tp) if expand_groups else 1
+    if factor > 1:
+        source = ExpandedSource(source, FalconH1Dims.from_hf_config(cfg), factor)
+        extra_args["expanded_from_groups"] = cfg.mamba_n_groups
+        cfg = expanded_config(cfg, factor)
     if layout not in LAYOUTS:
         raise InputError(f"--layout {layout!r}: expected one of {', '.join(LAYOUTS)}")
     if fmt not in FORMATS:
@@ -123,6 +144,7 @@ def write_megatron(
     plan = ParallelPlan(cfg, tp, pp, divisible_by, layout)
     args = megatron_args(cfg, tp=tp, pp=pp, padded_vocab=plan.dims.padded_vocab, divisible_by=divisible_by,
                          params_dtype=target or config_dtype(cfg))
+    vars(args).update(extra_args)
     summary = Summary("", str(dst), "", tp, pp, layout=layout, dtype=dtype, format=fmt)
     with atomic_output_dir(dst, force=force, inputs=inputs) as tmp:
         iter_dir = tmp / iteration_dir_name(0)
@@ -140,6 +162,7 @@ def write_megatron(
         else:
             _write_hf_config(hf_assets, cfg, None, target)
         summary.bytes_written, summary.files = _dir_bytes(tmp)
+    nonfinite.warn()
     return summary
 
 
@@ -173,7 +196,16 @@ def _megatron_hf_config(meg: MegatronCheckpoint):
         return hf_config_from_json(sidecar.read_text(), str(sidecar)), sidecar
     if meg.args is None:
         raise InputError(f"{meg.rank_file(0, 0)}: no 'args' and no {HF_ASSETS}/config.json; cannot tell the model config")
-    return hf_config_from_args(meg.args), None
+    cfg = hf_config_from_args(meg.args)
+    cfg.mamba_n_groups = getattr(meg.args, "expanded_from_groups", cfg.mamba_n_groups)
+    return cfg, None
+
+
+def _groups_factor(meg: MegatronCheckpoint, cfg) -> int:
+    """How many times ``--expand-groups`` replicated each Mamba group in this checkpoint."""
+    if meg.args is None or not hasattr(meg.args, "expanded_from_groups"):
+        return 1
+    return meg.args.mamba_num_groups // cfg.mamba_n_groups
 
 
 def _detect_layout(meg: MegatronCheckpoint, cfg, hf_shapes, divisible_by: int, padded: int) -> ParallelPlan:
@@ -187,7 +219,12 @@ def _detect_layout(meg: MegatronCheckpoint, cfg, hf_shapes, divisible_by: int, p
 
 
 def megatron_plan(meg: MegatronCheckpoint, cfg) -> tuple[ParallelPlan, dict[str, torch.Size]]:
-    """Plan of an existing checkpoint, with every rank's keys and shapes validated against it."""
+    """Plan of an existing checkpoint, with every rank's keys and shapes validated against it, and the
+    HF shapes of the model it holds. With expanded groups the plan describes the shards (more groups)."""
+    hf_model_shapes = expected_hf_shapes(cfg)
+    factor = _groups_factor(meg, cfg)
+    if factor > 1:
+        cfg = expanded_config(cfg, factor)
     hf_shapes = expected_hf_shapes(cfg)
     args = vars(meg.args) if meg.args is not None else {}
     divisible_by = args.get("make_vocab_size_divisible_by", 128)
@@ -198,7 +235,8 @@ def megatron_plan(meg: MegatronCheckpoint, cfg) -> tuple[ParallelPlan, dict[str,
         meta = meg.tensor_meta(tp_rank, pp_rank)
         check_tensor_set(str(meg.rank_file(tp_rank, pp_rank)), {k: shape for k, (shape, _) in meta.items()},
                          expected_rank_shapes(plan, hf_shapes, pp_rank))
-    return plan, hf_shapes
+        check_float_dtypes(str(meg.rank_file(tp_rank, pp_rank)), {k: dtype for k, (_, dtype) in meta.items()})
+    return plan, hf_model_shapes
 
 
 class MegatronToHF:
@@ -209,6 +247,8 @@ class MegatronToHF:
     def __init__(self, meg: MegatronCheckpoint, plan: ParallelPlan, dtype: torch.dtype | None):
         self.meg, self.plan, self.dtype = meg, plan, dtype
         self.index = hf_index(plan)
+        original = getattr(meg.args, "expanded_from_groups", None) if meg.args is not None else None
+        self.groups_factor = plan.hf_config.mamba_n_groups // original if original else 1
         self._last: tuple[tuple[object, int | None], list[torch.Tensor]] | None = None
         self._since_release = 0
 
@@ -228,7 +268,8 @@ class MegatronToHF:
             except ValueError as e:
                 raise InputError(f"{self.meg.iter_dir}: {name}: {e}") from None
             self._last = ((param, layer), outs)
-        return self._last[1][pos]
+        out = self._last[1][pos]
+        return collapse(out, key, self.plan.dims, self.groups_factor) if self.groups_factor > 1 else out
 
     get = merged  # a Megatron checkpoint read as an HF source (re-sharding)
 
@@ -271,6 +312,38 @@ def _write_hf_config(folder: Path, cfg, sidecar: Path | None, target: torch.dtyp
     cfg.save_pretrained(folder)
 
 
+Layout = Mapping[str, tuple[torch.Size, torch.dtype]]
+Producer = Callable[[list[str]], Mapping[str, torch.Tensor]]
+
+
+class ExportTransform(Protocol):
+    """A rewrite of what megatron_to_hf writes: µP folding (bridge.mup), BitNet packing (bridge.bitnet).
+
+    ``producer`` gets each tensor whole (TP-gathered) at source precision and returns the tensors of
+    ``layout`` in its dtypes."""
+
+    def layout(self, layout: Layout) -> Layout:
+        """The output keys, shapes and dtypes."""
+
+    def producer(self, source: Producer, layout: Layout) -> Producer: ...
+
+    def edit_config(self, path: Path) -> None: ...
+
+
+def _export_transform(meg: MegatronCheckpoint, cfg, plan: ParallelPlan, sidecar: Path | None,
+                      target: torch.dtype | None, fold_mup: bool, bitnet_pack: bool | None) -> ExportTransform | None:
+    from . import bitnet
+    from .mup import MupScaler  # both build on this module
+
+    packing = bitnet.export_transform(cfg, vars(meg.args) if meg.args is not None else {}, target, bitnet_pack)
+    if not fold_mup:
+        return packing
+    if packing is not None:
+        raise UnsupportedError("--fold-mup with BitNet weights: per-row µP factors change the ternary pattern; "
+                               "fold the full-precision checkpoint instead")
+    return MupScaler.fold(cfg, plan.dims, str(sidecar or meg.iter_dir))
+
+
 def megatron_to_hf(
     src: Path,
     dst: Path,
@@ -280,30 +353,34 @@ def megatron_to_hf(
     max_shard_size: str | int = "5GB",
     progress: bool = False,
     fold_mup: bool = False,
+    bitnet_pack: bool | None = None,
 ) -> Summary:
     """Converts a Megatron checkpoint (legacy any TP/PP, or torch_dist) into an HF Falcon-H1 folder.
 
     ``fold_mup`` folds the µP multipliers into the exported weights (see ``bridge.mup``).
+    ``bitnet_pack`` writes BitNet linears ternary-packed (see ``bridge.bitnet``); by default a BitNet
+    checkpoint (``args.use_bitnet`` or a packed-origin config) is packed, others are not.
     """
-    from .mup import MupScaler  # bridge.mup builds on this module
-
     start = time.perf_counter()
     target = _target_dtype(dtype)
     meg = open_megatron(src)
     cfg, sidecar = _megatron_hf_config(meg)
     plan, hf_shapes = megatron_plan(meg, cfg)
-    fold = MupScaler.fold(cfg, plan.dims, str(sidecar or meg.iter_dir)) if fold_mup else None
-    gather = MegatronToHF(meg, plan, None if fold else target)  # a fold scales first, then casts
+    transform = _export_transform(meg, cfg, plan, sidecar, target, fold_mup, bitnet_pack)
+    gather = MegatronToHF(meg, plan, None if transform else target)  # a transform works first, then casts
     layout = {k: (hf_shapes[k], target or gather.source_dtype(k)) for k in hf_shapes}
-    produce = fold.producer(gather.tensors, layout) if fold else gather.tensors
+    produce = gather.tensors
+    if transform:
+        layout = transform.layout(layout)
+        produce = transform.producer(gather.tensors, layout)
     fmt = "torch_dist" if isinstance(meg, TorchDistCheckpoint) else "legacy"
     summary = Summary(str(src), str(dst), "megatron-to-hf", meg.tp, meg.pp, layout=plan.layout, dtype=dtype, format=fmt)
     with atomic_output_dir(dst, force=force, inputs=[src]) as tmp:
         bar = tqdm(total=len(layout), unit="tensor", desc="megatron→hf", disable=not progress)
         write_hf_weights(tmp, layout, produce, max_shard_size, progress=bar.update)
         _write_hf_config(tmp, cfg, sidecar, target)
-        if fold:
-            fold.edit_config(tmp / "config.json")
+        if transform:
+            transform.edit_config(tmp / "config.json")
         if meg.hf_assets.is_dir():
             copy_assets([p for p in meg.hf_assets.iterdir() if p.is_file() and p.name != "config.json"], tmp)
         summary.tensors = len(layout)

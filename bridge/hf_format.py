@@ -8,6 +8,7 @@ with huggingface_hub on meta tensors, then materialises one shard at a time.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import shutil
@@ -29,6 +30,8 @@ os.umask(_UMASK)
 SINGLE = "model.safetensors"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".safetensors.index.json", ".bin.index.json")
 NOT_ASSETS = {"config.json", "README.md", ".gitattributes"}
+_FINITE_CHUNK = 1 << 24  # elements per isfinite pass: the count costs at most 16 MiB of booleans
+_log = logging.getLogger(__name__)
 
 
 class HFCheckpoint:
@@ -67,12 +70,14 @@ class HFCheckpoint:
             assert isinstance(weight_map, dict)
         except (json.JSONDecodeError, KeyError, TypeError, AssertionError):
             raise InputError(f"{index_path}: invalid index; expected JSON with a 'weight_map' object") from None
-        root = self.folder.resolve()
+        for name in weight_map.values():  # plain file names only: no '../', no absolute or nested paths
+            if not isinstance(name, str) or name in ("", "..") or Path(name).name != name:
+                raise InputError(f"{index_path}: shard path {name!r} is outside the checkpoint folder "
+                                 "(expected a file name in it)")
         files = sorted(set(weight_map.values()))
         for name in files:
-            path = (self.folder / str(name)).resolve()
-            if path.parent != root:
-                raise InputError(f"{index_path}: shard path {name!r} is outside the checkpoint folder")
+            # A shard may be a symlink to anywhere: Hub cache snapshots link every file into ../../blobs.
+            path = self.folder / name
             if not path.is_file():
                 raise InputError(f"{index_path}: names shard {name!r}, which does not exist")
         seen: dict[str, str] = {}
@@ -145,7 +150,8 @@ def copy_assets(files: Iterable[Path], dst: Path) -> list[str]:
 _DTYPE_CODES = {dtype: code for code, dtype in _SAFETENSORS_DTYPES.items()}
 
 
-def _write_safetensors(path: Path, keys: list[str], layout: dict, tensors: Mapping[str, torch.Tensor]) -> None:
+def _write_safetensors(path: Path, keys: list[str], layout: dict, tensors: Mapping[str, torch.Tensor],
+                       counts: NonFiniteCount) -> None:
     """Streams one safetensors file: the header is known from ``layout``, then each tensor is fetched,
     written and dropped. safetensors' ``save_file`` needs the whole file's tensors in memory at once."""
     header: dict = {"__metadata__": {"format": "pt"}}
@@ -163,8 +169,45 @@ def _write_safetensors(path: Path, keys: list[str], layout: dict, tensors: Mappi
             t = tensors[key]
             if tuple(t.shape) != tuple(layout[key][0]) or t.dtype != layout[key][1]:
                 raise ValueError(f"{key}: produced {tuple(t.shape)} {t.dtype}, planned {tuple(layout[key][0])}")
-            f.write(t.contiguous().reshape(-1).view(torch.uint8).numpy().data)
+            t = counts.check(key, t.contiguous())
+            f.write(t.reshape(-1).view(torch.uint8).numpy().data)
             del t
+
+
+def count_nonfinite(t: torch.Tensor) -> int:
+    """NaN and ±Inf elements of ``t`` (0 for integer tensors), counted in bounded chunks."""
+    if not t.is_floating_point():
+        return 0
+    return sum(int(c.numel() - torch.isfinite(c).sum()) for c in t.reshape(-1).split(_FINITE_CHUNK))
+
+
+class NonFiniteCount:
+    """NaN/Inf values per tensor, counted once per key while converting and reported as one warning.
+    They are written as they are: a diverged run's checkpoint is still worth converting and inspecting."""
+
+    def __init__(self):
+        self.counts: dict[str, int] = {}
+
+    def check(self, key: str, t: torch.Tensor) -> torch.Tensor:
+        if key not in self.counts:
+            self.counts[key] = count_nonfinite(t)
+        return t
+
+    def warn(self) -> None:
+        bad = [k for k, n in self.counts.items() if n]
+        if bad:
+            _log.warning("warning: %d non-finite values (NaN/Inf) in %d tensor(s), first %r; converted as they are",
+                         sum(self.counts[k] for k in bad), len(bad), bad[0])
+
+
+class CheckedSource:
+    """A converter source (``get(hf_key)``) whose tensors are counted by a ``NonFiniteCount``."""
+
+    def __init__(self, source, counts: NonFiniteCount):
+        self.source, self.counts = source, counts
+
+    def get(self, key: str) -> torch.Tensor:
+        return self.counts.check(key, self.source.get(key))
 
 
 class LazyTensors(Mapping):
@@ -194,13 +237,15 @@ def write_hf_weights(
     return a ``LazyTensors`` to keep only one tensor in memory."""
     metas = {k: torch.empty(shape, dtype=dtype, device="meta") for k, (shape, dtype) in layout.items()}
     split = split_torch_state_dict_into_shards(metas, max_shard_size=max_shard_size)
+    counts = NonFiniteCount()
     for filename, keys in split.filename_to_tensors.items():
         path = folder / filename
-        _write_safetensors(path, keys, layout, produce(keys))
+        _write_safetensors(path, keys, layout, produce(keys), counts)
         path.chmod(0o666 & ~_UMASK)
         if progress:
             progress(len(keys))
     if split.is_sharded:
         index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}
         (folder / INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    counts.warn()
     return list(split.filename_to_tensors)

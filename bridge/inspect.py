@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
+from .bitnet import describe as describe_bitnet
 from .config import MUP_FIELDS
 from .convert import _megatron_hf_config, megatron_plan
 from .detect import HF, detect_format
@@ -39,6 +40,7 @@ def inspect_checkpoint(path: Path) -> dict:
         cfg = ckpt.config
         dtypes = Counter(str(ckpt.dtype(k)).removeprefix("torch.") for k in ckpt.keys())
         extra = {"tensors": len(ckpt.keys()), "files": len(set(ckpt.key_to_file.values()))}
+        args = {}
     else:
         meg = open_megatron(path)
         if isinstance(meg, TorchDistCheckpoint):
@@ -51,9 +53,10 @@ def inspect_checkpoint(path: Path) -> dict:
         extra = {"tp": meg.tp, "pp": meg.pp, "iteration": meg.iteration, "layout": plan.layout,
                  "padded_vocab": plan.dims.padded_vocab, "hf_config_sidecar": sidecar is not None,
                  "iter_dir": str(meg.iter_dir)}
+        args = vars(meg.args) if meg.args is not None else {}
     config, mup, params = _config_info(cfg)
     return {"path": str(path), "format": fmt, **extra, "parameters": params, "bytes": _bytes(path),
-            "dtypes": dict(dtypes), "config": config, "mup": mup}
+            "dtypes": dict(dtypes), "config": config, "mup": mup, "bitnet": describe_bitnet(cfg, args)}
 
 
 def format_inspect(info: dict) -> str:
@@ -64,4 +67,6 @@ def format_inspect(info: dict) -> str:
     lines.append(f"  parameters {info['parameters']:,}  bytes {info['bytes']:,}  dtypes {info['dtypes']}")
     lines.append("  config: " + ", ".join(f"{k}={v}" for k, v in info["config"].items()))
     lines.append("  µP: " + ", ".join(f"{k}={v}" for k, v in info["mup"].items()))
+    if info["bitnet"]:
+        lines.append(f"  BitNet: {info['bitnet']}")
     return "\n".join(lines)

@@ -61,3 +61,12 @@ def check_tensor_set(
     for key, shape in expected.items():
         if tuple(found[key]) != tuple(shape):
             raise InputError(f"{where}: {key!r} has shape {tuple(found[key])}, config expects {tuple(shape)}")
+
+
+def check_float_dtypes(where: str, dtypes: Mapping[str, torch.dtype]) -> None:
+    """Every Falcon-H1 weight is floating point; an integer tensor is a corrupt or foreign checkpoint
+    (casting it would silently turn it into nonsense weights)."""
+    for key, dtype in dtypes.items():
+        if not dtype.is_floating_point:
+            raise InputError(f"{where}: {key!r} has dtype {str(dtype).removeprefix('torch.')}, expected a floating-point "
+                             "weight (bf16/fp16/fp32)")

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from .atomic import torch_save
 from .errors import InputError, UnsupportedError
 from .safe_pickle import safe_torch_load
 
@@ -82,6 +83,9 @@ class LegacyCheckpoint:
                 raise UnsupportedError(f"{p}: expert-parallel rank directories are not supported")
             dirs[(int(m.group(1)), int(m.group(2) or 0))] = p
         if not dirs:
+            if (self.iter_dir / ".metadata").is_file() or (self.iter_dir / "common.pt").is_file():
+                raise InputError(f"{self.iter_dir / 'metadata.json'}: missing; the directory holds torch_dist files "
+                                 "(.metadata, common.pt) but a torch_dist checkpoint needs all three")
             raise InputError(f"{self.iter_dir}: no mp_rank_* directories")
         tp = max(t for t, _ in dirs) + 1
         pp = max(p for _, p in dirs) + 1
@@ -127,7 +131,7 @@ class LegacyCheckpoint:
 def write_rank_file(path: Path, model: dict[str, torch.Tensor], args: argparse.Namespace, iteration: int) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {"args": args, "checkpoint_version": CHECKPOINT_VERSION, "iteration": iteration, "model": model}
-    torch.save(state, path)
+    torch_save(state, path)
 
 
 def write_tracker(root: Path, iteration: int | str) -> None:

@@ -1,12 +1,12 @@
 """The project's own model of how Megatron computes Falcon-H1, run directly on TP rank shards.
 
-Nothing here uses the mapping rules. Each TP rank computes with its own shard only, using the
-TP-local sizes megatron-core uses (``MambaMixer``: d_inner/tp, ngroups/tp, nheads/tp;
-``Attention``: query groups/tp, or one group shared by tp/groups ranks), and the collectives are
-written out: column-parallel outputs stay on their rank, row-parallel partial sums are added as an
-all-reduce would, vocab-parallel logits are gathered and the padding dropped. A row on the wrong
-rank or in the wrong order makes this forward compute something else, so comparing its logits with
-transformers' tests the converter's layout, not just its round trip.
+Nothing here uses the mapping rules, only the sizes in ``FalconH1Dims``. Each TP rank computes
+with its own shard only, using the TP-local sizes megatron-core uses (``MambaMixer``: d_inner/tp,
+ngroups/tp, nheads/tp; ``Attention``: query groups/tp, or one group shared by tp/groups ranks),
+and the collectives are written out: column-parallel outputs stay on their rank, row-parallel
+partial sums are added as an all-reduce would, vocab-parallel logits are gathered and the padding
+dropped. A row on the wrong rank or in the wrong order makes this forward compute something else,
+so comparing its logits with transformers' tests the converter's layout, not just its round trip.
 
 A rank's weights are a dict of fp32 tensors keyed by canonical (``bridge`` layout) Megatron names
 with global layer numbers (pipeline stages already merged). Activations are ``[batch, seq, ...]``.
@@ -76,7 +76,11 @@ def ssm_scan(x: Tensor, dt: Tensor, a_log: Tensor, b: Tensor, c: Tensor, d: Tens
 
 
 def gated_norm(y: Tensor, z: Tensor, weight: Tensor | None, groups: int, eps: float, norm_before_gate: bool) -> Tensor:
-    """Output gate of the mixer: y*silu(z), or the grouped gated RMSNorm in the config's order."""
+    """Output gate of the mixer: y*silu(z), or the grouped gated RMSNorm in the config's order.
+
+    megatron-core asserts ``norm_before_gate=False`` (gate, then norm); True is what transformers
+    does for such a config, kept so parity tests the order a config asks for.
+    """
     if weight is None:
         return y * F.silu(z)
     if not norm_before_gate:

@@ -183,6 +183,10 @@ class MupScaler:
             self.rounding[key] = {"max_abs": err, "max_rel": err / top if top else 0.0}
         return stored
 
+    def layout(self, layout: Mapping[str, tuple[torch.Size, torch.dtype]]) -> dict[str, tuple[torch.Size, torch.dtype]]:
+        """Scaling keeps every key, shape and dtype (the ExportTransform contract of bridge.convert)."""
+        return dict(layout)
+
     def producer(self, source: Produce, layout: Mapping[str, tuple[torch.Size, torch.dtype]]) -> Produce:
         """Wraps a shard producer for ``write_hf_weights``: each tensor scaled, then stored in its layout dtype."""
         return lambda keys: {k: self.apply(k, t, layout[k][1]) for k, t in source(keys).items()}

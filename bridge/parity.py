@@ -18,10 +18,10 @@ from transformers import FalconH1ForCausalLM
 from mappings import LAYOUTS
 
 from . import megatron_forward
-from .convert import _megatron_hf_config, megatron_plan
+from .convert import MegatronCheckpoint, _megatron_hf_config, megatron_plan
 from .detect import HF, LEGACY, detect_format
 from .errors import InputError
-from .legacy_format import LegacyCheckpoint
+from .torch_dist_format import open_megatron
 from .plan import ParallelPlan
 
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
@@ -78,7 +78,7 @@ def _canonical(name: str, pp_rank: int, plan: ParallelPlan) -> str:
     return f"decoder.layers.{layer}." + name[local.end():]
 
 
-def rank_weights(meg: LegacyCheckpoint, plan: ParallelPlan, tp_rank: int) -> megatron_forward.Rank:
+def rank_weights(meg: MegatronCheckpoint, plan: ParallelPlan, tp_rank: int) -> megatron_forward.Rank:
     """One TP rank's tensors from all its pipeline stages, in fp32, as the forward expects them."""
     out = {}
     for pp_rank in range(plan.pp):
@@ -105,12 +105,13 @@ def parity(hf_dir: Path, megatron_dir: Path, tokens: int = 32, seed: int = 0, ba
     hf_dir, megatron_dir = Path(hf_dir), Path(megatron_dir)
     _expect(hf_dir, HF)
     _expect(megatron_dir, LEGACY)
-    meg = LegacyCheckpoint(megatron_dir)
+    meg = open_megatron(megatron_dir)
     cfg, _ = _megatron_hf_config(meg)
     plan, _ = megatron_plan(meg, cfg)
     ids = torch.randint(cfg.vocab_size, (batch, tokens), generator=torch.Generator().manual_seed(seed))
     ref = _hf_logits(hf_dir, ids)
-    got = megatron_forward.forward(ids, [rank_weights(meg, plan, r) for r in range(plan.tp)], cfg)
+    # plan.hf_config is the model the shards hold, as Megatron runs it (e.g. with --expand-groups' groups)
+    got = megatron_forward.forward(ids, [rank_weights(meg, plan, r) for r in range(plan.tp)], plan.hf_config)
     if ref.shape != got.shape:
         raise InputError(f"{megatron_dir}: logits {tuple(got.shape)} vs {tuple(ref.shape)} from {hf_dir}; "
                          "the checkpoints describe different models")

@@ -89,12 +89,16 @@ def check_parallel_sizes(cfg, tp: int, pp: int) -> None:
         (cfg.num_attention_heads, "num_attention_heads"),
         (cfg.intermediate_size, "intermediate_size (ffn_hidden_size)"),
         (cfg.mamba_n_heads, "mamba_n_heads"),
-        (cfg.mamba_n_groups, "mamba_n_groups (megatron-core asserts ngroups % tp == 0)"),
         (d_ssm, "mamba_d_ssm"),
     ]
     for value, what in checks:
         if value % tp:
             raise UnsupportedError(f"TP={tp} does not divide {what}={value}; Megatron cannot shard this model")
+    if cfg.mamba_n_groups % tp:
+        raise UnsupportedError(
+            f"TP={tp} does not divide mamba_n_groups={cfg.mamba_n_groups} (megatron-core asserts ngroups % tp == 0); "
+            "--expand-groups replicates B/C groups, exact when mamba_rms_norm is off"
+        )
     kv = cfg.num_key_value_heads
     if kv % tp and tp % kv:
         raise UnsupportedError(

@@ -24,6 +24,7 @@ def reshard(
     layout: str = "bridge",
     dtype: str = "keep",
     divisible_by: int | None = None,
+    expand_groups: bool = False,
     force: bool = False,
     progress: bool = False,
 ) -> Summary:
@@ -37,7 +38,7 @@ def reshard(
         if meg.hf_assets.is_dir() else []
     summary = write_megatron(MegatronToHF(meg, plan, None), cfg, dst, tp=tp, pp=pp, dtype=dtype, force=force,
                              divisible_by=divisible_by or source_divisible, layout=layout, fmt=fmt,
-                             progress=progress, inputs=[src], config_json=sidecar, assets=assets)
+                             expand_groups=expand_groups, progress=progress, inputs=[src], config_json=sidecar, assets=assets)
     summary.source, summary.direction = str(src), "reshard"
     summary.seconds = round(time.perf_counter() - start, 3)
     return summary

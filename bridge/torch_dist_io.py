@@ -14,6 +14,7 @@ allow-list when a ``common.pt`` names megatron types, see :func:`_safe_load`).
 from __future__ import annotations
 
 import dataclasses
+import enum
 import io
 import json
 import pickle
@@ -27,9 +28,12 @@ from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, DefaultSavePlanner
 from torch.distributed.checkpoint.filesystem import _StoragePrefix
-from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata, TensorStorageMetadata
+import torch.distributed.checkpoint.metadata as dcp_metadata
+import torch.distributed.checkpoint.planner as dcp_planner
+from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata, StorageMeta, TensorStorageMetadata
 from torch.distributed.checkpoint.storage import WriteResult
 
+from .atomic import os_errors_surfaced, torch_save
 from .errors import InputError
 from .safe_pickle import safe_torch_load
 
@@ -90,7 +94,8 @@ def write_torch_dist(
             raise ValueError(f"{iter_dir}: key written twice: {sorted(duplicates)[0]!r}")
         entries.update(metadata.state_dict_metadata)
         plan = dataclasses.replace(planner.finish_plan(plan), storage_data=_StoragePrefix(f"__0_{part}_"))
-        results.extend(writer.write_data(plan, planner).value())
+        with os_errors_surfaced():  # a full disk: the OSError, not torch's RuntimeError about zip positions
+            results.extend(writer.write_data(plan, planner).value())
 
     if objects:
         write_part(0, {key + OBJECT_SUFFIX: [obj] for key, obj in objects.items()})
@@ -102,7 +107,7 @@ def write_torch_dist(
         write_part(part, {key: tensor})
         del tensor  # release it before the producer makes the next one
     writer.finish(Metadata(entries), [results])
-    torch.save(common, iter_dir / "common.pt")
+    torch_save(common, iter_dir / "common.pt")
     (iter_dir / "metadata.json").write_text(json.dumps(METADATA_JSON))
 
 
@@ -121,9 +126,12 @@ class TorchDistReader:
         if backend != "torch_dist":
             raise TorchDistFormatError(f"{config}: sharded_backend is {backend!r}; only 'torch_dist' is supported")
         try:
-            metadata = FileSystemReader(self.iter_dir).read_metadata()
+            metadata = _SafeFileSystemReader(self.iter_dir).read_metadata()
         except FileNotFoundError:
             raise TorchDistFormatError(f"{self.iter_dir / '.metadata'}: missing; the DCP index is required") from None
+        except _RefusedGlobal as e:
+            raise TorchDistFormatError(f"{self.iter_dir / '.metadata'}: refused to load: pickle contains disallowed "
+                                       f"global {e} (only DCP metadata types allowed)") from None
         except (OSError, pickle.UnpicklingError, EOFError, AttributeError, ImportError, ValueError) as e:
             raise TorchDistFormatError(f"{self.iter_dir / '.metadata'}: unreadable ({e})") from None
         self._tensors = {
@@ -177,13 +185,59 @@ class TorchDistReader:
                 warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
                 dcp.load(
                     state_dict,
-                    storage_reader=FileSystemReader(self.iter_dir),
+                    storage_reader=_SafeFileSystemReader(self.iter_dir),
                     planner=_SafeLoadPlanner(str(self.iter_dir)),
                     no_dist=True,
                 )
         except CheckpointException as e:  # a BaseException: would slip past `except Exception`
             raise TorchDistFormatError(f"{self.iter_dir}: reading {sorted(state_dict)[:3]} failed: {e}") from None
         return state_dict
+
+
+class _RefusedGlobal(pickle.UnpicklingError):
+    """A ``.metadata`` pickle names a global outside ``_METADATA_GLOBALS``; the message is its name."""
+
+
+def _plain_types(module) -> set[tuple[str, str]]:
+    """The dataclasses and enums a module defines: unpickling them sets fields, it runs no code."""
+    return {(module.__name__, n) for n, v in vars(module).items() if isinstance(v, type)
+            and v.__module__ == module.__name__ and (dataclasses.is_dataclass(v) or issubclass(v, enum.Enum))}
+
+
+# What a DCP ``.metadata`` pickle may name: torch's metadata and save-plan dataclasses (megatron-core
+# stores its SavePlan there), torch.Size / dtypes / layouts, and StorageMeta.checkpoint_id's PosixPath.
+_METADATA_GLOBALS = {
+    *_plain_types(dcp_metadata),
+    *_plain_types(dcp_planner),
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("torch", "Size"),
+    ("torch.serialization", "_get_layout"),
+    ("pathlib", "PosixPath"),
+    ("collections", "OrderedDict"),
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        if (module, name) in _METADATA_GLOBALS or (module == "torch" and isinstance(getattr(torch, name, None),
+                                                                                     torch.dtype)):
+            return super().find_class(module, name)
+        raise _RefusedGlobal(f"{module}.{name}")
+
+
+class _SafeFileSystemReader(FileSystemReader):
+    """torch's FileSystemReader unpickles ``.metadata`` with plain ``pickle.load``: a crafted file would
+    run code just by being opened. This one admits only the metadata types (``_METADATA_GLOBALS``)."""
+
+    def read_metadata(self, *args, **kwargs) -> Metadata:
+        with open(self._get_metadata_path(kwargs.get("rank")), "rb") as f:
+            metadata = _MetadataUnpickler(f).load()
+        if not isinstance(metadata, Metadata):
+            raise pickle.UnpicklingError(f"expected DCP Metadata, found {type(metadata).__name__}")
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
 
 
 class _SafeLoadPlanner(DefaultLoadPlanner):

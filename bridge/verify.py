@@ -19,7 +19,7 @@ from .convert import MegatronToHF, _megatron_hf_config, megatron_plan
 from .detect import HF, detect_format
 from .errors import InputError, UnsupportedError
 from .hf_format import HFCheckpoint
-from .legacy_format import LegacyCheckpoint
+from .torch_dist_format import open_megatron
 
 # Fields that say how or by what a config was written, not what the model is.
 IGNORED_CONFIG = {"transformers_version", "output_hidden_states", "output_attentions", "return_dict"}
@@ -75,7 +75,9 @@ class VerifyReport:
         if self.problems:
             parts.append(f"{len(self.problems)} of {n} tensors differ (first: {self.problems[0].key})")
         if self.config:
-            parts.append(f"{len(self.config)} config fields differ (first: {self.config[0].field})")
+            n_cfg = len(self.config)
+            parts.append(f"{n_cfg} config field{'s' if n_cfg > 1 else ''} differ{'' if n_cfg > 1 else 's'} "
+                         f"(first: {self.config[0].field})")
         return "FAIL: " + ", ".join(parts)
 
     def to_dict(self) -> dict:
@@ -115,7 +117,7 @@ def _open_hf(path: Path) -> _Side:
 
 
 def _open_megatron(path: Path, fmt: str) -> _Side:
-    meg = LegacyCheckpoint(path)
+    meg = open_megatron(path)
     cfg, sidecar = _megatron_hf_config(meg)
     label = f"{fmt} TP={meg.tp} PP={meg.pp}, config from {'hf_assets' if sidecar else 'args'}"
     try:

@@ -2,11 +2,8 @@
 
 import json
 import logging
-import os
 import random
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -91,17 +88,6 @@ def strip_mup_args(meg: Path) -> None:
         torch.save(state, path)
 
 
-def test_args_without_multipliers_mean_one_with_a_warning(hf_preset, tmp_path, caplog):
-    hf_to_megatron(hf_preset("tiny-mup"), tmp_path / "meg")
-    strip_mup_args(tmp_path / "meg")
-    with caplog.at_level(logging.WARNING, logger="bridge.config"):
-        megatron_to_hf(tmp_path / "meg", tmp_path / "back")
-    [record] = [r for r in caplog.records if r.name == "bridge.config"]
-    assert record.getMessage() == "checkpoint args: µP multipliers missing (all); treating them as 1.0"
-    cfg = json.loads((tmp_path / "back" / "config.json").read_text())
-    assert all(cfg.get(name, 1.0) in (1.0, [1.0] * 2, [1.0] * 5) for name in MUP_FIELDS)
-
-
 @pytest.mark.parametrize("removed", [(), ("key_multiplier", "ssm_multipliers")])
 def test_args_warning_names_the_missing_multipliers(caplog, removed):
     args = megatron_args(preset_config("tiny-mup"), tp=1, pp=1, padded_vocab=384, divisible_by=128,
@@ -117,15 +103,15 @@ def test_args_warning_names_the_missing_multipliers(caplog, removed):
     assert cfg.ssm_multipliers == ([1.0] * 5 if removed else [1.5, 0.5, 2.0, 0.25, 1.125])
 
 
-def test_cli_shows_the_warning_as_one_stderr_line(hf_preset, tmp_path):
+def test_args_without_multipliers_mean_one_with_a_one_line_warning(hf_preset, tmp_path, monkeypatch):
     hf_to_megatron(hf_preset("tiny-mup"), tmp_path / "meg")
     strip_mup_args(tmp_path / "meg")
-    env = dict(os.environ, PYTHONPATH=str(Path(cli.__file__).parent))
-    proc = subprocess.run([sys.executable, "-m", "cli", "megatron-to-hf", str(tmp_path / "meg"), str(tmp_path / "back"),
-                           "--json"], capture_output=True, text=True, env=env, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr
-    lines = [line for line in proc.stderr.splitlines() if "µP" in line]
-    assert lines == ["checkpoint args: µP multipliers missing (all); treating them as 1.0"], proc.stderr
+    monkeypatch.setattr(logging.getLogger(), "handlers", [])  # as in the CLI: no handler, logging's stderr fallback
+    result = CliRunner().invoke(cli.main, ["megatron-to-hf", str(tmp_path / "meg"), str(tmp_path / "back"), "--json"])
+    assert result.exit_code == 0, result.output
+    assert result.stderr == "checkpoint args: µP multipliers missing (all); treating them as 1.0\n"
+    cfg = json.loads((tmp_path / "back" / "config.json").read_text())
+    assert all(cfg.get(name, 1.0) in (1.0, [1.0] * 2, [1.0] * 5) for name in MUP_FIELDS)
 
 
 # -- fold / unfold -----------------------------------------------------------------------------------

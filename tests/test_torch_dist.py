@@ -102,3 +102,14 @@ def test_megatron_core_loader_reads_our_torch_dist(hf_preset, tmp_path, dist_che
         for k, t in expected.items():
             assert torch.equal(loaded["model"][k], t), k
         assert loaded["args"].tensor_model_parallel_size == tp
+
+
+def test_verify_and_parity_read_torch_dist(hf_preset, tmp_path):
+    from bridge.parity import parity
+    from bridge.verify import verify
+
+    src = hf_preset("tiny-mup")
+    hf_to_megatron(src, tmp_path / "dist", tp=2, fmt="torch_dist")
+    assert verify(src, tmp_path / "dist").ok
+    report = parity(src, tmp_path / "dist", tokens=16)
+    assert report.max_abs <= 1e-5 and report.top1_agreement == 1.0
