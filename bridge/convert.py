@@ -18,7 +18,7 @@ from typing import Protocol
 import torch
 from tqdm import tqdm
 
-from mappings import LAYOUTS, FalconH1Dims
+from mappings import LAYOUTS, LEGACY_ONLY_LAYOUTS, FalconH1Dims
 
 from .atomic import atomic_output_dir
 from .config import DTYPES, HF_DTYPE_NAMES, config_dtype, hf_config_from_args, hf_config_from_json, megatron_args
@@ -138,9 +138,9 @@ def write_megatron(
         raise InputError(f"--layout {layout!r}: expected one of {', '.join(LAYOUTS)}")
     if fmt not in FORMATS:
         raise InputError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}")
-    if fmt == "torch_dist" and layout != "bridge":
-        raise UnsupportedError("torch_dist keys are layout-independent (megatron-core keeps conv1d.weight); "
-                               "use --layout bridge")
+    if fmt == "torch_dist" and layout in LEGACY_ONLY_LAYOUTS:
+        raise UnsupportedError(f"--layout {layout} exists only in legacy files (torch_dist keeps conv1d.weight "
+                               "through megatron-core's conv_checkpoint_key_map)")
     plan = ParallelPlan(cfg, tp, pp, divisible_by, layout)
     args = megatron_args(cfg, tp=tp, pp=pp, padded_vocab=plan.dims.padded_vocab, divisible_by=divisible_by,
                          params_dtype=target or config_dtype(cfg))
@@ -149,7 +149,7 @@ def write_megatron(
     with atomic_output_dir(dst, force=force, inputs=inputs) as tmp:
         iter_dir = tmp / iteration_dir_name(0)
         if fmt == "torch_dist":
-            whole = ParallelPlan(cfg, tp, 1, divisible_by, padded_vocab=plan.dims.padded_vocab)
+            whole = ParallelPlan(cfg, tp, 1, divisible_by, layout, padded_vocab=plan.dims.padded_vocab)
             write_dist_checkpoint(iter_dir, _counted(global_tensors(source, whole, lambda t: _materialize(t, target)),
                                                      summary, progress), args)
         else:
@@ -182,7 +182,8 @@ def _write_legacy_ranks(source, plan: ParallelPlan, iter_dir: Path, target, args
         for param, layer, local in plan.stage_entries(pp_rank):
             hf = [source.get(hf_name(k, layer)) for k in param.hf]
             shard = param.rule.shard(hf, plan.dims, plan.tp, tp_rank)
-            model[plan.megatron_name(param, local)] = _materialize(shard, target)
+            tensor = _materialize(shard, target)
+            model.update((name, tensor) for name in plan.megatron_names(param, local))
         path = iter_dir / rank_dir_name(tp_rank, pp_rank, plan.pp) / "model_optim_rng.pt"
         write_rank_file(path, model, args, iteration=0)
         summary.tensors += len(model)
@@ -261,8 +262,8 @@ class MegatronToHF:
         param, layer, pos = self.index[key]
         if self._last is None or self._last[0] != (param, layer):
             pp_rank, local = self._stage(param, layer)
-            name = self.plan.megatron_name(param, local)
-            shards = [self.meg.model(t, pp_rank)[name] for t in range(self.plan.tp)]
+            name, *copies = self.plan.megatron_names(param, local)
+            shards = [self._read(t, pp_rank, name, copies) for t in range(self.plan.tp)]
             try:
                 outs = param.rule.merge(shards, self.plan.dims)
             except ValueError as e:
@@ -270,6 +271,15 @@ class MegatronToHF:
             self._last = ((param, layer), outs)
         out = self._last[1][pos]
         return collapse(out, key, self.plan.dims, self.groups_factor) if self.groups_factor > 1 else out
+
+    def _read(self, tp_rank: int, pp_rank: int, name: str, copies: list[str]) -> torch.Tensor:
+        model = self.meg.model(tp_rank, pp_rank)
+        tensor = model[name]
+        for copy in copies:
+            if not torch.equal(model[copy], tensor):
+                raise InputError(f"{self.meg.rank_file(tp_rank, pp_rank)}: {copy} differs from {name}; "
+                                 "they hold the same shared norm")
+        return tensor
 
     get = merged  # a Megatron checkpoint read as an HF source (re-sharding)
 

@@ -44,7 +44,8 @@ def expected_rank_shapes(plan: ParallelPlan, hf_shapes: Mapping[str, torch.Size]
     out = {}
     for param, layer, local in plan.stage_entries(pp_rank):
         shapes = [hf_shapes[hf_name(k, layer)] for k in param.hf]
-        out[plan.megatron_name(param, local)] = plan.shard_shape(param, shapes)
+        shape = plan.shard_shape(param, shapes)
+        out.update((name, shape) for name in plan.megatron_names(param, local))
     return out
 
 

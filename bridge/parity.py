@@ -69,8 +69,9 @@ class ParityReport:
 def _canonical(name: str, pp_rank: int, plan: ParallelPlan) -> str:
     """Bridge-layout name with the global layer number: stages merge by layer, layouts by renaming."""
     for canonical, renamed in LAYOUTS[plan.layout].items():
-        if name.endswith("." + renamed):
-            name = name[: -len(renamed)] + canonical
+        for alias in renamed:
+            if name.endswith("." + alias):
+                name = name[: -len(alias)] + canonical
     local = _LAYER.match(name)
     if local is None:
         return name

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from mappings import FalconH1Dims, Param, megatron_key, padded_vocab_size, params_for
+from mappings import FalconH1Dims, Param, megatron_keys, padded_vocab_size, params_for
 
 from .errors import UnsupportedError
 
@@ -62,9 +62,14 @@ class ParallelPlan:
                 out.append((p, None, None))
         return out
 
+    def megatron_names(self, param: Param, local_layer: int | None) -> tuple[str, ...]:
+        """Every key the entry is stored under in this layout (copies for fused norms)."""
+        keys = megatron_keys(param, self.layout)
+        return keys if local_layer is None else tuple(k.replace("{L}", str(local_layer)) for k in keys)
+
     def megatron_name(self, param: Param, local_layer: int | None) -> str:
-        key = megatron_key(param, self.layout)
-        return key if local_layer is None else key.replace("{L}", str(local_layer))
+        """The key the entry is read from."""
+        return self.megatron_names(param, local_layer)[0]
 
     def stage_of_layer(self, layer: int) -> tuple[int, int]:
         """(pp_rank, local index) of a global layer."""

@@ -40,13 +40,13 @@ def global_tensors(source, plan: ParallelPlan, materialize) -> Iterator[tuple[st
     """(sharded key, global tensor) pairs of a whole model, one at a time, for ``write_torch_dist``."""
     for param, layer, _ in plan.stage_entries(0):
         full = param.rule.shard([source.get(hf_name(k, layer)) for k in param.hf], plan.dims, 1, 0)
-        key = plan.megatron_name(param, layer)
-        names = _block_names(key)
-        if names:
-            for name, block in zip(names, full.split(param.rule.blocks(plan.dims), 0)):
-                yield f"{key}.{name}", materialize(block)
-        else:
-            yield key, materialize(full)
+        for key in plan.megatron_names(param, layer):
+            names = _block_names(key)
+            if names:
+                for name, block in zip(names, full.split(param.rule.blocks(plan.dims), 0)):
+                    yield f"{key}.{name}", materialize(block)
+            else:
+                yield key, materialize(full)
 
 
 def write_checkpoint(iter_dir: Path, tensors: Iterator[tuple[str, torch.Tensor]], args, iteration: int = 0) -> None:

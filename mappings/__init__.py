@@ -1,18 +1,29 @@
 """Declarative Falcon-H1 mapping tables and the pure tensor-parallel rules they use."""
 
 from .dims import FalconH1Dims, padded_vocab_size
-from .falcon_h1 import DEFAULT_LAYOUT, FALCON_H1, LAYOUTS, Param, megatron_key, params_for
+from .falcon_h1 import (
+    DEFAULT_LAYOUT,
+    FALCON_H1,
+    LAYOUTS,
+    LEGACY_ONLY_LAYOUTS,
+    Param,
+    megatron_key,
+    megatron_keys,
+    params_for,
+)
 from .rules import Rule, ShardError
 
 __all__ = [
     "DEFAULT_LAYOUT",
     "FALCON_H1",
     "LAYOUTS",
+    "LEGACY_ONLY_LAYOUTS",
     "FalconH1Dims",
     "Param",
     "Rule",
     "ShardError",
     "megatron_key",
+    "megatron_keys",
     "padded_vocab_size",
     "params_for",
 ]

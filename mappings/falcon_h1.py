@@ -99,15 +99,22 @@ CONDITIONS: dict[str, Callable[[object, int], bool]] = {
     "tied_pp": lambda c, pp: bool(c.tie_word_embeddings) and pp > 1,
 }
 
-# Megatron key layouts, as renames of the canonical (Megatron-Bridge) key suffixes.
-LAYOUTS: dict[str, dict[str, str]] = {
+# Megatron key layouts, as renames of the canonical (Megatron-Bridge) layer-key suffixes. A rename to
+# several keys stores one HF tensor under each (Megatron keeps separate copies).
+LAYOUTS: dict[str, dict[str, tuple[str, ...]]] = {
     "bridge": {},
-    # Megatron-LM main stores conv1d as direct parameters (legacy state_dict keys only).
+    # Megatron-LM main stores conv1d as direct parameters (legacy state_dict keys only; torch_dist
+    # keeps conv1d.weight through megatron-core's conv_checkpoint_key_map).
     "mlm-conv1d": {
-        "mamba_mixer.conv1d.weight": "mamba_mixer.conv1d_weight",
-        "mamba_mixer.conv1d.bias": "mamba_mixer.conv1d_bias",
+        "mamba_mixer.conv1d.weight": ("mamba_mixer.conv1d_weight",),
+        "mamba_mixer.conv1d.bias": ("mamba_mixer.conv1d_bias",),
+    },
+    # Megatron-Bridge before 50ccc9774: the shared input norm fused into both branches' first linear.
+    "bridge-fused-norm": {
+        "norm.weight": ("mamba_mixer.in_proj.layer_norm_weight", "self_attention.linear_qkv.layer_norm_weight"),
     },
 }
+LEGACY_ONLY_LAYOUTS = {"mlm-conv1d"}
 DEFAULT_LAYOUT = "bridge"
 
 
@@ -116,10 +123,12 @@ def params_for(hf_config, pp: int = 1) -> list[Param]:
     return [p for p in FALCON_H1 if p.when is None or CONDITIONS[p.when](hf_config, pp)]
 
 
+def megatron_keys(param: Param, layout: str = DEFAULT_LAYOUT) -> tuple[str, ...]:
+    """The entry's Megatron key pattern(s) in the given layout; the first is the one read."""
+    prefix, sep, suffix = param.megatron.rpartition(LAYER + ".")
+    renamed = LAYOUTS[layout].get(suffix) if sep else None
+    return tuple(prefix + sep + r for r in renamed) if renamed else (param.megatron,)
+
+
 def megatron_key(param: Param, layout: str = DEFAULT_LAYOUT) -> str:
-    """The entry's Megatron key pattern in the given layout."""
-    key = param.megatron
-    for canonical, renamed in LAYOUTS[layout].items():
-        if key.endswith("." + canonical):
-            return key[: -len(canonical)] + renamed
-    return key
+    return megatron_keys(param, layout)[0]

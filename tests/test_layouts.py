@@ -1,0 +1,70 @@
+"""Megatron key layouts are data: each round-trips, converts to every other, and is detected on read."""
+
+import itertools
+
+import pytest
+import torch
+
+from bridge.convert import hf_to_megatron, megatron_to_hf
+from bridge.errors import InputError, UnsupportedError
+from bridge.inspect import inspect_checkpoint
+from bridge.legacy_format import LegacyCheckpoint
+from bridge.parity import parity
+from bridge.reshard import reshard
+from mappings import LAYOUTS, LEGACY_ONLY_LAYOUTS
+from test_roundtrip import assert_bit_exact, load_hf
+
+KEYS = {
+    "bridge": ["decoder.layers.1.norm.weight", "decoder.layers.1.mamba_mixer.conv1d.weight"],
+    "mlm-conv1d": ["decoder.layers.1.norm.weight", "decoder.layers.1.mamba_mixer.conv1d_weight"],
+    "bridge-fused-norm": ["decoder.layers.1.mamba_mixer.in_proj.layer_norm_weight",
+                          "decoder.layers.1.self_attention.linear_qkv.layer_norm_weight"],
+}
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_layout_round_trip_and_detection(hf_preset, tmp_path, layout):
+    src = hf_preset("tiny")
+    hf_to_megatron(src, tmp_path / "meg", tp=2, layout=layout)
+    model = LegacyCheckpoint(tmp_path / "meg").model(1, 0)
+    assert all(k in model for k in KEYS[layout])
+    assert inspect_checkpoint(tmp_path / "meg")["layout"] == layout
+    assert parity(src, tmp_path / "meg", tokens=8).ok
+    megatron_to_hf(tmp_path / "meg", tmp_path / "back")
+    assert_bit_exact(load_hf(src), load_hf(tmp_path / "back"))
+
+
+@pytest.mark.parametrize("a,b", list(itertools.permutations(LAYOUTS, 2)))
+def test_layout_to_layout(hf_preset, tmp_path, a, b):
+    src = hf_preset("tiny-bias-tied")
+    hf_to_megatron(src, tmp_path / "a", tp=2, pp=2, layout=a)
+    reshard(tmp_path / "a", tmp_path / "b", tp=2, pp=2, layout=b)
+    hf_to_megatron(src, tmp_path / "direct", tp=2, pp=2, layout=b)
+    for r in range(2):
+        got, want = LegacyCheckpoint(tmp_path / "b").model(r, 1), LegacyCheckpoint(tmp_path / "direct").model(r, 1)
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)
+
+
+def test_fused_norm_in_torch_dist(hf_preset, tmp_path):
+    src = hf_preset("tiny")
+    hf_to_megatron(src, tmp_path / "dist", tp=2, fmt="torch_dist", layout="bridge-fused-norm")
+    assert inspect_checkpoint(tmp_path / "dist")["layout"] == "bridge-fused-norm"
+    megatron_to_hf(tmp_path / "dist", tmp_path / "back")
+    assert_bit_exact(load_hf(src), load_hf(tmp_path / "back"))
+
+
+@pytest.mark.parametrize("layout", sorted(LEGACY_ONLY_LAYOUTS))
+def test_legacy_only_layout_refused_for_torch_dist(hf_preset, tmp_path, layout):
+    with pytest.raises(UnsupportedError, match="only in legacy files"):
+        hf_to_megatron(hf_preset("tiny"), tmp_path / "dist", fmt="torch_dist", layout=layout)
+
+
+def test_diverging_fused_norm_copies_refused(hf_preset, tmp_path):
+    hf_to_megatron(hf_preset("tiny"), tmp_path / "meg", layout="bridge-fused-norm")
+    path = tmp_path / "meg/iter_0000000/mp_rank_00/model_optim_rng.pt"
+    state = torch.load(path, weights_only=False)
+    key = "decoder.layers.2.self_attention.linear_qkv.layer_norm_weight"
+    state["model"][key] = state["model"][key].clone() * 2
+    torch.save(state, path)
+    with pytest.raises(InputError, match="differs from decoder.layers.2.mamba_mixer.in_proj.layer_norm_weight"):
+        megatron_to_hf(tmp_path / "meg", tmp_path / "back")
