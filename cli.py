@@ -400,7 +400,7 @@ def verify(a, b, atol, as_json):
 def parity(hf_dir, megatron_dir, tokens, seed, batch, atol, as_json):
     """Logits of transformers on HF_DIR vs an independent forward on MEGATRON_DIR's TP shards.
 
-    The Megatron side runs each TP rank on its own legacy shard (fp32, CPU) and combines ranks as
+    The Megatron side runs each TP rank on its own shard (legacy or torch_dist; fp32, CPU) and combines ranks as
     Megatron's collectives would. Exits 1 unless max|Δ| <= --atol and top-1 agreement is 100%.
 
     \b
@@ -412,9 +412,6 @@ def parity(hf_dir, megatron_dir, tokens, seed, batch, atol, as_json):
     hf_logging.set_verbosity_error()  # loading bars and kernel-fallback notes would bury the report
     hf_logging.disable_progress_bar()
     _report_exit(api.parity(hf_dir, megatron_dir, tokens=tokens, seed=seed, batch=batch, atol=atol), as_json)
-
-
-from bridge.bitnet import LINEAR_CLASSES, pack_checkpoint, unpack_checkpoint  # noqa: E402  (kept with its commands)
 
 
 @main.group()
@@ -441,7 +438,7 @@ def _bitnet_text(r: dict) -> str:
 @bitnet.command("pack")
 @click.argument("src", type=PathArg)
 @click.argument("dst", type=PathArg)
-@click.option("--linear-class", type=click.Choice(LINEAR_CLASSES), default=None,
+@click.option("--linear-class", type=click.Choice(api.BITNET_LINEAR_CLASSES), default=None,
               help="transformers layer: bitlinear stores weight_scale = 1/mean|W|, autobitlinear mean|W| "
                    "[default: the one an unpacked SRC records, else bitlinear].")
 @dtype_option
@@ -458,7 +455,7 @@ def bitnet_pack(src, dst, linear_class, dtype, force, as_json):
     Example:
       h1bridge bitnet pack Falcon-H1-ft Falcon-H1-ft-1.58bit --linear-class autobitlinear
     """
-    r = pack_checkpoint(src, dst, linear_class=linear_class, dtype=dtype, force=force, progress=not as_json).to_dict()
+    r = api.pack_checkpoint(src, dst, linear_class=linear_class, dtype=dtype, force=force, progress=not as_json).to_dict()
     _emit(r, as_json, _bitnet_text(r))
 
 
@@ -479,7 +476,7 @@ def bitnet_unpack(src, dst, dtype, force, as_json):
     Example:
       h1bridge bitnet unpack Falcon-H1-ft-1.58bit Falcon-H1-ft-bf16 --dtype bf16
     """
-    r = unpack_checkpoint(src, dst, dtype=dtype, force=force, progress=not as_json).to_dict()
+    r = api.unpack_checkpoint(src, dst, dtype=dtype, force=force, progress=not as_json).to_dict()
     _emit(r, as_json, _bitnet_text(r))
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from mappings import FALCON_H1, LAYOUTS, megatron_key
 
+from .bitnet import LINEAR_CLASSES as BITNET_LINEAR_CLASSES
+from .bitnet import pack_checkpoint, unpack_checkpoint
 from .convert import DTYPE_CHOICES, FORMATS, Summary, hf_to_megatron, megatron_to_hf
 from .hub import plan_push, push, validate_hf_folder
 from .inspect import format_inspect, inspect_checkpoint
@@ -28,6 +30,7 @@ def mapping_rows(layout: str = "bridge") -> list[dict]:
 
 
 __all__ = [
+    "BITNET_LINEAR_CLASSES", "pack_checkpoint", "unpack_checkpoint",
     "DTYPE_CHOICES", "FORMAT_CHOICES", "reshard", "LAYOUT_CHOICES", "PRESET_CHOICES", "FoldReport", "Summary", "fold_mup", "format_inspect",
     "hf_to_megatron", "inspect_checkpoint", "make_tiny", "mapping_rows", "megatron_to_hf", "plan_push", "push",
     "unfold_mup", "validate_hf_folder", "ParityReport", "parity", "VerifyReport", "verify",

@@ -235,6 +235,14 @@ def hf_source(ckpt: HFCheckpoint, dtype: torch.dtype | None) -> tuple[HFCheckpoi
     return view, {"use_bitnet": True, "bitnet_linear_class": view.linear_class, "bitnet_weight_scales": view.record()}
 
 
+ARGS_FIELDS = ("use_bitnet", "bitnet_linear_class", "bitnet_weight_scales")
+
+
+def carried_args(args) -> dict:
+    """The BitNet fields of a Megatron checkpoint's ``args``, for re-sharding to keep (its exact scales)."""
+    return {k: getattr(args, k) for k in ARGS_FIELDS if args is not None and hasattr(args, k)}
+
+
 class BitNetExport:
     """Writes BitNet linears packed (``pack``) or plain, and config.json with quantization_config or the
     unpacked record. An export transform in bridge.convert's sense: ``layout``, ``producer``,

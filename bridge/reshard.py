@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from . import bitnet
 from .convert import MegatronToHF, Summary, _megatron_hf_config, megatron_plan, write_megatron
 from .torch_dist_format import open_megatron
 
@@ -38,7 +39,8 @@ def reshard(
         if meg.hf_assets.is_dir() else []
     summary = write_megatron(MegatronToHF(meg, plan, None), cfg, dst, tp=tp, pp=pp, dtype=dtype, force=force,
                              divisible_by=divisible_by or source_divisible, layout=layout, fmt=fmt,
-                             expand_groups=expand_groups, progress=progress, inputs=[src], config_json=sidecar, assets=assets)
+                             expand_groups=expand_groups, progress=progress, inputs=[src], config_json=sidecar,
+                             assets=assets, extra_args=bitnet.carried_args(meg.args))
     summary.source, summary.direction = str(src), "reshard"
     summary.seconds = round(time.perf_counter() - start, 3)
     return summary

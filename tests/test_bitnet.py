@@ -334,3 +334,13 @@ def test_cli_pack_unpack_and_inspect(hf_bf16, tmp_path):
     assert exit_code == 0 and "36 BitNet linears" in out
     exit_code, _, out = run("inspect", tmp_path / "plain")
     assert "BitNet: unpacked ternary × scale, 36 exact scales recorded" in out
+
+
+def test_reshard_keeps_the_bitnet_scales(packed_bf16, tmp_path):
+    from bridge.reshard import reshard
+
+    hf_to_megatron(packed_bf16, tmp_path / "meg", tp=2)
+    reshard(tmp_path / "meg", tmp_path / "tp1", tp=1, pp=2)
+    assert LegacyCheckpoint(tmp_path / "tp1").args.bitnet_weight_scales == LegacyCheckpoint(tmp_path / "meg").args.bitnet_weight_scales
+    megatron_to_hf(tmp_path / "tp1", tmp_path / "back")
+    assert_bit_exact(load_hf(packed_bf16), load_hf(tmp_path / "back"))
