@@ -241,7 +241,8 @@ def megatron_plan(meg: MegatronCheckpoint, cfg) -> tuple[ParallelPlan, dict[str,
 
 
 class MegatronToHF:
-    """Gathers HF tensors from rank shards; remembers the last merged entry (q/k/v share one merge)."""
+    """Gathers HF tensors from rank shards; remembers the last merged entry (q/k/v share one merge) and
+    unmaps the rank files every ``release_bytes`` read, so memory stays bounded on any model size."""
 
     release_bytes = 256 * 2**20
 
@@ -261,9 +262,13 @@ class MegatronToHF:
     def merged(self, key: str) -> torch.Tensor:
         param, layer, pos = self.index[key]
         if self._last is None or self._last[0] != (param, layer):
+            if self._since_release > self.release_bytes:  # unmap: pages already read count as resident
+                self._last, self._since_release = None, 0
+                self.meg.release()
             pp_rank, local = self._stage(param, layer)
             name, *copies = self.plan.megatron_names(param, local)
             shards = [self._read(t, pp_rank, name, copies) for t in range(self.plan.tp)]
+            self._since_release += sum(t.numel() * t.element_size() for t in shards)
             try:
                 outs = param.rule.merge(shards, self.plan.dims)
             except ValueError as e:
@@ -284,14 +289,8 @@ class MegatronToHF:
     get = merged  # a Megatron checkpoint read as an HF source (re-sharding)
 
     def tensor(self, key: str) -> torch.Tensor:
-        """One HF tensor, materialised; rank files are unmapped every ``release_bytes`` so the pages
-        already read do not pile up as resident memory."""
-        out = _materialize(self.merged(key), self.dtype)
-        self._since_release += out.numel() * out.element_size()
-        if self._since_release > self.release_bytes:
-            self._last, self._since_release = None, 0
-            self.meg.release()
-        return out
+        """One HF tensor, materialised in the output dtype."""
+        return _materialize(self.merged(key), self.dtype)
 
     def tensors(self, keys: list[str]) -> LazyTensors:
         return LazyTensors(keys, self.tensor)

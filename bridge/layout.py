@@ -69,5 +69,5 @@ def check_float_dtypes(where: str, dtypes: Mapping[str, torch.dtype]) -> None:
     (casting it would silently turn it into nonsense weights)."""
     for key, dtype in dtypes.items():
         if not dtype.is_floating_point:
-            raise InputError(f"{where}: {key!r} has dtype {str(dtype).removeprefix('torch.')}, expected a floating-point "
-                             "weight (bf16/fp16/fp32)")
+            name = str(dtype).removeprefix("torch.")
+            raise InputError(f"{where}: {key!r} has dtype {name}, expected a floating-point weight (bf16/fp16/fp32)")

@@ -207,7 +207,8 @@ def test_bad_hf_input(ws, case):
 
 
 def test_source_is_a_file(ws):
-    refused(["hf-to-megatron", ws.hf / "config.json", ws.out, "--json"], ws.hf, ws.out, 3, "config.json: not a directory")
+    refused(["hf-to-megatron", ws.hf / "config.json", ws.out, "--json"], ws.hf, ws.out, 3,
+            "config.json: not a directory")
 
 
 # ------------------------------------------------------------------------- damage, Megatron side
@@ -377,7 +378,8 @@ def test_force_replaces_a_regular_file(ws):
 
 def test_output_through_a_symlink_into_the_input(ws, tmp_path):
     (tmp_path / "link").symlink_to(ws.hf)
-    refused(["hf-to-megatron", ws.hf, tmp_path / "link" / "meg", "--json"], ws.hf, ws.hf / "meg", 4, "overlaps the input")
+    refused(["hf-to-megatron", ws.hf, tmp_path / "link" / "meg", "--json"], ws.hf, ws.hf / "meg", 4,
+            "overlaps the input")
 
 
 def test_output_parent_is_a_file(ws, tmp_path):
@@ -521,7 +523,7 @@ def test_nan_and_inf_warn_with_count_and_convert_as_is(ws, monkeypatch):
     bad = {EMBED: 5, layer3: 1}
     values = {EMBED: [float("nan"), float("inf"), float("-inf"), float("nan"), float("inf")], layer3: [float("nan")]}
     for key, vals in values.items():  # the two may live in different shards
-        edit_tensors(ws.hf, key, lambda t, key=key, vals=vals: t[key].view(-1)[7:7 + len(vals)].copy_(torch.tensor(vals)))
+        edit_tensors(ws.hf, key, lambda t, k=key, v=vals: t[k].view(-1)[7:7 + len(v)].copy_(torch.tensor(v)))
     # As in the real CLI, where no logging handler is configured and logging's last resort prints to
     # stderr: keep pytest's capture handler (on the root logger) from taking the record instead.
     monkeypatch.setattr(logging.getLogger("bridge.hf_format"), "propagate", False)
@@ -627,7 +629,8 @@ class Zygote:
 
     def start(self, args) -> int:
         self.n += 1
-        return self._ask({"op": "run", "args": [str(a) for a in args], "log": str(self.logs / f"run{self.n}.log")})["pid"]
+        log = str(self.logs / f"run{self.n}.log")
+        return self._ask({"op": "run", "args": [str(a) for a in args], "log": log})["pid"]
 
     def wait(self, pid: int) -> dict:
         return self._ask({"op": "wait", "pid": pid})
@@ -638,9 +641,9 @@ class Zygote:
 
 
 def test_sigkill_at_20_random_points_leaves_absent_or_complete(tmp_path):
-    src = tmp_path / "hf"  # 16 layers of the scaled 3b shape: ~32 MB, ~1.5 s to convert into 8 rank files
-    make_tiny(src, "3b", seed=3, num_hidden_layers=16, mamba_n_groups=2, max_shard_size="4MB")
-    conv = ["hf-to-megatron", src, None, "--tp", "2", "--pp", "4", "--json"]
+    src = tmp_path / "hf"  # 32 layers of the scaled 3b shape: ~64 MB, ~0.5 s to convert into 16 rank files
+    make_tiny(src, "3b", seed=3, num_hidden_layers=32, mamba_n_groups=2, max_shard_size="4MB")
+    conv = ["hf-to-megatron", src, None, "--tp", "2", "--pp", "8", "--json"]
     logs = tmp_path / "logs"
     logs.mkdir()
     zygote = Zygote(logs)
@@ -679,12 +682,14 @@ def test_sigkill_at_20_random_points_leaves_absent_or_complete(tmp_path):
     print("kill outcomes (delay s, --force, end, destination):", *outcomes, sep="\n  ")
     assert len(killed) >= 10, outcomes  # most kills landed while the converter was running
 
-    # The next run on a killed destination, through the real console script, succeeds and clears
-    # the dead runs' hidden siblings of that destination.
-    victim = next(tmp_path / f"out{i:02d}" for i, o in enumerate(outcomes) if o[3] == "absent" or i == 19)
+    # A killed run leaves its .NAME.partial-PID behind; the next run on that destination (through the
+    # real console script, no --force: the destination is absent) succeeds and removes it.
+    victim = next((out for out in (tmp_path / f"out{i:02d}" for i in range(20))
+                   if not out.exists() and any(".partial-" in name for name in leftovers(out))), None)
+    assert victim is not None, f"no kill left a partial directory to clean up: {outcomes}"
     script = Path(sys.executable).with_name("h1bridge")
     command = [str(script)] if script.exists() else [sys.executable, "-m", "cli"]
-    done = subprocess.run([*command, *[str(a) for a in conv[:2]], str(victim), *conv[3:], "--force"], cwd=ROOT,
+    done = subprocess.run([*command, *[str(a) for a in conv[:2]], str(victim), *conv[3:]], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert tree_digest(victim) == ref_digest
