@@ -78,15 +78,23 @@ dtype_option = click.option(
 )
 
 
-def _push_options(fn):
-    for option in reversed([
-        click.option("--private", is_flag=True, help="Create the repo private (if it does not exist)."),
-        click.option("--revision", help="Branch to push to (created from main if missing)."),
-        click.option("--commit-message", help="Commit message."),
-        click.option("--create-pr", is_flag=True, help="Open a pull request instead of committing to the branch."),
-    ]):
-        fn = option(fn)
-    return fn
+def _stack(*decorators):
+    """Several click decorators applied as one, in the order listed (the order --help shows)."""
+
+    def apply(fn):
+        for decorator in reversed(decorators):
+            fn = decorator(fn)
+        return fn
+
+    return apply
+
+
+_push_options = _stack(
+    click.option("--private", is_flag=True, help="Create the repo private (if it does not exist)."),
+    click.option("--revision", help="Branch to push to (created from main if missing)."),
+    click.option("--commit-message", help="Commit message."),
+    click.option("--create-pr", is_flag=True, help="Open a pull request instead of committing to the branch."),
+)
 
 
 def _push_report(result) -> tuple[dict, str]:
@@ -128,20 +136,22 @@ def main():
     _return_freed_memory()
 
 
+# SRC, DST and what describes the Megatron checkpoint to write (hf-to-megatron and reshard).
+_megatron_target = _stack(
+    click.argument("src", type=PathArg),
+    click.argument("dst", type=PathArg),
+    click.option("--tp", default=1, show_default=True, help="Tensor-parallel size to write."),
+    click.option("--pp", default=1, show_default=True, help="Pipeline-parallel size to write."),
+    click.option("--layout", type=click.Choice(api.LAYOUT_CHOICES), default="bridge", show_default=True,
+                 help="Megatron key layout to write."),
+    format_option, expand_groups_option, dtype_option, force_option, json_option,
+)
+
+
 @main.command("hf-to-megatron")
-@click.argument("src", type=PathArg)
-@click.argument("dst", type=PathArg)
-@click.option("--tp", default=1, show_default=True, help="Tensor-parallel size.")
-@click.option("--pp", default=1, show_default=True, help="Pipeline-parallel size.")
-@click.option("--layout", type=click.Choice(api.LAYOUT_CHOICES), default="bridge", show_default=True,
-              help="Megatron key layout to write.")
+@_megatron_target
 @click.option("--vocab-divisible-by", default=128, show_default=True,
               help="Megatron make_vocab_size_divisible_by (vocab padded to a multiple of this x TP).")
-@format_option
-@expand_groups_option
-@dtype_option
-@force_option
-@json_option
 @_friendly
 def hf_to_megatron(src, dst, tp, pp, layout, vocab_divisible_by, fmt, expand_groups, dtype, force, as_json):
     """Convert an HF Falcon-H1 folder SRC into a Megatron checkpoint DST.
@@ -157,17 +167,7 @@ def hf_to_megatron(src, dst, tp, pp, layout, vocab_divisible_by, fmt, expand_gro
 
 
 @main.command()
-@click.argument("src", type=PathArg)
-@click.argument("dst", type=PathArg)
-@click.option("--tp", default=1, show_default=True, help="Target tensor-parallel size.")
-@click.option("--pp", default=1, show_default=True, help="Target pipeline-parallel size.")
-@click.option("--layout", type=click.Choice(api.LAYOUT_CHOICES), default="bridge", show_default=True,
-              help="Megatron key layout to write.")
-@format_option
-@expand_groups_option
-@dtype_option
-@force_option
-@json_option
+@_megatron_target
 @_friendly
 def reshard(src, dst, tp, pp, layout, fmt, expand_groups, dtype, force, as_json):
     """Re-shard a Megatron checkpoint SRC (legacy or torch_dist) to another TP/PP/format/layout, no HF detour.

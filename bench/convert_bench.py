@@ -114,6 +114,7 @@ def rss_budget(kind: str, largest_file: int, two_tensors: int) -> int | None:
 
 
 def bench_preset(preset: str, root: Path, cold: bool, keep: bool) -> dict:
+    tree = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True).stdout.strip()
     tp_max, tp_reshard = tp_sizes(preset)
     work = root / preset
     shutil.rmtree(work, ignore_errors=True)
@@ -160,7 +161,7 @@ def bench_preset(preset: str, root: Path, cold: bool, keep: bool) -> dict:
         r["gb_per_s"] = round(r["output_bytes"] / r["seconds"] / 1e9, 3)
         r["ratio_to_cp"] = round(ref / r["seconds"], 3)
         r["rss_per_largest_file"] = round(r["peak_rss"] / r["largest_file"], 2)
-    return dict(preset=preset, mamba_n_groups=tp_max, tp_max=tp_max, make_tiny_seconds=round(gen_s, 1),
+    return dict(preset=preset, tree=tree, mamba_n_groups=tp_max, tp_max=tp_max, make_tiny_seconds=round(gen_s, 1),
                 two_largest_tensors=two_tensors, rows=rows)
 
 
@@ -182,10 +183,10 @@ def targets(results: list[dict]) -> list[str]:
     return lines
 
 
-def markdown(results: list[dict], cold: bool, tree: str) -> str:
+def markdown(results: list[dict], cold: bool) -> str:
     cache = ("cold: page cache dropped before every operation" if cold
              else "warm: drop_caches not permitted; the source was read once before timing")
-    out = [f"# h1bridge conversion benchmark\n\nTree `{tree}`. Page cache {cache}. One run per operation; bf16; "
+    out = [f"# h1bridge conversion benchmark\n\nPage cache {cache}. One run per operation; bf16; "
            f"GB/s = output bytes (1e9) / s; x cp = `{REFERENCE}` seconds / op seconds; RSS in GiB; "
            "load = 1-minute load average after the op (the machine is shared).\n",
            "| preset | op | s | GB/s | x cp | out GB | largest file GB | peak RSS | RSS / largest file "
@@ -198,7 +199,7 @@ def markdown(results: list[dict], cold: bool, tree: str) -> str:
                        f"| {r['output_bytes'] / 1e9:.2f} | {r['largest_file'] / 1e9:.2f} | {r['peak_rss'] / GiB:.2f} "
                        f"| {r['rss_per_largest_file']:.2f} | {budget} | {r['load_1min']} |")
     out.append("\nSources: " + "; ".join(
-        f"{p['preset']} mamba_n_groups={p['mamba_n_groups']}, two largest tensors "
+        f"{p['preset']} (tree `{p['tree']}`) mamba_n_groups={p['mamba_n_groups']}, two largest tensors "
         f"{p['two_largest_tensors'] / GiB:.2f} GiB, make-tiny {p['make_tiny_seconds']} s" for p in results) + ".\n")
     out += ["## Targets\n", *(f"- {line}" for line in targets(results))]
     return "\n".join(out) + "\n"
@@ -215,16 +216,15 @@ def main() -> None:
     presets = args.presets.split(",") + (["7b"] if args.with_7b else [])
     args.out.mkdir(parents=True, exist_ok=True)
     cold = can_drop_caches()
-    tree = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True).stdout.strip()
     start = time.perf_counter()
     results = []
     for preset in presets:
         results.append(bench_preset(preset, args.out, cold, args.keep))
         print(f"{preset} done at {time.perf_counter() - start:.0f} s", file=sys.stderr)
-    report = dict(tree=tree, cold_cache=cold, total_seconds=round(time.perf_counter() - start, 1), presets=results,
+    report = dict(cold_cache=cold, total_seconds=round(time.perf_counter() - start, 1), presets=results,
                   targets=targets(results))
     (args.out / "results.json").write_text(json.dumps(report, indent=2) + "\n")
-    (args.out / "results.md").write_text(markdown(results, cold, tree) + f"\nTotal: {report['total_seconds']} s.\n")
+    (args.out / "results.md").write_text(markdown(results, cold) + f"\nTotal: {report['total_seconds']} s.\n")
     print(json.dumps(report, indent=2) if args.json else (args.out / "results.md").read_text())
 
 

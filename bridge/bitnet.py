@@ -27,16 +27,14 @@ from pathlib import Path
 from typing import Mapping
 
 import torch
-from tqdm import tqdm
 from transformers.quantizers.quantizers_utils import should_convert_module
 
 from mappings.bitnet import NOT_CONVERTED, bitnet_modules, is_bitnet_weight
 
-from .atomic import atomic_output_dir
 from .config import config_dtype
-from .convert import Layout, Producer, _config_bytes, _dir_bytes, _target_dtype
+from .convert import Layout, Producer, _target_dtype, rewrite_hf
 from .errors import InputError, UnsupportedError
-from .hf_format import HFCheckpoint, LazyTensors, copy_assets, write_hf_weights
+from .hf_format import HFCheckpoint, LazyTensors
 from .layout import check_tensor_set, expected_hf_shapes
 
 EPS = 1e-5  # absmean floor of transformers' WeightQuant and onebitllms
@@ -333,15 +331,9 @@ def _rewrite(src: Path, dst: Path, source, transform: BitNetExport, report: BitN
     """Streams ``source`` through ``transform`` into an HF folder, config and tokenizer assets included."""
     start = time.perf_counter()
     layout = transform.layout({k: (source.shape(k), target or source.dtype(k)) for k in source.keys()})
-    with atomic_output_dir(dst, force=force, inputs=[src]) as tmp:
-        bar = tqdm(total=len(layout), unit="tensor", desc=f"bitnet {report.direction}", disable=not progress)
-        produce = transform.producer(lambda keys: {k: source.get(k) for k in keys}, layout)
-        write_hf_weights(tmp, layout, produce, max_shard_size, progress=bar.update)
-        (tmp / "config.json").write_bytes(_config_bytes(src / "config.json", target))
-        transform.edit_config(tmp / "config.json")
-        copy_assets(source.asset_files(), tmp)
-        report.bytes_written, _ = _dir_bytes(tmp)
-    bar.close()
+    report.bytes_written = rewrite_hf(src, dst, source, transform, layout, target, force=force,
+                                      max_shard_size=max_shard_size, progress=progress,
+                                      desc=f"bitnet {report.direction}")
     report.tensors, report.quantized = len(layout), dict(transform.counts)
     report.linears = sum(is_bitnet_weight(k) for k in layout)
     report.seconds = round(time.perf_counter() - start, 3)

@@ -339,6 +339,22 @@ class ExportTransform(Protocol):
     def edit_config(self, path: Path) -> None: ...
 
 
+def rewrite_hf(src: Path, dst: Path, source, transform: ExportTransform, layout: dict, target: torch.dtype | None, *,
+               force: bool, max_shard_size: str | int, progress: bool, desc: str) -> int:
+    """HF -> HF through one transform (µP fold/unfold, BitNet pack/unpack), one tensor in memory at a
+    time; config.json and tokenizer assets carried along. Returns the bytes written."""
+    with atomic_output_dir(dst, force=force, inputs=[src]) as tmp:
+        bar = tqdm(total=len(layout), unit="tensor", desc=desc, disable=not progress)
+        produce = transform.producer(lambda keys: LazyTensors(keys, source.get), layout)
+        write_hf_weights(tmp, layout, produce, max_shard_size, progress=bar.update)
+        (tmp / "config.json").write_bytes(_config_bytes(src / "config.json", target))
+        transform.edit_config(tmp / "config.json")
+        copy_assets(source.asset_files(), tmp)
+        written, _ = _dir_bytes(tmp)
+    bar.close()
+    return written
+
+
 def _export_transform(meg: MegatronCheckpoint, cfg, plan: ParallelPlan, sidecar: Path | None,
                       target: torch.dtype | None, fold_mup: bool, bitnet_pack: bool | None) -> ExportTransform | None:
     from . import bitnet

@@ -11,7 +11,6 @@ The token comes from the ``token`` argument or huggingface_hub's usual places (`
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from dataclasses import dataclass, field

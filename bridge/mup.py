@@ -20,15 +20,13 @@ from pathlib import Path
 from typing import Callable, Mapping
 
 import torch
-from tqdm import tqdm
 
 from mappings import FalconH1Dims
 
-from .atomic import atomic_output_dir
 from .config import MUP_FIELDS, MUP_LISTS, MUP_SCALARS
-from .convert import _config_bytes, _dir_bytes, _target_dtype
+from .convert import _target_dtype, rewrite_hf
 from .errors import InputError, UnsupportedError
-from .hf_format import HFCheckpoint, copy_assets, write_hf_weights
+from .hf_format import HFCheckpoint
 from .layout import check_tensor_set, expected_hf_shapes
 
 FOLDED_KEY = "mup_folded"
@@ -213,15 +211,8 @@ def _rescale(src: Path, dst: Path, direction: str, make: Callable[..., MupScaler
     check_tensor_set(str(src), shapes, expected_hf_shapes(ckpt.config))
     layout = {k: (shapes[k], target or ckpt.dtype(k)) for k in shapes}
     report = FoldReport(str(src), str(dst), direction, dtype, scaler.factors, tensors=len(layout))
-    with atomic_output_dir(dst, force=force, inputs=[src]) as tmp:
-        bar = tqdm(total=len(layout), unit="tensor", desc=f"mup {direction}", disable=not progress)
-        produce = scaler.producer(lambda keys: {k: ckpt.get(k) for k in keys}, layout)
-        write_hf_weights(tmp, layout, produce, max_shard_size, progress=bar.update)
-        (tmp / "config.json").write_bytes(_config_bytes(src / "config.json", target))
-        scaler.edit_config(tmp / "config.json")
-        copy_assets(ckpt.asset_files(), tmp)
-        report.bytes_written, _ = _dir_bytes(tmp)
-    bar.close()
+    report.bytes_written = rewrite_hf(src, dst, ckpt, scaler, layout, target, force=force,
+                                      max_shard_size=max_shard_size, progress=progress, desc=f"mup {direction}")
     report.scaled, report.rounding = scaler.scaled, scaler.rounding
     report.seconds = round(time.perf_counter() - start, 3)
     return report

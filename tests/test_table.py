@@ -1,7 +1,6 @@
 """The table against code no one here wrote: transformers' state dict and megatron-core's size arithmetic."""
 
 import pytest
-import torch
 
 from bridge.layout import expected_hf_shapes, expected_rank_shapes, hf_index
 from bridge.plan import ParallelPlan

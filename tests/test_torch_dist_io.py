@@ -6,7 +6,6 @@ import argparse
 import datetime
 import io
 import json
-import warnings
 import weakref
 from pathlib import Path
 
