@@ -64,7 +64,11 @@ class Summary:
 
 
 def _materialize(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
-    """A fresh contiguous tensor: shards are often views, and torch.save would store the whole base."""
+    """A contiguous tensor that owns exactly its bytes: shards are often views, and torch.save would
+    store the whole base. A tensor that already is one (a concatenation's result) is not copied again."""
+    if (dtype is None or t.dtype == dtype) and t.is_contiguous() and t.storage_offset() == 0 \
+            and t.untyped_storage().nbytes() == t.numel() * t.element_size():
+        return t
     out = torch.empty(t.shape, dtype=dtype or t.dtype)
     out.copy_(t)
     return out
