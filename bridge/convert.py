@@ -194,7 +194,7 @@ def _write_legacy_ranks(source, plan: ParallelPlan, iter_dir: Path, target, args
         del model
 
 
-def _megatron_hf_config(meg: MegatronCheckpoint):
+def megatron_hf_config(meg: MegatronCheckpoint):
     """The sidecar config.json when present (exact round trip), else one rebuilt from args."""
     sidecar = meg.hf_assets / "config.json"
     if sidecar.is_file():
@@ -393,7 +393,7 @@ def megatron_to_hf(
     start = time.perf_counter()
     target = _target_dtype(dtype)
     meg = open_megatron(src)
-    cfg, sidecar = _megatron_hf_config(meg)
+    cfg, sidecar = megatron_hf_config(meg)
     plan, hf_shapes = megatron_plan(meg, cfg)
     transform = _export_transform(meg, cfg, plan, sidecar, target, fold_mup, bitnet_pack)
     gather = MegatronToHF(meg, plan, None if transform else target)  # a transform works first, then casts

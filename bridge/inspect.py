@@ -7,7 +7,7 @@ from pathlib import Path
 
 from .bitnet import describe as describe_bitnet
 from .config import MUP_FIELDS
-from .convert import _megatron_hf_config, megatron_plan
+from .convert import megatron_hf_config, megatron_plan
 from .detect import HF, detect_format
 from .hf_format import HFCheckpoint
 from .layout import expected_hf_shapes
@@ -45,7 +45,7 @@ def inspect_checkpoint(path: Path) -> dict:
         meg = open_megatron(path)
         if isinstance(meg, TorchDistCheckpoint):
             fmt = "megatron-torch_dist"
-        cfg, sidecar = _megatron_hf_config(meg)
+        cfg, sidecar = megatron_hf_config(meg)
         plan, _ = megatron_plan(meg, cfg)
         dtypes = Counter(
             str(dtype).removeprefix("torch.") for r in plan.ranks() for _, dtype in meg.tensor_meta(*r).values()

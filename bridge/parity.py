@@ -18,7 +18,7 @@ from transformers import FalconH1ForCausalLM
 from mappings import LAYOUTS
 
 from . import megatron_forward
-from .convert import MegatronCheckpoint, _megatron_hf_config, megatron_plan
+from .convert import MegatronCheckpoint, megatron_hf_config, megatron_plan
 from .detect import HF, LEGACY, detect_format
 from .errors import InputError
 from .torch_dist_format import open_megatron
@@ -107,7 +107,7 @@ def parity(hf_dir: Path, megatron_dir: Path, tokens: int = 32, seed: int = 0, ba
     _expect(hf_dir, HF)
     _expect(megatron_dir, LEGACY)
     meg = open_megatron(megatron_dir)
-    cfg, _ = _megatron_hf_config(meg)
+    cfg, _ = megatron_hf_config(meg)
     plan, _ = megatron_plan(meg, cfg)
     ids = torch.randint(cfg.vocab_size, (batch, tokens), generator=torch.Generator().manual_seed(seed))
     ref = _hf_logits(hf_dir, ids)

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from . import bitnet
-from .convert import MegatronToHF, Summary, _megatron_hf_config, megatron_plan, write_megatron
+from .convert import MegatronToHF, Summary, megatron_hf_config, megatron_plan, write_megatron
 from .torch_dist_format import open_megatron
 
 
@@ -32,7 +32,7 @@ def reshard(
     """Re-shards a Megatron checkpoint; ``divisible_by`` defaults to the source's vocab padding rule."""
     start = time.perf_counter()
     meg = open_megatron(src)
-    cfg, sidecar = _megatron_hf_config(meg)
+    cfg, sidecar = megatron_hf_config(meg)
     plan, _ = megatron_plan(meg, cfg)
     source_divisible = getattr(meg.args, "make_vocab_size_divisible_by", 128) if meg.args is not None else 128
     assets = [p for p in meg.hf_assets.iterdir() if p.is_file() and p.name != "config.json"] \

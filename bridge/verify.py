@@ -15,7 +15,7 @@ from typing import Callable
 import torch
 
 from .config import MUP_FIELDS
-from .convert import MegatronToHF, _megatron_hf_config, megatron_plan
+from .convert import MegatronToHF, megatron_hf_config, megatron_plan
 from .detect import HF, detect_format
 from .errors import InputError, UnsupportedError
 from .hf_format import HFCheckpoint
@@ -118,7 +118,7 @@ def _open_hf(path: Path) -> _Side:
 
 def _open_megatron(path: Path, fmt: str) -> _Side:
     meg = open_megatron(path)
-    cfg, sidecar = _megatron_hf_config(meg)
+    cfg, sidecar = megatron_hf_config(meg)
     label = f"{fmt} TP={meg.tp} PP={meg.pp}, config from {'hf_assets' if sidecar else 'args'}"
     try:
         plan, _ = megatron_plan(meg, cfg)
