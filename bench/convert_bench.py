@@ -12,7 +12,7 @@ is generated with groups = the largest TP in {2, 4, 8} its heads allow (3B: 10 a
 TP <= 2; 7B: 12 heads, so TP <= 4). ``reshard`` goes TP=2 -> TP=4, or TP=2 -> TP=1 where 4 is not
 possible. Unless ``--keep``, at most two full-size checkpoints are on disk at once.
 
-Run from the repository root (about 10 GB free disk per 1B parameters of the largest preset):
+Run from the repository root (free disk: about 5 GB per 1B parameters of the largest preset):
     .venv/bin/python bench/convert_bench.py                 # 0.5b,1.5b,3b -> bench/out/results.{md,json}
     .venv/bin/python bench/convert_bench.py --presets 0.5b --json
     .venv/bin/python bench/convert_bench.py --with-7b --out /big/disk/bench
@@ -78,7 +78,7 @@ def largest_tensors(hf_dir: Path, n: int = 2) -> int:
     for path in hf_dir.glob("*.safetensors"):
         with open(path, "rb") as f:
             header = json.loads(f.read(struct.unpack("<Q", f.read(8))[0]))
-        sizes += [end - begin for key, v in header.items() if key != "__metadata__" for begin, end in [v["data_offsets"]]]
+        sizes += [v["data_offsets"][1] - v["data_offsets"][0] for k, v in header.items() if k != "__metadata__"]
     return sum(sorted(sizes)[-n:])
 
 
@@ -114,7 +114,8 @@ def rss_budget(kind: str, largest_file: int, two_tensors: int) -> int | None:
 
 
 def bench_preset(preset: str, root: Path, cold: bool, keep: bool) -> dict:
-    tree = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True).stdout.strip()
+    tree = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True,
+                          check=False).stdout.strip()
     tp_max, tp_reshard = tp_sizes(preset)
     work = root / preset
     shutil.rmtree(work, ignore_errors=True)
@@ -186,17 +187,17 @@ def targets(results: list[dict]) -> list[str]:
 def markdown(results: list[dict], cold: bool) -> str:
     cache = ("cold: page cache dropped before every operation" if cold
              else "warm: drop_caches not permitted; the source was read once before timing")
-    out = [f"# h1bridge conversion benchmark\n\nPage cache {cache}. One run per operation; bf16; "
-           f"GB/s = output bytes (1e9) / s; x cp = `{REFERENCE}` seconds / op seconds; RSS in GiB; "
-           "load = 1-minute load average after the op (the machine is shared).\n",
-           "| preset | op | s | GB/s | x cp | out GB | largest file GB | peak RSS | RSS / largest file "
-           "| RSS budget | load |", "|" + "---|" * 11]
+    out = [(f"# h1bridge conversion benchmark\n\nPage cache {cache}. One run per operation; bf16; "
+            f"GB/s = output bytes (1e9) / s; x cp = `{REFERENCE}` seconds / op seconds; RSS in GiB; "
+            "load = 1-minute load average after the op (the machine is shared).\n"),
+           ("| preset | op | s | GB/s | x cp | out GB | largest file GB | peak RSS | RSS / largest file "
+            "| RSS budget | load |"), "|" + "---|" * 11]
     for p in results:
         for r in p["rows"]:
             budget = "" if r["rss_budget"] is None else (
                 f"{r['rss_budget'] / GiB:.2f} {'ok' if r['peak_rss'] <= r['rss_budget'] else 'OVER'}")
-            out.append(f"| {p['preset']} | {r['op']} | {r['seconds']:.1f} | {r['gb_per_s']:.3f} | {r['ratio_to_cp']:.2f} "
-                       f"| {r['output_bytes'] / 1e9:.2f} | {r['largest_file'] / 1e9:.2f} | {r['peak_rss'] / GiB:.2f} "
+            out.append(f"| {p['preset']} | {r['op']} | {r['seconds']:.1f} | {r['gb_per_s']:.3f} "
+                       f"| {r['ratio_to_cp']:.2f} | {r['output_bytes'] / 1e9:.2f} | {r['largest_file'] / 1e9:.2f} | {r['peak_rss'] / GiB:.2f} "
                        f"| {r['rss_per_largest_file']:.2f} | {budget} | {r['load_1min']} |")
     out.append("\nSources: " + "; ".join(
         f"{p['preset']} (tree `{p['tree']}`) mamba_n_groups={p['mamba_n_groups']}, two largest tensors "
