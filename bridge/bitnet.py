@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Mapping
 
 import torch
-from transformers.quantizers.quantizers_utils import should_convert_module
 
 from mappings.bitnet import NOT_CONVERTED, bitnet_modules, is_bitnet_weight
 
@@ -147,6 +146,8 @@ def quant_config(cfg) -> dict | None:
     if quant.get("use_rms_norm"):
         raise UnsupportedError("config.json: quantization_config use_rms_norm adds an RMSNorm to every linear, "
                                "which Megatron's Falcon-H1 has no place for")
+    from transformers.quantizers.quantizers_utils import should_convert_module  # slow import; BitNet only
+
     skip = quant.get("modules_to_not_convert")
     skip = list(NOT_CONVERTED) if skip is None else skip  # None: transformers' default skip, lm_head here
     wrong = [m for m in bitnet_modules(cfg.num_hidden_layers) if not should_convert_module(m, skip)]

@@ -12,6 +12,11 @@ HF = "hf"
 LEGACY = "megatron-legacy"
 
 
+def is_torch_dist(iter_dir: Path) -> bool:
+    """Same test as megatron-core's ``check_is_distributed_checkpoint``: ``metadata.json`` exists."""
+    return (Path(iter_dir) / "metadata.json").is_file()
+
+
 def detect_format(path: Path) -> str:
     path = Path(path)
     if not path.exists():

@@ -1,8 +1,8 @@
 """What a valid checkpoint of a given config must contain, on the HF side and per Megatron rank.
 
-transformers is the oracle for HF names and shapes: the model is built on the meta device (no
-memory, no data) and its state dict read. Megatron per-rank shapes come from running each rule on
-meta tensors of those shapes.
+HF names and shapes come from the table (``mappings.hf_shapes``), which tests hold against
+transformers' own state dict; Megatron per-rank shapes come from running each rule on meta tensors
+of those shapes.
 """
 
 from __future__ import annotations
@@ -10,9 +10,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import torch
-from transformers import FalconH1ForCausalLM
 
-from mappings import Param
+from mappings import FalconH1Dims, Param, hf_shapes
 
 from .errors import InputError
 from .plan import ParallelPlan, hf_name
@@ -20,12 +19,7 @@ from .plan import ParallelPlan, hf_name
 
 def expected_hf_shapes(cfg) -> dict[str, torch.Size]:
     """HF key -> shape of what ``save_pretrained`` stores for this config (tied lm_head dropped)."""
-    with torch.device("meta"):
-        model = FalconH1ForCausalLM(cfg)
-    shapes = {k: v.shape for k, v in model.state_dict().items()}
-    if cfg.tie_word_embeddings:
-        shapes.pop("lm_head.weight", None)
-    return shapes
+    return {k: torch.Size(s) for k, s in hf_shapes(cfg, FalconH1Dims.from_hf_config(cfg)).items()}
 
 
 def hf_index(plan: ParallelPlan) -> dict[str, tuple[Param, int | None, int]]:

@@ -13,7 +13,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from transformers import FalconH1ForCausalLM
 
 from mappings import LAYOUTS
 
@@ -90,6 +89,8 @@ def rank_weights(meg: MegatronCheckpoint, plan: ParallelPlan, tp_rank: int) -> m
 
 @torch.no_grad()
 def _hf_logits(hf_dir: Path, ids: torch.Tensor) -> torch.Tensor:
+    from transformers import FalconH1ForCausalLM  # ~2 s of imports, paid only by parity
+
     model = FalconH1ForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
     return model(ids).logits
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from transformers import FalconH1Config, FalconH1ForCausalLM
+from transformers import FalconH1Config
 
 from .atomic import atomic_output_dir
 from .errors import InputError
@@ -110,6 +110,8 @@ def make_tiny(
                              max_shard_size=max_shard_size)
             cfg.save_pretrained(tmp)
         else:
+            from transformers import FalconH1ForCausalLM  # ~2 s of imports; only this branch needs it
+
             torch.manual_seed(seed)
             model = FalconH1ForCausalLM(cfg).to(torch_dtype)
             model.save_pretrained(tmp, max_shard_size=max_shard_size)

@@ -19,7 +19,7 @@ from .errors import InputError
 from .hf_format import LazyTensors
 from .legacy_format import HF_ASSETS, LegacyCheckpoint, find_iteration_dir
 from .plan import ParallelPlan, hf_name
-from .torch_dist_io import TorchDistReader, is_torch_dist, write_torch_dist
+from .detect import is_torch_dist
 
 CONTENT_METADATA = {"singleton_local_shards": False, "chained_optim_avoid_prefix": True}
 
@@ -50,6 +50,8 @@ def global_tensors(source, plan: ParallelPlan, materialize) -> Iterator[tuple[st
 
 
 def write_checkpoint(iter_dir: Path, tensors: Iterator[tuple[str, torch.Tensor]], args, iteration: int = 0) -> None:
+    from .torch_dist_io import write_torch_dist  # DCP costs ~1 s of imports; only torch_dist pays it
+
     common = {"args": args, "checkpoint_version": 3.0, "iteration": iteration, "content_metadata": CONTENT_METADATA}
     write_torch_dist(iter_dir, tensors, common)
 
@@ -64,6 +66,8 @@ class TorchDistCheckpoint:
         self.iter_dir = self.root if is_torch_dist(self.root) else find_iteration_dir(self.root)
         if not is_torch_dist(self.iter_dir):
             raise InputError(f"{self.iter_dir}: no metadata.json; not a torch_dist checkpoint")
+        from .torch_dist_io import TorchDistReader  # see write_checkpoint
+
         self.reader = TorchDistReader(self.iter_dir)
         self.args = self.reader.common.get("args")
         self.iteration = self.reader.common.get("iteration", 0)

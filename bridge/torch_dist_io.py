@@ -51,11 +51,6 @@ class TorchDistFormatError(InputError, ValueError):
     """The directory is not a readable torch_dist checkpoint; the message names the file at fault."""
 
 
-def is_torch_dist(iter_dir: Path) -> bool:
-    """Same test as megatron-core's ``check_is_distributed_checkpoint``: ``metadata.json`` exists."""
-    return (Path(iter_dir) / "metadata.json").is_file()
-
-
 def write_torch_dist(
     iter_dir: Path,
     tensors: Iterable[tuple[str, torch.Tensor]],

@@ -29,6 +29,7 @@ class FalconH1Dims:
     mamba_head_dim: int
     mamba_groups: int
     d_state: int
+    d_conv: int = 4
 
     @classmethod
     def from_hf_config(cls, cfg, padded_vocab: int | None = None) -> "FalconH1Dims":
@@ -47,6 +48,7 @@ class FalconH1Dims:
             mamba_head_dim=cfg.mamba_d_head,
             mamba_groups=cfg.mamba_n_groups,
             d_state=cfg.mamba_d_state,
+            d_conv=cfg.mamba_d_conv,
         )
 
     @property

@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+from .dims import FalconH1Dims
 from .rules import (
     COLUMN,
     GATED_MLP,
@@ -87,6 +88,42 @@ FALCON_H1: tuple[Param, ...] = (
     Param("output_layer.weight", ("model.embed_tokens.weight",), VOCAB, "tied_pp", stage="last", export=False),
 )
 
+# Full HF shape of each HF key pattern. transformers is the oracle: tests/test_table.py checks these
+# against the state dict of FalconH1ForCausalLM built on the meta device, for every preset and
+# condition; at run time this table saves building that model (and importing its ~3 s of modules).
+HF_SHAPES: dict[str, Callable[[FalconH1Dims], tuple[int, ...]]] = {  # in transformers' state-dict order
+    "model.embed_tokens.weight": lambda d: (d.vocab, d.hidden),
+    "feed_forward.gate_proj.weight": lambda d: (d.ffn, d.hidden),
+    "feed_forward.gate_proj.bias": lambda d: (d.ffn,),
+    "feed_forward.up_proj.weight": lambda d: (d.ffn, d.hidden),
+    "feed_forward.up_proj.bias": lambda d: (d.ffn,),
+    "feed_forward.down_proj.weight": lambda d: (d.hidden, d.ffn),
+    "feed_forward.down_proj.bias": lambda d: (d.hidden,),
+    "mamba.dt_bias": lambda d: (d.mamba_heads,),
+    "mamba.A_log": lambda d: (d.mamba_heads,),
+    "mamba.D": lambda d: (d.mamba_heads,),
+    "mamba.conv1d.weight": lambda d: (sum(d.conv_blocks), 1, d.d_conv),
+    "mamba.conv1d.bias": lambda d: (sum(d.conv_blocks),),
+    "mamba.in_proj.weight": lambda d: (sum(d.in_proj_blocks), d.hidden),
+    "mamba.in_proj.bias": lambda d: (sum(d.in_proj_blocks),),
+    "mamba.norm.weight": lambda d: (d.d_ssm,),
+    "mamba.out_proj.weight": lambda d: (d.hidden, d.d_ssm),
+    "mamba.out_proj.bias": lambda d: (d.hidden,),
+    "self_attn.q_proj.weight": lambda d: (d.n_heads * d.head_dim, d.hidden),
+    "self_attn.q_proj.bias": lambda d: (d.n_heads * d.head_dim,),
+    "self_attn.k_proj.weight": lambda d: (d.n_kv_heads * d.head_dim, d.hidden),
+    "self_attn.k_proj.bias": lambda d: (d.n_kv_heads * d.head_dim,),
+    "self_attn.v_proj.weight": lambda d: (d.n_kv_heads * d.head_dim, d.hidden),
+    "self_attn.v_proj.bias": lambda d: (d.n_kv_heads * d.head_dim,),
+    "self_attn.o_proj.weight": lambda d: (d.hidden, d.n_heads * d.head_dim),
+    "self_attn.o_proj.bias": lambda d: (d.hidden,),
+    "input_layernorm.weight": lambda d: (d.hidden,),
+    "pre_ff_layernorm.weight": lambda d: (d.hidden,),
+    "model.final_layernorm.weight": lambda d: (d.hidden,),
+    "lm_head.weight": lambda d: (d.vocab, d.hidden),
+}
+
+
 # A condition sees the HF config and the pipeline size.
 CONDITIONS: dict[str, Callable[[object, int], bool]] = {
     "mamba_proj_bias": lambda c, pp: bool(c.mamba_proj_bias),
@@ -132,3 +169,14 @@ def megatron_keys(param: Param, layout: str = DEFAULT_LAYOUT) -> tuple[str, ...]
 
 def megatron_key(param: Param, layout: str = DEFAULT_LAYOUT) -> str:
     return megatron_keys(param, layout)[0]
+
+
+def hf_shapes(hf_config, dims: FalconH1Dims) -> dict[str, tuple[int, ...]]:
+    """Every HF key this config stores (tied lm_head left out) and its shape, in transformers' order."""
+    present = {k.rpartition(LAYER + ".")[2] for p in params_for(hf_config) if p.export for k in p.hf}
+    layer_keys = [k for k in HF_SHAPES if k in present and not k.startswith(("model.", "lm_head"))]
+    out = {"model.embed_tokens.weight": HF_SHAPES["model.embed_tokens.weight"](dims)}
+    for layer in range(hf_config.num_hidden_layers):
+        out.update((f"model.layers.{layer}.{k}", HF_SHAPES[k](dims)) for k in layer_keys)
+    out.update((k, HF_SHAPES[k](dims)) for k in ("model.final_layernorm.weight", "lm_head.weight") if k in present)
+    return out

@@ -1,6 +1,8 @@
 """The table against code no one here wrote: transformers' state dict and megatron-core's size arithmetic."""
 
 import pytest
+import torch
+from transformers import FalconH1ForCausalLM
 
 from bridge.layout import expected_hf_shapes, expected_rank_shapes, hf_index
 from bridge.plan import ParallelPlan
@@ -21,6 +23,21 @@ def test_table_covers_exactly_transformers_state_dict(preset, variant, pp):
     cfg = preset_config(preset, **VARIANTS[variant])
     plan = ParallelPlan(cfg, 1, pp)
     assert set(hf_index(plan)) == set(expected_hf_shapes(cfg))
+
+
+@pytest.mark.parametrize("preset", list(PRESETS))
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_table_shapes_are_transformers_state_dict(preset, variant):
+    """The HF shape table (used at run time instead of building the model) against the oracle: keys,
+    order and shapes of FalconH1ForCausalLM's state dict on the meta device."""
+    cfg = preset_config(preset, **VARIANTS[variant])
+    with torch.device("meta"):
+        model = FalconH1ForCausalLM(cfg)
+    oracle = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    if cfg.tie_word_embeddings:
+        del oracle["lm_head.weight"]
+    table = {k: tuple(s) for k, s in expected_hf_shapes(cfg).items()}
+    assert list(table.items()) == list(oracle.items())
 
 
 def megatron_core_local_shapes(cfg, tp):
