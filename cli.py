@@ -245,7 +245,8 @@ def mappings(layout, as_json):
     width = max(len(r["megatron"]) for r in rows)
     for r in rows:
         cond = f"  [if {r['when']}]" if r["when"] else ""
-        click.echo(f"{r['megatron']:<{width}}  {r['rule']:<26} {', '.join(r['hf'])}{cond}")
+        copies = "".join(f"\n{c:<{width}}  (a copy of the key above)" for c in r["copies"])
+        click.echo(f"{r['megatron']:<{width}}  {r['rule']:<26} {', '.join(r['hf'])}{cond}{copies}")
 
 
 @main.command("make-tiny")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from mappings import FALCON_H1, LAYOUTS, megatron_key
+from mappings import FALCON_H1, LAYOUTS, megatron_keys, megatron_layer
 
 from .bitnet import LINEAR_CLASSES as BITNET_LINEAR_CLASSES
 from .bitnet import pack_checkpoint, unpack_checkpoint
@@ -20,13 +20,21 @@ FORMAT_CHOICES = FORMATS
 PRESET_CHOICES = tuple(PRESETS)
 
 
+def _layer_expr(param, layout: str) -> str:
+    """How the Megatron layer follows from the HF layer L: ``{L}``, or ``{2L}``/``{2L+1}`` in "P-"."""
+    stride, sub = megatron_layer(param, layout, 1) - megatron_layer(param, layout, 0), megatron_layer(param, layout, 0)
+    return "{" + (f"{stride}L" if stride > 1 else "L") + (f"+{sub}" if sub else "") + "}"
+
+
 def mapping_rows(layout: str = "bridge") -> list[dict]:
-    """The Falcon-H1 table as plain rows (what ``h1bridge mappings`` prints)."""
-    return [
-        {"megatron": megatron_key(p, layout), "hf": list(p.hf), "rule": p.rule.name, "when": p.when,
-         "stage": p.stage, "export": p.export}
-        for p in FALCON_H1
-    ]
+    """The Falcon-H1 table as plain rows (what ``h1bridge mappings`` prints); ``copies``: further keys
+    holding the same tensor in this layout (fused norms)."""
+    rows = []
+    for p in FALCON_H1:
+        keys = [k.replace("{L}", _layer_expr(p, layout)) if p.is_layer else k for k in megatron_keys(p, layout)]
+        rows.append({"megatron": keys[0], "copies": keys[1:], "hf": list(p.hf), "rule": p.rule.name, "when": p.when,
+                     "stage": p.stage, "export": p.export})
+    return rows
 
 
 __all__ = [

@@ -103,12 +103,16 @@ def config_dtype(cfg: FalconH1Config) -> torch.dtype:
 
 
 def megatron_args(
-    cfg: FalconH1Config, *, tp: int, pp: int, padded_vocab: int, divisible_by: int, params_dtype: torch.dtype
+    cfg: FalconH1Config, *, tp: int, pp: int, padded_vocab: int, divisible_by: int, params_dtype: torch.dtype,
+    pattern: str = "P",
 ) -> Namespace:
-    """The ``args`` Namespace stored in legacy checkpoints (plain values and torch dtypes only)."""
+    """The ``args`` Namespace stored in legacy checkpoints (plain values and torch dtypes only).
+    ``pattern``: the hybrid layer symbols one HF layer becomes (see ``mappings.Layout``); Megatron
+    counts every symbol as a layer."""
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     args = dict(
-        num_layers=cfg.num_hidden_layers,
+        num_layers=cfg.num_hidden_layers * len(pattern),
+        hybrid_override_pattern=pattern * cfg.num_hidden_layers,
         hidden_size=cfg.hidden_size,
         ffn_hidden_size=cfg.intermediate_size,
         num_attention_heads=cfg.num_attention_heads,
@@ -148,6 +152,11 @@ def megatron_args(
     return Namespace(**args)
 
 
+def _hf_layers(pattern: str | None, num_layers: int) -> int:
+    """One HF layer per parallel-hybrid ``P`` symbol (an MLP-only ``-`` after it belongs to it)."""
+    return pattern.count("P") if isinstance(pattern, str) and "P" in pattern else num_layers
+
+
 def hf_config_from_args(args: Namespace) -> FalconH1Config:
     """Rebuilds the HF config from Megatron args when no ``hf_assets/config.json`` sidecar exists."""
     a = vars(args)
@@ -158,7 +167,7 @@ def hf_config_from_args(args: Namespace) -> FalconH1Config:
         return a[name]
 
     fields = dict(
-        num_hidden_layers=need("num_layers"),
+        num_hidden_layers=_hf_layers(a.get("hybrid_override_pattern"), need("num_layers")),
         hidden_size=need("hidden_size"),
         intermediate_size=need("ffn_hidden_size"),
         num_attention_heads=need("num_attention_heads"),

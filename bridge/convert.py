@@ -18,7 +18,7 @@ from typing import Protocol
 import torch
 from tqdm import tqdm
 
-from mappings import LAYOUTS, LEGACY_ONLY_LAYOUTS, FalconH1Dims
+from mappings import LAYOUTS, FalconH1Dims
 
 from .atomic import atomic_output_dir
 from .config import DTYPES, HF_DTYPE_NAMES, config_dtype, hf_config_from_args, hf_config_from_json, megatron_args
@@ -142,12 +142,12 @@ def write_megatron(
         raise InputError(f"--layout {layout!r}: expected one of {', '.join(LAYOUTS)}")
     if fmt not in FORMATS:
         raise InputError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}")
-    if fmt == "torch_dist" and layout in LEGACY_ONLY_LAYOUTS:
+    if fmt == "torch_dist" and LAYOUTS[layout].legacy_only:
         raise UnsupportedError(f"--layout {layout} exists only in legacy files (torch_dist keeps conv1d.weight "
                                "through megatron-core's conv_checkpoint_key_map)")
     plan = ParallelPlan(cfg, tp, pp, divisible_by, layout)
     args = megatron_args(cfg, tp=tp, pp=pp, padded_vocab=plan.dims.padded_vocab, divisible_by=divisible_by,
-                         params_dtype=target or config_dtype(cfg))
+                         params_dtype=target or config_dtype(cfg), pattern=LAYOUTS[layout].pattern)
     vars(args).update(extra_args)
     summary = Summary("", str(dst), "", tp, pp, layout=layout, dtype=dtype, format=fmt)
     with atomic_output_dir(dst, force=force, inputs=inputs) as tmp:

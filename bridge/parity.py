@@ -67,14 +67,15 @@ class ParityReport:
 
 def _canonical(name: str, pp_rank: int, plan: ParallelPlan) -> str:
     """Bridge-layout name with the global layer number: stages merge by layer, layouts by renaming."""
-    for canonical, renamed in LAYOUTS[plan.layout].items():
+    spec = LAYOUTS[plan.layout]
+    for canonical, renamed in spec.renames.items():
         for alias in renamed:
             if name.endswith("." + alias):
                 name = name[: -len(alias)] + canonical
     local = _LAYER.match(name)
     if local is None:
         return name
-    layer = pp_rank * plan.layers_per_stage + int(local.group(1))
+    layer = pp_rank * plan.layers_per_stage + int(local.group(1)) // len(spec.pattern)
     return f"decoder.layers.{layer}." + name[local.end():]
 
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from mappings import FalconH1Dims, Param, megatron_keys, padded_vocab_size, params_for
+from mappings import FalconH1Dims, Param, megatron_keys, megatron_layer, padded_vocab_size, params_for
 
 from .errors import UnsupportedError
 
@@ -62,10 +62,14 @@ class ParallelPlan:
                 out.append((p, None, None))
         return out
 
-    def megatron_names(self, param: Param, local_layer: int | None) -> tuple[str, ...]:
-        """Every key the entry is stored under in this layout (copies for fused norms)."""
+    def megatron_names(self, param: Param, layer: int | None) -> tuple[str, ...]:
+        """Every key the entry is stored under in this layout (copies for fused norms). ``layer`` is the
+        HF layer: local to the stage for legacy files, global for torch_dist."""
         keys = megatron_keys(param, self.layout)
-        return keys if local_layer is None else tuple(k.replace("{L}", str(local_layer)) for k in keys)
+        if layer is None:
+            return keys
+        index = str(megatron_layer(param, self.layout, layer))
+        return tuple(k.replace("{L}", index) for k in keys)
 
     def megatron_name(self, param: Param, local_layer: int | None) -> str:
         """The key the entry is read from."""

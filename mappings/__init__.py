@@ -5,11 +5,12 @@ from .falcon_h1 import (
     DEFAULT_LAYOUT,
     FALCON_H1,
     LAYOUTS,
-    LEGACY_ONLY_LAYOUTS,
+    Layout,
     Param,
     hf_shapes,
     megatron_key,
     megatron_keys,
+    megatron_layer,
     params_for,
 )
 from .rules import Rule, ShardError
@@ -18,7 +19,7 @@ __all__ = [
     "DEFAULT_LAYOUT",
     "FALCON_H1",
     "LAYOUTS",
-    "LEGACY_ONLY_LAYOUTS",
+    "Layout",
     "FalconH1Dims",
     "Param",
     "hf_shapes",
@@ -26,6 +27,7 @@ __all__ = [
     "ShardError",
     "megatron_key",
     "megatron_keys",
+    "megatron_layer",
     "padded_vocab_size",
     "params_for",
 ]

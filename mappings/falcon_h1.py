@@ -9,12 +9,12 @@ norm is ``decoder.layers.L.norm.weight`` and the pre-MLP norm is fused into ``li
 says which pipeline stage holds a non-layer parameter. Entries with ``export=False`` are
 copies Megatron keeps for itself and that HF does not store again.
 
-Other Megatron key layouts are plain renaming tables in ``LAYOUTS``.
+Other Megatron key layouts are data too (``LAYOUTS``): renames and a layer pattern.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 from .dims import FalconH1Dims
@@ -136,22 +136,40 @@ CONDITIONS: dict[str, Callable[[object, int], bool]] = {
     "tied_pp": lambda c, pp: bool(c.tie_word_embeddings) and pp > 1,
 }
 
-# Megatron key layouts, as renames of the canonical (Megatron-Bridge) layer-key suffixes. A rename to
-# several keys stores one HF tensor under each (Megatron keeps separate copies).
-LAYOUTS: dict[str, dict[str, tuple[str, ...]]] = {
-    "bridge": {},
+@dataclass(frozen=True)
+class Layout:
+    """One Megatron key layout: renames of the canonical (Megatron-Bridge) layer-key suffixes (a rename
+    to several keys stores one HF tensor under each, as Megatron keeps separate copies), and the
+    hybrid pattern one HF layer becomes: ``"P"`` is one Megatron layer holding the whole Falcon-H1
+    block; ``"P-"`` is a parallel Mamba‖attention layer followed by an MLP-only layer, so HF layer i
+    is Megatron layers 2i and 2i+1 and the ``mlp.*`` keys live in the second."""
+
+    renames: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    pattern: str = "P"
+    legacy_only: bool = False  # key names only legacy state_dict() files use
+
+    def sublayer(self, suffix: str) -> int:
+        """Which of an HF layer's Megatron layers holds this canonical suffix."""
+        return self.pattern.index("-") if "-" in self.pattern and suffix.startswith("mlp.") else 0
+
+
+_FUSED_NORM = {"norm.weight": ("mamba_mixer.in_proj.layer_norm_weight", "self_attention.linear_qkv.layer_norm_weight")}
+
+LAYOUTS: dict[str, Layout] = {
+    "bridge": Layout(),
     # Megatron-LM main stores conv1d as direct parameters (legacy state_dict keys only; torch_dist
     # keeps conv1d.weight through megatron-core's conv_checkpoint_key_map).
-    "mlm-conv1d": {
+    "mlm-conv1d": Layout({
         "mamba_mixer.conv1d.weight": ("mamba_mixer.conv1d_weight",),
         "mamba_mixer.conv1d.bias": ("mamba_mixer.conv1d_bias",),
-    },
+    }, legacy_only=True),
     # Megatron-Bridge before 50ccc9774: the shared input norm fused into both branches' first linear.
-    "bridge-fused-norm": {
-        "norm.weight": ("mamba_mixer.in_proj.layer_norm_weight", "self_attention.linear_qkv.layer_norm_weight"),
-    },
+    "bridge-fused-norm": Layout(_FUSED_NORM),
+    # Megatron-LM's parallel hybrid (PR #1785, ParallelHybridLayer, hybrid_override_pattern "P-P-..."):
+    # the P layer's input norm is an identity and the norm is fused into in_proj and linear_qkv; the
+    # "-" layer is an MLP-only layer with the pre-MLP norm fused into linear_fc1.
+    "mlm-parallel-hybrid": Layout(_FUSED_NORM, pattern="P-"),
 }
-LEGACY_ONLY_LAYOUTS = {"mlm-conv1d"}
 DEFAULT_LAYOUT = "bridge"
 
 
@@ -160,15 +178,28 @@ def params_for(hf_config, pp: int = 1) -> list[Param]:
     return [p for p in FALCON_H1 if p.when is None or CONDITIONS[p.when](hf_config, pp)]
 
 
+def _suffix(param: Param) -> str:
+    return param.megatron.rpartition(LAYER + ".")[2]
+
+
 def megatron_keys(param: Param, layout: str = DEFAULT_LAYOUT) -> tuple[str, ...]:
-    """The entry's Megatron key pattern(s) in the given layout; the first is the one read."""
-    prefix, sep, suffix = param.megatron.rpartition(LAYER + ".")
-    renamed = LAYOUTS[layout].get(suffix) if sep else None
-    return tuple(prefix + sep + r for r in renamed) if renamed else (param.megatron,)
+    """The entry's Megatron key pattern(s) in the given layout, ``{L}`` standing for the Megatron
+    layer (see ``megatron_layer``); the first is the one read."""
+    if not param.is_layer:
+        return (param.megatron,)
+    prefix = param.megatron[: -len(_suffix(param))]
+    return tuple(prefix + r for r in LAYOUTS[layout].renames.get(_suffix(param), (_suffix(param),)))
 
 
 def megatron_key(param: Param, layout: str = DEFAULT_LAYOUT) -> str:
     return megatron_keys(param, layout)[0]
+
+
+def megatron_layer(param: Param, layout: str, hf_layer: int) -> int:
+    """Megatron layer index holding a layer entry of HF layer ``hf_layer`` (both global, or both
+    local to one pipeline stage)."""
+    spec = LAYOUTS[layout]
+    return hf_layer * len(spec.pattern) + spec.sublayer(_suffix(param))
 
 
 def hf_shapes(hf_config, dims: FalconH1Dims) -> dict[str, tuple[int, ...]]:
