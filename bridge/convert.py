@@ -9,6 +9,7 @@ memory-mapped rank files.
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
@@ -179,19 +180,57 @@ def _counted(tensors, summary: Summary, progress: bool):
             del item
 
 
+class BufferPool:
+    """Shard buffers reused from one rank file to the next: the ranks of a stage hold the same shapes,
+    so after the first rank no new memory is touched (fresh pages cost more than the copy into
+    them). Each buffer is exactly one tensor's bytes, so ``torch.save`` stores nothing extra.
+    Buffers the last rank did not reuse are dropped, so at most two ranks' worth is ever held."""
+
+    def __init__(self):
+        self._free: dict[int, list[torch.Tensor]] = {}
+        self._taken: list[torch.Tensor] = []
+
+    def tensor(self, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+        nbytes = math.prod(shape) * dtype.itemsize
+        free = self._free.get(nbytes)
+        buf = free.pop() if free else torch.empty(nbytes, dtype=torch.uint8)
+        self._taken.append(buf)
+        return buf.view(dtype).view(shape)
+
+    def recycle(self) -> None:
+        """Call once the rank file is written and its tensors are dropped."""
+        self._free = {}
+        for buf in self._taken:
+            self._free.setdefault(buf.numel(), []).append(buf)
+        self._taken = []
+
+
+def _fill(out: torch.Tensor, pieces: list[torch.Tensor]) -> torch.Tensor:
+    """Copies a rule's dim-0 pieces into consecutive rows of ``out`` (casting if the dtype differs)."""
+    row = 0
+    for piece in pieces:
+        out[row:row + piece.shape[0]].copy_(piece)
+        row += piece.shape[0]
+    return out
+
+
 def _write_legacy_ranks(source, plan: ParallelPlan, iter_dir: Path, target, args, summary: Summary, progress: bool):
     """One rank file at a time: each holds only its shards, so memory is one output file."""
+    pool = BufferPool()
     for tp_rank, pp_rank in tqdm(plan.ranks(), unit="rank", desc="→megatron", disable=not progress):
         model = {}
         for param, layer, local in plan.stage_entries(pp_rank):
             hf = [source.get(hf_name(k, layer)) for k in param.hf]
-            shard = param.rule.shard(hf, plan.dims, plan.tp, tp_rank)
-            tensor = _materialize(shard, target)
+            pieces = param.rule.pieces(hf, plan.dims, plan.tp, tp_rank)
+            shape = torch.Size([sum(p.shape[0] for p in pieces), *pieces[0].shape[1:]])
+            tensor = _fill(pool.tensor(shape, target or hf[0].dtype), pieces)
+            del hf, pieces
             model.update((name, tensor) for name in plan.megatron_names(param, local))
         path = iter_dir / rank_dir_name(tp_rank, pp_rank, plan.pp) / "model_optim_rng.pt"
         write_rank_file(path, model, args, iteration=0)
         summary.tensors += len(model)
-        del model
+        del model, tensor
+        pool.recycle()
 
 
 def megatron_hf_config(meg: MegatronCheckpoint):

@@ -23,6 +23,7 @@ from safetensors import SafetensorError, safe_open
 
 from .config import load_hf_config
 from .errors import InputError
+from .pipeline import read_ahead
 
 INDEX = "model.safetensors.index.json"
 _UMASK = os.umask(0o022)  # read once: written files get the mode the user's umask asks for
@@ -153,7 +154,8 @@ _DTYPE_CODES = {dtype: code for code, dtype in _SAFETENSORS_DTYPES.items()}
 def _write_safetensors(path: Path, keys: list[str], layout: dict, tensors: Mapping[str, torch.Tensor],
                        counts: NonFiniteCount) -> None:
     """Streams one safetensors file: the header is known from ``layout``, then each tensor is fetched,
-    written and dropped. safetensors' ``save_file`` needs the whole file's tensors in memory at once."""
+    written and dropped (at most two are alive: one written, one being built). safetensors'
+    ``save_file`` needs the whole file's tensors in memory at once."""
     header: dict = {"__metadata__": {"format": "pt"}}
     offset = 0
     for key in keys:
@@ -163,13 +165,18 @@ def _write_safetensors(path: Path, keys: list[str], layout: dict, tensors: Mappi
         offset += size
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(blob)) + blob)
+
+    def produced():
         for key in keys:
             t = tensors[key]
             if tuple(t.shape) != tuple(layout[key][0]) or t.dtype != layout[key][1]:
                 raise ValueError(f"{key}: produced {tuple(t.shape)} {t.dtype}, planned {tuple(layout[key][0])}")
-            t = counts.check(key, t.contiguous())
+            yield counts.check(key, t.contiguous())
+            del t
+
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)) + blob)
+        for t in read_ahead(produced()):  # the next tensor is built while this one is written
             f.write(t.reshape(-1).view(torch.uint8).numpy().data)
             del t
 

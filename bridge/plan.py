@@ -7,6 +7,7 @@ anything is written.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -81,8 +82,14 @@ class ParallelPlan:
 
     def shard_shape(self, param: Param, hf_shapes: list[torch.Size]) -> torch.Size:
         """Per-rank shape, computed by running the rule on meta tensors."""
-        metas = [torch.empty(s, device="meta") for s in hf_shapes]
-        return param.rule.shard(metas, self.dims, self.tp, 0).shape
+        return _shard_shape(param.rule, self.dims, self.tp, tuple(tuple(s) for s in hf_shapes))
+
+
+@functools.lru_cache(maxsize=None)
+def _shard_shape(rule, dims: FalconH1Dims, tp: int, hf_shapes: tuple[tuple[int, ...], ...]) -> torch.Size:
+    """Cached: every layer asks the same few questions, and a meta-tensor run costs ~2 ms."""
+    metas = [torch.empty(s, device="meta") for s in hf_shapes]
+    return rule.shard(metas, dims, tp, 0).shape
 
 
 def hf_name(param_key: str, layer: int | None) -> str:

@@ -19,7 +19,7 @@ import io
 import json
 import pickle
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -35,6 +35,7 @@ from torch.distributed.checkpoint.storage import WriteResult
 
 from .atomic import os_errors_surfaced, torch_save
 from .errors import InputError
+from .pipeline import read_ahead
 from .safe_pickle import safe_torch_load
 
 METADATA_JSON = {
@@ -51,31 +52,53 @@ class TorchDistFormatError(InputError, ValueError):
     """The directory is not a readable torch_dist checkpoint; the message names the file at fault."""
 
 
+def _batches(tensors: Iterable[tuple[str, torch.Tensor]], batch_bytes: int) -> Iterator[dict[str, torch.Tensor]]:
+    batch: dict[str, torch.Tensor] = {}
+    size, seen = 0, set()
+    for key, tensor in tensors:
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"{key!r}: expected a torch.Tensor, got {type(tensor).__name__}")
+        if key in seen:
+            raise ValueError(f"key written twice: {key!r}")
+        seen.add(key)
+        nbytes = tensor.numel() * tensor.element_size()
+        if batch and size + nbytes > batch_bytes:
+            yield batch
+            batch, size = {}, 0
+        batch[key] = tensor
+        size += nbytes
+        del tensor
+    if batch:
+        yield batch
+
+
 def write_torch_dist(
     iter_dir: Path,
     tensors: Iterable[tuple[str, torch.Tensor]],
     common: dict,
     *,
     objects: dict[str, object] | None = None,
+    batch_bytes: int = 128 * 2**20,
 ) -> None:
     """Writes ``iter_dir`` (absent or empty) as a torch_dist checkpoint megatron-core can load.
 
-    ``tensors`` are global tensors under their final sharded keys; they are consumed one at a time
-    and each is released before the next is requested, so peak memory is one tensor (plus a copy
-    if it is a view into a larger storage), not the checkpoint. ``objects`` are ShardedObject
+    ``tensors`` are global tensors under their final sharded keys. They are gathered into batches
+    of about ``batch_bytes`` (a larger tensor is a batch of its own), each written as one
+    ``__0_{n}_0.distcp`` file while the next batch is produced on a second thread, so peak memory
+    is about two batches plus one tensor, not the checkpoint. ``objects`` are ShardedObject
     payloads keyed without the ``/shard_0_1`` suffix. ``metadata.json`` is written last, so an
     interrupted write is not mistaken for a checkpoint.
 
     Streaming works by driving DCP's ``FileSystemWriter`` through its StorageWriter protocol one
-    entry at a time (one ``write_data`` per tensor, each into its own ``__0_{n}_0.distcp``) and
-    calling ``finish`` once with the merged metadata: ``dcp.save`` must plan every entry (shape and
-    dtype) before it writes any, and it may be called only once per directory.
+    batch at a time and calling ``finish`` once with the merged metadata: ``dcp.save`` must plan
+    every entry (shape and dtype) before it writes any, and it may be called only once per
+    directory. Files are not fsynced one by one: the caller syncs the finished tree once.
     """
     iter_dir = Path(iter_dir)
     if iter_dir.exists() and any(iter_dir.iterdir()):
         raise FileExistsError(f"{iter_dir}: not empty; a torch_dist checkpoint needs a fresh directory")
     iter_dir.mkdir(parents=True, exist_ok=True)
-    writer = FileSystemWriter(iter_dir)
+    writer = FileSystemWriter(iter_dir, sync_files=False)
     writer.set_up_storage_writer(True)
     entries: dict[str, TensorStorageMetadata | BytesStorageMetadata] = {}
     results: list[WriteResult] = []
@@ -95,12 +118,10 @@ def write_torch_dist(
     if objects:
         write_part(0, {key + OBJECT_SUFFIX: [obj] for key, obj in objects.items()})
     part = 0
-    for key, tensor in tensors:  # no enumerate/zip: their cached result tuple would keep the last tensor alive
-        if not isinstance(tensor, torch.Tensor):
-            raise TypeError(f"{key!r}: expected a torch.Tensor, got {type(tensor).__name__}")
+    for batch in read_ahead(_batches(tensors, batch_bytes)):
         part += 1
-        write_part(part, {key: tensor})
-        del tensor  # release it before the producer makes the next one
+        write_part(part, batch)
+        del batch  # release it before the next one is taken
     writer.finish(Metadata(entries), [results])
     torch_save(common, iter_dir / "common.pt")
     (iter_dir / "metadata.json").write_text(json.dumps(METADATA_JSON))

@@ -2,8 +2,10 @@
 
 Each rule answers two questions and nothing else:
 
-* ``shard(hf, dims, tp, rank)`` -- which tensor does TP rank ``rank`` hold, given the HF
-  tensors of one table entry (in the entry's ``hf`` key order)?
+* ``pieces(hf, dims, tp, rank)`` -- which tensor does TP rank ``rank`` hold, given the HF
+  tensors of one table entry (in the entry's ``hf`` key order)? Answered as views of the inputs
+  whose concatenation on dim 0 is the shard, so a writer can copy them straight into its output
+  buffer; ``shard`` concatenates them.
 * ``merge(shards, dims)`` -- which HF tensors do the ``tp`` rank shards come from?
 
 ``to_megatron`` / ``to_hf`` are the all-ranks forms. Rules work on any device, including
@@ -42,8 +44,12 @@ class Rule:
 
     name = "rule"
 
-    def shard(self, hf: Sequence[Tensor], dims: FalconH1Dims, tp: int, rank: int) -> Tensor:
+    def pieces(self, hf: Sequence[Tensor], dims: FalconH1Dims, tp: int, rank: int) -> list[Tensor]:
         raise NotImplementedError
+
+    def shard(self, hf: Sequence[Tensor], dims: FalconH1Dims, tp: int, rank: int) -> Tensor:
+        parts = self.pieces(hf, dims, tp, rank)
+        return parts[0] if len(parts) == 1 else torch.cat(parts, 0)
 
     def merge(self, shards: Sequence[Tensor], dims: FalconH1Dims) -> list[Tensor]:
         raise NotImplementedError
@@ -63,8 +69,8 @@ class Replicated(Rule):
 
     name = "replicated"
 
-    def shard(self, hf, dims, tp, rank):
-        return hf[0]
+    def pieces(self, hf, dims, tp, rank):
+        return [hf[0]]
 
     def merge(self, shards, dims):
         if not _identical(shards):
@@ -82,8 +88,8 @@ class Split(Rule):
     def name(self) -> str:  # type: ignore[override]
         return {0: "column", 1: "row"}.get(self.dim, f"split{self.dim}")
 
-    def shard(self, hf, dims, tp, rank):
-        return _chunk(hf[0], tp, self.dim, self.name)[rank]
+    def pieces(self, hf, dims, tp, rank):
+        return [_chunk(hf[0], tp, self.dim, self.name)[rank]]
 
     def merge(self, shards, dims):
         return [torch.cat(list(shards), self.dim)]
@@ -94,14 +100,17 @@ class VocabSplit(Rule):
 
     name = "vocab"
 
-    def shard(self, hf, dims, tp, rank):
+    def pieces(self, hf, dims, tp, rank):
         t = hf[0]
-        pad = dims.padded_vocab - t.shape[0]
-        if pad < 0:
+        if t.shape[0] > dims.padded_vocab:
             raise ShardError(f"vocab: {t.shape[0]} rows exceed padded vocab {dims.padded_vocab}")
-        if pad:
-            t = torch.cat([t, t.new_zeros((pad, *t.shape[1:]))])
-        return _chunk(t, tp, 0, self.name)[rank]
+        if dims.padded_vocab % tp:
+            raise ShardError(f"vocab: padded size {dims.padded_vocab} is not divisible by TP={tp}")
+        rows = dims.padded_vocab // tp
+        begin, end = rank * rows, (rank + 1) * rows
+        real = t[min(begin, t.shape[0]): min(end, t.shape[0])]
+        pad = rows - real.shape[0]  # only the rank(s) past the real vocabulary hold zero rows
+        return [real] if not pad else [p for p in (real, t.new_zeros((pad, *t.shape[1:]))) if p.shape[0]]
 
     def merge(self, shards, dims):
         full = torch.cat(list(shards), 0)
@@ -136,8 +145,8 @@ class Blockwise(Rule):
             raise ShardError(f"{self.name}: {hf[0].shape[0]} rows, expected {sum(sizes)} = {sizes}")
         return list(hf[0].split(sizes, 0))
 
-    def shard(self, hf, dims, tp, rank):
-        return torch.cat([_chunk(b, tp, 0, self.name)[rank] for b in self._hf_blocks(hf, dims)], 0)
+    def pieces(self, hf, dims, tp, rank):
+        return [_chunk(b, tp, 0, self.name)[rank] for b in self._hf_blocks(hf, dims)]
 
     def merge(self, shards, dims):
         tp = len(shards)
@@ -165,11 +174,24 @@ class QKVInterleave(Rule):
         q_per_group = dims.n_heads // dims.n_kv_heads
         return [q_per_group * dims.head_dim, dims.head_dim, dims.head_dim]
 
-    def shard(self, hf, dims, tp, rank):
-        q, k, v = hf
-        g, rest = dims.n_kv_heads, q.shape[1:]
-        fused = torch.cat([q.reshape(g, -1, *rest), k.reshape(g, -1, *rest), v.reshape(g, -1, *rest)], 1)
-        return _chunk(fused.reshape(-1, *rest), tp, 0, "qkv")[rank]
+    def pieces(self, hf, dims, tp, rank):
+        """Rows [rank * n, (rank + 1) * n) of the interleaved tensor, cut from the q/k/v group slices
+        they overlap; nothing else is built."""
+        g = dims.n_kv_heads
+        per_group = [t.reshape(g, -1, *t.shape[1:]) for t in hf]  # q, k, v as [group, rows, ...]
+        group_rows = sum(t.shape[1] for t in per_group)
+        if g * group_rows % tp:
+            raise ShardError(f"qkv: size {g * group_rows} on dim 0 is not divisible by TP={tp}")
+        n = g * group_rows // tp
+        begin, end, out, row = rank * n, (rank + 1) * n, [], 0
+        for group in range(g):
+            for t in per_group:
+                size = t.shape[1]
+                lo, hi = max(begin - row, 0), min(end - row, size)
+                if lo < hi:
+                    out.append(t[group, lo:hi])
+                row += size
+        return out
 
     def merge(self, shards, dims):
         rows = self._group_rows(dims)

@@ -73,19 +73,27 @@ def test_round_trip_bit_exact(ckpt):
         r.load(["nope"])
 
 
-def test_write_streams_one_tensor_at_a_time(tmp_path):
+def test_write_streams_in_bounded_batches(tmp_path):
+    """One-tensor batches: when a tensor is requested, at most three earlier ones are alive (the batch
+    being written, the one waiting for the writer, the one being filled); each batch is its own
+    .distcp file and everything reads back."""
     refs: list[weakref.ref] = []
 
     def produce():
-        for i in range(4):
-            assert all(ref() is None for ref in refs), "writer still holds an earlier tensor"
+        for i in range(8):
+            alive = sum(ref() is not None for ref in refs)
+            assert alive <= 3, f"{alive} earlier tensors still alive"
             t = torch.full((1000,), float(i))
             refs.append(weakref.ref(t))
             yield f"t{i}", t
             del t
 
-    write_torch_dist(tmp_path / "it", produce(), {})
-    assert TorchDistReader(tmp_path / "it").load(["t3"])["t3"].eq(3).all()
+    write_torch_dist(tmp_path / "it", produce(), {}, batch_bytes=4000)
+    assert len(list((tmp_path / "it").glob("*.distcp"))) == 8
+    loaded = TorchDistReader(tmp_path / "it").load([f"t{i}" for i in range(8)])
+    assert all(loaded[f"t{i}"].eq(i).all() for i in range(8))
+    write_torch_dist(tmp_path / "few", [(f"u{i}", torch.ones(1000)) for i in range(8)], {}, batch_bytes=8000)
+    assert len(list((tmp_path / "few").glob("*.distcp"))) == 4
 
 
 def test_write_refuses_bad_input(tmp_path):
