@@ -7,6 +7,13 @@ every h1bridge output is fsynced before it is renamed into place (``bridge/atomi
 ``cp -r`` is listed too. When ``/proc/sys/vm/drop_caches`` is writable the page cache is dropped
 before each operation (all cold); otherwise the source is read once up front (all warm).
 
+Every operation starts ``SETTLE_S`` seconds after the drop. On a VM that hands freed memory back to
+its host (virtio free page reporting, as on the machine the README numbers come from), memory
+freed by the drop is returned within ~2 s and touching it again costs ~2 s per GB; a ``cp``
+started at once reuses it while still backed (measured: 1.5B ``cp -r`` 3.1 s right after the
+drop, 7.1 s five seconds later), and h1bridge needs ~2.5 s of imports first. Settling puts every
+operation, ``cp`` included, in the same state.
+
 Mamba groups: released shapes have one group and megatron-core needs groups % TP == 0, so a preset
 is generated with groups = the largest TP in {2, 4, 8} its heads allow (3B: 10 attention heads, so
 TP <= 2; 7B: 12 heads, so TP <= 4). ``reshard`` goes TP=2 -> TP=4, or TP=2 -> TP=1 where 4 is not
@@ -35,6 +42,7 @@ H1 = str(Path(sys.executable).with_name("h1bridge"))
 DROP_CACHES = Path("/proc/sys/vm/drop_caches")
 GiB = 2**30
 REFERENCE = "cp -r + fsync"
+SETTLE_S = 8
 
 
 def can_drop_caches() -> bool:
@@ -91,6 +99,7 @@ def run_child(argv: list[str], cold: bool) -> tuple[float, int]:
     if cold:
         os.sync()
         DROP_CACHES.write_text("3")
+        time.sleep(SETTLE_S)
     with tempfile.TemporaryFile() as err:
         start = time.perf_counter()
         proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=err)
@@ -185,7 +194,7 @@ def targets(results: list[dict]) -> list[str]:
 
 
 def markdown(results: list[dict], cold: bool) -> str:
-    cache = ("cold: page cache dropped before every operation" if cold
+    cache = (f"cold: page cache dropped before every operation, which starts {SETTLE_S} s later" if cold
              else "warm: drop_caches not permitted; the source was read once before timing")
     out = [(f"# h1bridge conversion benchmark\n\nPage cache {cache}. One run per operation; bf16; "
             f"GB/s = output bytes (1e9) / s; x cp = `{REFERENCE}` seconds / op seconds; RSS in GiB; "

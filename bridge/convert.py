@@ -285,9 +285,10 @@ def megatron_plan(meg: MegatronCheckpoint, cfg) -> tuple[ParallelPlan, dict[str,
 
 class MegatronToHF:
     """Gathers HF tensors from rank shards; remembers the last merged entry (q/k/v share one merge) and
-    unmaps the rank files every ``release_bytes`` read, so memory stays bounded on any model size."""
+    gives back the rank files' pages every ``release_bytes`` read, so memory stays bounded on any model
+    size."""
 
-    release_bytes = 256 * 2**20
+    release_bytes = 64 * 2**20
 
     def __init__(self, meg: MegatronCheckpoint, plan: ParallelPlan, dtype: torch.dtype | None):
         self.meg, self.plan, self.dtype = meg, plan, dtype
@@ -305,7 +306,7 @@ class MegatronToHF:
     def merged(self, key: str) -> torch.Tensor:
         param, layer, pos = self.index[key]
         if self._last is None or self._last[0] != (param, layer):
-            if self._since_release > self.release_bytes:  # unmap: pages already read count as resident
+            if self._since_release > self.release_bytes:  # pages already read count as resident
                 self._last, self._since_release = None, 0
                 self.meg.release()
             pp_rank, local = self._stage(param, layer)

@@ -15,6 +15,7 @@ import torch
 
 from .atomic import torch_save
 from .errors import InputError, UnsupportedError
+from .pages import drop_resident
 from .safe_pickle import safe_torch_load
 
 TRACKER = "latest_checkpointed_iteration.txt"
@@ -120,8 +121,11 @@ class LegacyCheckpoint:
         return {k: (v.shape, v.dtype) for k, v in self.model(tp_rank, pp_rank).items()}
 
     def release(self) -> None:
-        """Unmaps the rank files: pages a mapping has touched count as resident until it goes away."""
-        self._cache.clear()
+        """Gives back the pages read so far (they count as resident while mapped): dropped in place,
+        or, where the platform cannot, by unmapping the rank files (reloaded on the next access)."""
+        if not all(drop_resident(s["model"][k] for k in s["model"] if isinstance(s["model"][k], torch.Tensor))
+                   for s in self._cache.values()):
+            self._cache.clear()
 
     @property
     def hf_assets(self) -> Path:
