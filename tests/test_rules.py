@@ -81,3 +81,36 @@ def test_replicated_merge_rejects_diverging_ranks():
 def test_non_divisible_split_is_an_error():
     with pytest.raises(ShardError, match="not divisible by TP=3"):
         COLUMN.shard([torch.randn(8, 2)], dims(), 3, 0)
+
+
+def padded_then_chunked(w, padded, tp):
+    """Reference for the vocab rule: the whole padded matrix, then plain chunks."""
+    return list(torch.cat([w, torch.zeros(padded - w.shape[0], *w.shape[1:])]).chunk(tp))
+
+
+@pytest.mark.parametrize("vocab,padded,tp", [(10, 16, 2), (10, 64, 4), (16, 16, 4), (3, 32, 8), (30, 32, 8)])
+def test_vocab_pieces_equal_pad_then_chunk(vocab, padded, tp):
+    """Ranks wholly inside, straddling, or wholly past the real vocabulary (all-zero ranks)."""
+    d = dims(vocab=vocab, padded_vocab=padded)
+    w = torch.randn(vocab, 4)
+    for rank, want in enumerate(padded_then_chunked(w, padded, tp)):
+        assert torch.equal(VOCAB.shard([w], d, tp, rank), want)
+
+
+def interleaved_then_chunked(q, k, v, groups, tp):
+    """Reference for the QKV rule, by loops: [q heads of g | k_g | v_g] per group, then plain chunks."""
+    rows = []
+    qg, kg = q.shape[0] // groups, k.shape[0] // groups
+    for g in range(groups):
+        rows += [q[g * qg:(g + 1) * qg], k[g * kg:(g + 1) * kg], v[g * kg:(g + 1) * kg]]
+    return list(torch.cat(rows).chunk(tp))
+
+
+@pytest.mark.parametrize("n_heads,n_kv,tp", [(4, 2, 1), (4, 2, 2), (4, 2, 4), (8, 1, 4), (8, 2, 8), (4, 4, 2)])
+def test_qkv_pieces_equal_interleave_then_chunk(n_heads, n_kv, tp):
+    """Whole groups per rank, and groups spread over several ranks (megatron-core's kv < tp path)."""
+    d = dims(n_heads=n_heads, n_kv_heads=n_kv, head_dim=2)
+    q, k, v = torch.randn(n_heads * 2, 3), torch.randn(n_kv * 2, 3), torch.randn(n_kv * 2, 3)
+    for rank, want in enumerate(interleaved_then_chunked(q, k, v, n_kv, tp)):
+        assert torch.equal(QKV.shard([q, k, v], d, tp, rank), want)
+    assert [t.equal(u) for t, u in zip(QKV.merge(QKV.to_megatron([q, k, v], d, tp), d), (q, k, v))] == [True] * 3
