@@ -9,7 +9,6 @@ memory-mapped rank files.
 from __future__ import annotations
 
 import json
-import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
@@ -22,6 +21,7 @@ from tqdm import tqdm
 from mappings import LAYOUTS, FalconH1Dims
 
 from .atomic import atomic_output_dir
+from .buffers import BufferPool, fill
 from .config import DTYPES, HF_DTYPE_NAMES, config_dtype, hf_config_from_args, hf_config_from_json, megatron_args
 from .errors import InputError, UnsupportedError
 from .groups import ExpandedSource, collapse, expanded_config, expansion_factor
@@ -180,40 +180,6 @@ def _counted(tensors, summary: Summary, progress: bool):
             del item
 
 
-class BufferPool:
-    """Shard buffers reused from one rank file to the next: the ranks of a stage hold the same shapes,
-    so after the first rank no new memory is touched (fresh pages cost more than the copy into
-    them). Each buffer is exactly one tensor's bytes, so ``torch.save`` stores nothing extra.
-    Buffers the last rank did not reuse are dropped, so at most two ranks' worth is ever held."""
-
-    def __init__(self):
-        self._free: dict[int, list[torch.Tensor]] = {}
-        self._taken: list[torch.Tensor] = []
-
-    def tensor(self, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
-        nbytes = math.prod(shape) * dtype.itemsize
-        free = self._free.get(nbytes)
-        buf = free.pop() if free else torch.empty(nbytes, dtype=torch.uint8)
-        self._taken.append(buf)
-        return buf.view(dtype).view(shape)
-
-    def recycle(self) -> None:
-        """Call once the rank file is written and its tensors are dropped."""
-        self._free = {}
-        for buf in self._taken:
-            self._free.setdefault(buf.numel(), []).append(buf)
-        self._taken = []
-
-
-def _fill(out: torch.Tensor, pieces: list[torch.Tensor]) -> torch.Tensor:
-    """Copies a rule's dim-0 pieces into consecutive rows of ``out`` (casting if the dtype differs)."""
-    row = 0
-    for piece in pieces:
-        out[row:row + piece.shape[0]].copy_(piece)
-        row += piece.shape[0]
-    return out
-
-
 def _write_legacy_ranks(source, plan: ParallelPlan, iter_dir: Path, target, args, summary: Summary, progress: bool):
     """One rank file at a time: each holds only its shards, so memory is one output file."""
     pool = BufferPool()
@@ -223,7 +189,7 @@ def _write_legacy_ranks(source, plan: ParallelPlan, iter_dir: Path, target, args
             hf = [source.get(hf_name(k, layer)) for k in param.hf]
             pieces = param.rule.pieces(hf, plan.dims, plan.tp, tp_rank)
             shape = torch.Size([sum(p.shape[0] for p in pieces), *pieces[0].shape[1:]])
-            tensor = _fill(pool.tensor(shape, target or hf[0].dtype), pieces)
+            tensor = fill(pool.tensor(shape, target or hf[0].dtype), pieces)
             del hf, pieces
             model.update((name, tensor) for name in plan.megatron_names(param, local))
         path = iter_dir / rank_dir_name(tp_rank, pp_rank, plan.pp) / "model_optim_rng.pt"
