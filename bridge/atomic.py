@@ -46,11 +46,13 @@ def torch_save(obj, path: Path) -> None:
 
     Without the per-record CRC32 of the zip container: computing it took 2 s per GB, more than the
     write itself. ``torch.load`` does not check it (torch's own note on ``set_crc32_options``);
-    only an external ``unzip -t`` would complain."""
+    only an external ``unzip -t`` would complain. Written around the page cache (``direct_io``)."""
     import torch
     from torch.utils.serialization import config
 
-    with os_errors_surfaced(), config.patch({"save.compute_crc32": False}), open(path, "wb") as f:
+    from .direct_io import DirectFile
+
+    with os_errors_surfaced(), config.patch({"save.compute_crc32": False}), DirectFile(path) as f:
         torch.save(obj, f)
 
 

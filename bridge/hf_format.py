@@ -22,6 +22,7 @@ from huggingface_hub import split_torch_state_dict_into_shards
 from safetensors import SafetensorError, safe_open
 
 from .config import load_hf_config
+from .direct_io import DirectFile
 from .errors import InputError
 from .pipeline import read_ahead
 
@@ -174,7 +175,7 @@ def _write_safetensors(path: Path, keys: list[str], layout: dict, tensors: Mappi
             yield counts.check(key, t.contiguous())
             del t
 
-    with open(path, "wb") as f:
+    with DirectFile(path) as f:
         f.write(struct.pack("<Q", len(blob)) + blob)
         for t in read_ahead(produced()):  # the next tensor is built while this one is written
             f.write(t.reshape(-1).view(torch.uint8).numpy().data)

@@ -13,6 +13,7 @@ allow-list when a ``common.pt`` names megatron types, see :func:`_safe_load`).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import enum
 import io
@@ -25,9 +26,9 @@ from pathlib import Path
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint.filesystem import FileSystem, _StoragePrefix
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, DefaultSavePlanner
-from torch.distributed.checkpoint.filesystem import _StoragePrefix
 import torch.distributed.checkpoint.metadata as dcp_metadata
 import torch.distributed.checkpoint.planner as dcp_planner
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata, StorageMeta, TensorStorageMetadata
@@ -35,6 +36,7 @@ from torch.distributed.checkpoint.storage import WriteResult
 from torch.utils.serialization import config as torch_save_config
 
 from .atomic import os_errors_surfaced, torch_save
+from .direct_io import DirectFile
 from .errors import InputError
 from .pipeline import read_ahead
 from .safe_pickle import safe_torch_load
@@ -100,6 +102,7 @@ def write_torch_dist(
         raise FileExistsError(f"{iter_dir}: not empty; a torch_dist checkpoint needs a fresh directory")
     iter_dir.mkdir(parents=True, exist_ok=True)
     writer = FileSystemWriter(iter_dir, sync_files=False)
+    writer.fs = _DirectFileSystem()
     writer.set_up_storage_writer(True)
     entries: dict[str, TensorStorageMetadata | BytesStorageMetadata] = {}
     results: list[WriteResult] = []
@@ -128,6 +131,19 @@ def write_torch_dist(
     writer.finish(Metadata(entries), [results])
     torch_save(common, iter_dir / "common.pt")
     (iter_dir / "metadata.json").write_text(json.dumps(METADATA_JSON))
+
+
+class _DirectFileSystem(FileSystem):
+    """DCP's file system with data files written around the page cache (see ``direct_io``)."""
+
+    @contextlib.contextmanager
+    def create_stream(self, path, mode: str):
+        if mode != "wb":
+            with super().create_stream(path, mode) as stream:
+                yield stream
+            return
+        with DirectFile(path) as stream:
+            yield stream
 
 
 class TorchDistReader:

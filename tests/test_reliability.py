@@ -442,7 +442,8 @@ def test_disk_full_safetensors_writer(ws, monkeypatch):
         def __exit__(self, *exc):
             self.f.close()
 
-    monkeypatch.setattr(hf_format, "open", lambda *a, **k: FullDisk(open(*a, **k)), raising=False)
+    real = hf_format.DirectFile
+    monkeypatch.setattr(hf_format, "DirectFile", lambda *a, **k: FullDisk(real(*a, **k)))
     refused(["megatron-to-hf", ws.meg, ws.out, "--max-shard-size", "100KB", "--json"], ws.meg, ws.out, 4,
             f"{ws.out}: writing failed (No space left on device); nothing was left behind")
 

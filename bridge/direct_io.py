@@ -1,0 +1,91 @@
+"""Sequential output files written around the page cache (``O_DIRECT``), through one aligned buffer.
+
+Every output is fsynced before it is renamed into place, so caching it gains nothing; copying it
+into fresh page-cache pages was the largest single cost of a conversion (measured on the 2-core
+VM: 1.6 GB written + fsynced in 5.5 s buffered, 0.9 s direct). Data is staged in a reused,
+page-aligned buffer and written in whole blocks; the last block is padded and the file truncated
+to its exact length. Where ``O_DIRECT`` is refused (tmpfs, some network filesystems) the same code
+writes through the page cache.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+from pathlib import Path
+
+_BLOCK = 4096  # covers every logical block size O_DIRECT asks alignment to
+
+
+class DirectFile:
+    """A write-only binary file object (``write``, ``tell``, ``flush``, context manager)."""
+
+    def __init__(self, path: Path | str, buffer_bytes: int = 32 * 2**20):
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+        direct = getattr(os, "O_DIRECT", 0)
+        try:
+            self._fd = os.open(path, flags | direct, 0o666) if direct else os.open(path, flags, 0o666)
+            self.direct = bool(direct)
+        except OSError:  # EINVAL: this filesystem does not do O_DIRECT
+            self._fd = os.open(path, flags, 0o666)
+            self.direct = False
+        self._buf = mmap.mmap(-1, -(-buffer_bytes // _BLOCK) * _BLOCK)  # page-aligned, as O_DIRECT needs
+        self._view = memoryview(self._buf)
+        self._used = 0  # bytes staged in the buffer
+        self._written = 0  # bytes accepted in all
+
+    def write(self, data) -> int:
+        src = memoryview(data).cast("B")
+        done = 0
+        while done < len(src):
+            take = min(len(src) - done, len(self._view) - self._used)
+            self._view[self._used:self._used + take] = src[done:done + take]
+            self._used += take
+            done += take
+            if self._used == len(self._view):
+                self._drain(self._used)
+        self._written += len(src)
+        return len(src)
+
+    def tell(self) -> int:
+        return self._written
+
+    def flush(self) -> None:
+        """Nothing to do: staged bytes are written in whole blocks, the rest on ``close``."""
+
+    def _drain(self, nbytes: int) -> None:
+        view = self._view[:nbytes]
+        while view:
+            view = view[os.write(self._fd, view):]
+        self._used = 0
+
+    def close(self) -> None:
+        """Writes the staged tail (padded to a block) and trims the file to the bytes written."""
+        if self._fd < 0:
+            return
+        try:
+            if self._used:
+                padded = -(-self._used // _BLOCK) * _BLOCK
+                self._view[self._used:padded] = bytes(padded - self._used)
+                self._drain(padded)
+            os.ftruncate(self._fd, self._written)
+        finally:
+            self._abandon()
+
+    def _abandon(self) -> None:
+        os.close(self._fd)
+        self._fd = -1
+        self._view.release()
+        try:
+            self._buf.close()
+        except BufferError:  # a slice is still referenced (by a traceback being raised): freed with it
+            pass
+
+    def __enter__(self) -> "DirectFile":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        elif self._fd >= 0:
+            self._abandon()  # the output directory is being thrown away: no tail to write
