@@ -10,6 +10,8 @@ writes through the page cache.
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import mmap
 import os
 from pathlib import Path
@@ -56,7 +58,14 @@ class DirectFile:
     def _drain(self, nbytes: int) -> None:
         view = self._view[:nbytes]
         while view:
-            view = view[os.write(self._fd, view):]
+            try:
+                view = view[os.write(self._fd, view):]
+            except OSError as e:
+                if not (self.direct and e.errno == errno.EINVAL):
+                    raise
+                # Opened with O_DIRECT but this filesystem refuses our alignment: go through the cache.
+                fcntl.fcntl(self._fd, fcntl.F_SETFL, fcntl.fcntl(self._fd, fcntl.F_GETFL) & ~os.O_DIRECT)
+                self.direct = False
         self._used = 0
 
     def close(self) -> None:

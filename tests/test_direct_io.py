@@ -34,3 +34,23 @@ def test_error_inside_leaves_a_closed_file(tmp_path):
             raise RuntimeError("boom")
     assert f._fd == -1
     os.unlink(tmp_path / "x.bin")  # closed: removable, nothing half-written kept open
+
+
+def test_filesystem_refusing_direct_writes_falls_back_to_the_page_cache(tmp_path, monkeypatch):
+    """Some filesystems accept O_DIRECT at open and refuse the writes (EINVAL): the data still lands."""
+    import errno
+
+    import bridge.direct_io as direct_io
+
+    real_write, calls = os.write, []
+
+    def write(fd, data):
+        calls.append(len(data))
+        if len(calls) == 1:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_write(fd, data)
+
+    monkeypatch.setattr(direct_io.os, "write", write)
+    with DirectFile(tmp_path / "f.bin", buffer_bytes=4096) as f:
+        f.write(b"x" * 5000)
+    assert (tmp_path / "f.bin").read_bytes() == b"x" * 5000 and not f.direct and len(calls) == 3
