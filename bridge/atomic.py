@@ -40,19 +40,27 @@ def os_errors_surfaced() -> Iterator[None]:
         raise
 
 
+@contextmanager
+def torch_saves_surfaced() -> Iterator[None]:
+    """Around any ``torch.save`` we make (our rank files, DCP's per-tensor records): a full disk
+    surfaces as its OSError (``os_errors_surfaced``), and the zip container's per-record CRC32 is
+    skipped -- computing it took 2 s per GB, more than the write itself; ``torch.load`` does not
+    check it (torch's own note on ``set_crc32_options``), only an external ``unzip -t`` would."""
+    from torch.utils.serialization import config
+
+    with os_errors_surfaced(), config.patch({"save.compute_crc32": False}):
+        yield
+
+
 def torch_save(obj, path: Path) -> None:
     """``torch.save`` through a Python file: given a path, torch writes from C++ and a full disk
     shows up only as "iostream error"; through a file object the OSError (ENOSPC) is kept.
-
-    Without the per-record CRC32 of the zip container: computing it took 2 s per GB, more than the
-    write itself. ``torch.load`` does not check it (torch's own note on ``set_crc32_options``);
-    only an external ``unzip -t`` would complain. Written around the page cache (``direct_io``)."""
+    Written around the page cache (``direct_io``)."""
     import torch
-    from torch.utils.serialization import config
 
     from .direct_io import DirectFile
 
-    with os_errors_surfaced(), config.patch({"save.compute_crc32": False}), DirectFile(path) as f:
+    with torch_saves_surfaced(), DirectFile(path) as f:
         torch.save(obj, f)
 
 

@@ -26,7 +26,7 @@ class DirectFile:
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
         direct = getattr(os, "O_DIRECT", 0)
         try:
-            self._fd = os.open(path, flags | direct, 0o666) if direct else os.open(path, flags, 0o666)
+            self._fd = os.open(path, flags | direct, 0o666)
             self.direct = bool(direct)
         except OSError:  # EINVAL: this filesystem does not do O_DIRECT
             self._fd = os.open(path, flags, 0o666)

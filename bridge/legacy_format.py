@@ -123,7 +123,7 @@ class LegacyCheckpoint:
     def release(self) -> None:
         """Gives back the pages read so far (they count as resident while mapped): dropped in place,
         or, where the platform cannot, by unmapping the rank files (reloaded on the next access)."""
-        if not all(drop_resident(s["model"][k] for k in s["model"] if isinstance(s["model"][k], torch.Tensor))
+        if not all(drop_resident(v for v in s["model"].values() if isinstance(v, torch.Tensor))
                    for s in self._cache.values()):
             self._cache.clear()
 

@@ -33,9 +33,8 @@ import torch.distributed.checkpoint.metadata as dcp_metadata
 import torch.distributed.checkpoint.planner as dcp_planner
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata, StorageMeta, TensorStorageMetadata
 from torch.distributed.checkpoint.storage import WriteResult
-from torch.utils.serialization import config as torch_save_config
 
-from .atomic import os_errors_surfaced, torch_save
+from .atomic import torch_save, torch_saves_surfaced
 from .direct_io import DirectFile
 from .errors import InputError
 from .pipeline import read_ahead
@@ -116,9 +115,9 @@ def write_torch_dist(
             raise ValueError(f"{iter_dir}: key written twice: {sorted(duplicates)[0]!r}")
         entries.update(metadata.state_dict_metadata)
         plan = dataclasses.replace(planner.finish_plan(plan), storage_data=_StoragePrefix(f"__0_{part}_"))
-        # A full disk: the OSError, not torch's RuntimeError about zip positions. DCP torch.saves each
-        # tensor into the file; its zip CRC32 is skipped as in atomic.torch_save (nothing checks it).
-        with os_errors_surfaced(), torch_save_config.patch({"save.compute_crc32": False}):
+        # A full disk: the OSError, not torch's RuntimeError about zip positions; DCP torch.saves each
+        # tensor into the file.
+        with torch_saves_surfaced():
             results.extend(writer.write_data(plan, planner).value())
 
     if objects:
