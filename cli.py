@@ -79,6 +79,39 @@ dtype_option = click.option(
 )
 
 
+def _parse_iteration(ctx, param, value):
+    if value is None:
+        return None
+    from bridge.iterations import parse_iteration
+
+    try:
+        return parse_iteration(value)
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
+
+
+def _read_options(fn):
+    """--iteration / --hf-config / --hf-reference, handed to the command as one ``options`` value."""
+    @functools.wraps(fn)
+    def wrapper(*args, iteration, hf_config, hf_reference, **kwargs):
+        from bridge.megatron_source import ReadOptions
+
+        return fn(*args, options=ReadOptions(iteration, hf_config, hf_reference), **kwargs)
+
+    for decorator in reversed((
+        click.option("--iteration", callback=_parse_iteration, metavar="N",
+                     help="Read iter_N (or 'release') instead of the newest / tracked iteration."),
+        click.option("--hf-config", type=click.Path(path_type=Path, file_okay=False, exists=True),
+                     help="Folder whose config.json describes the model; overrides the sidecar, args and "
+                     "run_config.yaml."),
+        click.option("--hf-reference", type=click.Path(path_type=Path, file_okay=False, exists=True),
+                     help="HF folder to take tokenizer, generation config and model card from when the "
+                     "checkpoint has none."),
+    )):
+        wrapper = decorator(wrapper)
+    return wrapper
+
+
 def _stack(*decorators):
     """Several click decorators applied as one, in the order listed (the order --help shows)."""
 
@@ -180,8 +213,9 @@ def hf_to_megatron(src, dst, tp, pp, layout, vocab_divisible_by, fmt, expand_gro
 
 @main.command()
 @_megatron_target
+@_read_options
 @_friendly
-def reshard(src, dst, tp, pp, layout, fmt, expand_groups, dtype, force, as_json):
+def reshard(src, dst, tp, pp, layout, fmt, expand_groups, dtype, force, as_json, options):
     """Re-shard a Megatron checkpoint SRC (legacy or torch_dist) to another TP/PP/format/layout, no HF detour.
 
     \b
@@ -190,7 +224,7 @@ def reshard(src, dst, tp, pp, layout, fmt, expand_groups, dtype, force, as_json)
       h1bridge reshard meg-tp2 meg-dist --tp 2 --format torch_dist
     """
     s = api.reshard(src, dst, tp=tp, pp=pp, fmt=fmt, layout=layout, dtype=dtype, force=force,
-                    expand_groups=expand_groups, progress=not as_json).to_dict()
+                    expand_groups=expand_groups, progress=not as_json, options=options).to_dict()
     _emit(s, as_json, _summary_text(s))
 
 
@@ -202,25 +236,28 @@ def reshard(src, dst, tp, pp, layout, fmt, expand_groups, dtype, force, as_json)
 @_push_options
 @click.option("--fold-mup", is_flag=True, help="Fold the µP multipliers into the weights (see `h1bridge mup`).")
 @dtype_option
+@_read_options
 @force_option
 @json_option
 @_friendly
 def megatron_to_hf(src, dst, max_shard_size, push_to, private, revision, commit_message, create_pr, fold_mup, dtype,
-                   force, as_json):
+                   force, as_json, options):
     """Convert a Megatron checkpoint SRC (any TP/PP) into an HF folder DST.
 
-    SRC may be the checkpoint root (with latest_checkpointed_iteration.txt) or an iter_* directory.
+    SRC may be the checkpoint root (tracker or latest_train_state.pt) or an iter_* directory, written by
+    this tool, Megatron-LM or Megatron-Bridge (legacy or torch_dist; optimizer and RNG state are skipped).
 
     \b
     Examples:
       h1bridge megatron-to-hf meg-0.5b Falcon-H1-0.5B-ft --dtype bf16
+      h1bridge megatron-to-hf mb-run/checkpoints ft-hf --iteration 1000 --hf-reference Falcon-H1-0.5B
       h1bridge megatron-to-hf meg-0.5b Falcon-H1-0.5B-ft --push-to my-org/Falcon-H1-0.5B-ft --private
     """
     s = api.megatron_to_hf(src, dst, dtype=dtype, force=force, max_shard_size=max_shard_size,
-                           progress=not as_json, fold_mup=fold_mup).to_dict()
+                           progress=not as_json, fold_mup=fold_mup, options=options).to_dict()
     text = _summary_text(s)
     if push_to:
-        provenance = {"source_format": "megatron-legacy", "source": str(src), "tp": s["tp"], "pp": s["pp"],
+        provenance = {"source_format": f"megatron-{s['format']}", "source": str(src), "tp": s["tp"], "pp": s["pp"],
                       "dtype": s["dtype"], "mup_policy": "fold (originals in config.json mup_folded)" if fold_mup
                       else "keep (multipliers in config.json)"}
         result = api.push(dst, push_to, private=private, revision=revision, commit_message=commit_message,
@@ -232,16 +269,17 @@ def megatron_to_hf(src, dst, max_shard_size, push_to, private, revision, commit_
 
 @main.command()
 @click.argument("path", type=PathArg)
+@_read_options
 @json_option
 @_friendly
-def inspect(path, as_json):
+def inspect(path, as_json, options):
     """Detect the format of PATH and print config, TP/PP, dtypes, parameter count and bytes.
 
     \b
     Example:
       h1bridge inspect meg-0.5b --json
     """
-    info = api.inspect_checkpoint(path)
+    info = api.inspect_checkpoint(path, options)
     _emit(info, as_json, api.format_inspect(info))
 
 
@@ -397,9 +435,10 @@ def _report_exit(report, as_json: bool) -> None:
 @click.argument("a", type=PathArg)
 @click.argument("b", type=PathArg)
 @click.option("--atol", default=0.0, show_default=True, help="Largest |Δ| per element still accepted (0: exact).")
+@_read_options
 @json_option
 @_friendly
-def verify(a, b, atol, as_json):
+def verify(a, b, atol, as_json, options):
     """Compare checkpoints A and B tensor by tensor (in HF key space) and config field by field.
 
     A and B may each be an HF folder or a Megatron checkpoint of any TP/PP. Exits 1 when a tensor,
@@ -410,7 +449,7 @@ def verify(a, b, atol, as_json):
       h1bridge verify Falcon-H1-0.5B meg-0.5b
       h1bridge verify meg-tp2 meg-tp4 --json
     """
-    _report_exit(api.verify(a, b, atol=atol), as_json)
+    _report_exit(api.verify(a, b, atol=atol, options=options), as_json)
 
 
 @main.command()
@@ -420,9 +459,10 @@ def verify(a, b, atol, as_json):
 @click.option("--seed", default=0, show_default=True, help="Seed of the random token ids.")
 @click.option("--batch", default=2, show_default=True, help="Random sequences per batch.")
 @click.option("--atol", default=1e-5, show_default=True, help="Largest max|Δ logits| still accepted (fp32).")
+@_read_options
 @json_option
 @_friendly
-def parity(hf_dir, megatron_dir, tokens, seed, batch, atol, as_json):
+def parity(hf_dir, megatron_dir, tokens, seed, batch, atol, as_json, options):
     """Logits of transformers on HF_DIR vs an independent forward on MEGATRON_DIR's TP shards.
 
     The Megatron side runs each TP rank on its own shard (legacy or torch_dist; fp32, CPU) and combines ranks as
@@ -436,7 +476,8 @@ def parity(hf_dir, megatron_dir, tokens, seed, batch, atol, as_json):
 
     hf_logging.set_verbosity_error()  # loading bars and kernel-fallback notes would bury the report
     hf_logging.disable_progress_bar()
-    _report_exit(api.parity(hf_dir, megatron_dir, tokens=tokens, seed=seed, batch=batch, atol=atol), as_json)
+    _report_exit(api.parity(hf_dir, megatron_dir, tokens=tokens, seed=seed, batch=batch, atol=atol,
+                            options=options), as_json)
 
 
 @main.group()

@@ -157,13 +157,22 @@ def _hf_layers(pattern: str | None, num_layers: int) -> int:
     return pattern.count("P") if isinstance(pattern, str) and "P" in pattern else num_layers
 
 
-def hf_config_from_args(args: Namespace) -> FalconH1Config:
-    """Rebuilds the HF config from Megatron args when no ``hf_assets/config.json`` sidecar exists."""
-    a = vars(args)
+# Fields a sidecar config.json and the checkpoint's args / run_config must agree on: every shape,
+# the tied head and the µP factors the table or Megatron's forward depends on.
+COMPARED_FIELDS = ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads",
+                   "num_key_value_heads", "head_dim", "vocab_size", "mamba_d_ssm", "mamba_n_heads", "mamba_d_head",
+                   "mamba_n_groups", "mamba_d_state", "mamba_d_conv", "mamba_conv_bias", "mamba_rms_norm",
+                   "tie_word_embeddings", "projectors_bias", "attention_bias")
+
+
+def hf_config_from_args(args: Namespace | dict, where: str = "checkpoint args") -> FalconH1Config:
+    """Rebuilds the HF config from Megatron args (or Megatron-Bridge provider fields translated to
+    args names) when no ``hf_assets/config.json`` sidecar exists; ``where`` names them in errors."""
+    a = vars(args) if isinstance(args, Namespace) else args
 
     def need(name):
         if name not in a:
-            raise InputError(f"checkpoint args: missing {name!r}; cannot rebuild the Falcon-H1 config")
+            raise InputError(f"{where}: missing {name!r}; cannot rebuild the Falcon-H1 config")
         return a[name]
 
     fields = dict(
@@ -190,15 +199,15 @@ def hf_config_from_args(args: Namespace) -> FalconH1Config:
     missing = [name for name in MUP_FIELDS if HF_TO_PROVIDER[name] not in a]
     if missing:
         which = "all" if len(missing) == len(MUP_FIELDS) else ", ".join(missing)
-        _log.warning("checkpoint args: µP multipliers missing (%s); treating them as 1.0", which)
+        _log.warning("%s: µP multipliers missing (%s); treating them as 1.0", where, which)
     params_dtype = a.get("params_dtype")
     if isinstance(params_dtype, torch.dtype):
         fields["dtype"] = HF_DTYPE_NAMES.get(params_dtype, "float32")
-    check_sizes(fields, "checkpoint args")
+    check_sizes(fields, where)
     try:
         cfg = FalconH1Config(**fields)
     except (TypeError, ValueError, AttributeError, KeyError, StrictDataclassError) as e:
         detail = " ".join(line.strip() for line in str(e).splitlines())
-        raise InputError(f"checkpoint args: do not describe a valid Falcon-H1 model ({detail})") from None
+        raise InputError(f"{where}: do not describe a valid Falcon-H1 model ({detail})") from None
     cfg.architectures = ["FalconH1ForCausalLM"]
     return cfg

@@ -22,25 +22,27 @@ from mappings import LAYOUTS, FalconH1Dims
 
 from .atomic import atomic_output_dir
 from .buffers import BufferPool, fill
-from .config import DTYPES, HF_DTYPE_NAMES, config_dtype, hf_config_from_args, hf_config_from_json, megatron_args
+from .config import DTYPES, HF_DTYPE_NAMES, config_dtype, megatron_args
 from .errors import InputError, UnsupportedError
 from .groups import ExpandedSource, collapse, expanded_config, expansion_factor
 from .hf_format import CheckedSource, HFCheckpoint, LazyTensors, NonFiniteCount, copy_assets, write_hf_weights
 from .layout import check_float_dtypes, check_tensor_set, expected_hf_shapes, expected_rank_shapes, hf_index
-from .legacy_format import (
-    HF_ASSETS,
-    LegacyCheckpoint,
-    iteration_dir_name,
-    rank_dir_name,
-    write_rank_file,
-    write_tracker,
+from .iterations import iteration_dir_name
+from .legacy_format import HF_ASSETS, rank_dir_name, write_rank_file, write_tracker
+from .megatron_source import (
+    MegatronCheckpoint,
+    ReadOptions,
+    carried_assets,
+    format_name,
+    megatron_hf_config,
+    open_megatron,
+    saved_parallelism,
 )
 from .plan import ParallelPlan, hf_name
-from .torch_dist_format import TorchDistCheckpoint, global_tensors, open_megatron
+from .torch_dist_format import global_tensors
 from .torch_dist_format import write_checkpoint as write_dist_checkpoint
 
 DTYPE_CHOICES = ("keep", *DTYPES)
-MegatronCheckpoint = LegacyCheckpoint | TorchDistCheckpoint
 
 
 @dataclass
@@ -197,18 +199,6 @@ def _write_legacy_ranks(source, plan: ParallelPlan, iter_dir: Path, target, args
         summary.tensors += len(model)
         del model, tensor
         pool.recycle()
-
-
-def megatron_hf_config(meg: MegatronCheckpoint):
-    """The sidecar config.json when present (exact round trip), else one rebuilt from args."""
-    sidecar = meg.hf_assets / "config.json"
-    if sidecar.is_file():
-        return hf_config_from_json(sidecar.read_text(), str(sidecar)), sidecar
-    if meg.args is None:
-        raise InputError(f"{meg.rank_file(0, 0)}: no 'args' and no {HF_ASSETS}/config.json; cannot tell the model config")
-    cfg = hf_config_from_args(meg.args)
-    cfg.mamba_n_groups = getattr(meg.args, "expanded_from_groups", cfg.mamba_n_groups)
-    return cfg, None
 
 
 def _groups_factor(meg: MegatronCheckpoint, cfg) -> int:
@@ -389,17 +379,19 @@ def megatron_to_hf(
     progress: bool = False,
     fold_mup: bool = False,
     bitnet_pack: bool | None = None,
+    options: ReadOptions = ReadOptions(),
 ) -> Summary:
     """Converts a Megatron checkpoint (legacy any TP/PP, or torch_dist) into an HF Falcon-H1 folder.
 
     ``fold_mup`` folds the µP multipliers into the exported weights (see ``bridge.mup``).
     ``bitnet_pack`` writes BitNet linears ternary-packed (see ``bridge.bitnet``); by default a BitNet
     checkpoint (``args.use_bitnet`` or a packed-origin config) is packed, others are not.
+    ``options``: which iteration, and where the config and tokenizer come from (``ReadOptions``).
     """
     start = time.perf_counter()
     target = _target_dtype(dtype)
-    meg = open_megatron(src)
-    cfg, sidecar = megatron_hf_config(meg)
+    meg = open_megatron(src, options)
+    cfg, sidecar = megatron_hf_config(meg, options)
     plan, hf_shapes = megatron_plan(meg, cfg)
     transform = _export_transform(meg, cfg, plan, sidecar, target, fold_mup, bitnet_pack)
     gather = MegatronToHF(meg, plan, None if transform else target)  # a transform works first, then casts
@@ -408,16 +400,16 @@ def megatron_to_hf(
     if transform:
         layout = transform.layout(layout)
         produce = transform.producer(gather.tensors, layout)
-    fmt = "torch_dist" if isinstance(meg, TorchDistCheckpoint) else "legacy"
-    summary = Summary(str(src), str(dst), "megatron-to-hf", meg.tp, meg.pp, layout=plan.layout, dtype=dtype, format=fmt)
+    saved_tp, saved_pp = saved_parallelism(meg)
+    summary = Summary(str(src), str(dst), "megatron-to-hf", saved_tp or meg.tp, saved_pp or meg.pp,
+                      layout=plan.layout, dtype=dtype, format=format_name(meg))
     with atomic_output_dir(dst, force=force, inputs=[src]) as tmp:
         bar = tqdm(total=len(layout), unit="tensor", desc="megatron→hf", disable=not progress)
         write_hf_weights(tmp, layout, produce, max_shard_size, progress=bar.update)
         _write_hf_config(tmp, cfg, sidecar, target)
         if transform:
             transform.edit_config(tmp / "config.json")
-        if meg.hf_assets.is_dir():
-            copy_assets([p for p in meg.hf_assets.iterdir() if p.is_file() and p.name != "config.json"], tmp)
+        copy_assets(carried_assets(meg, options), tmp)
         summary.tensors = len(layout)
         summary.bytes_written, summary.files = _dir_bytes(tmp)
     bar.close()

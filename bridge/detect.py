@@ -6,7 +6,7 @@ from pathlib import Path
 
 from .errors import InputError
 from .hf_format import INDEX, SINGLE
-from .legacy_format import TRACKER
+from .iterations import LATEST_TRAIN_STATE, TRACKER, is_iteration_dir
 
 HF = "hf"
 LEGACY = "megatron-legacy"
@@ -28,6 +28,7 @@ def detect_format(path: Path) -> str:
         raise InputError(f"{path}: empty directory")
     if "config.json" in names and (SINGLE in names or INDEX in names):
         return HF
-    if TRACKER in names or any(n.startswith(("iter_", "mp_rank_")) or n == "release" for n in names):
+    if TRACKER in names or LATEST_TRAIN_STATE in names or is_iteration_dir(path) \
+            or any(n.startswith("iter_") or n == "release" for n in names):
         return LEGACY
     raise InputError(f"{path}: neither an HF folder (config.json + safetensors) nor a Megatron checkpoint")

@@ -7,11 +7,18 @@ from pathlib import Path
 
 from .bitnet import describe as describe_bitnet
 from .config import MUP_FIELDS
-from .convert import megatron_hf_config, megatron_plan
+from .convert import megatron_plan
 from .detect import HF, detect_format
 from .hf_format import HFCheckpoint
 from .layout import expected_hf_shapes
-from .torch_dist_format import TorchDistCheckpoint, open_megatron
+from .megatron_source import (
+    ReadOptions,
+    config_origin,
+    format_name,
+    megatron_hf_config,
+    open_megatron,
+    saved_parallelism,
+)
 
 _CONFIG_FIELDS = (
     "num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
@@ -31,7 +38,7 @@ def _config_info(cfg) -> tuple[dict, dict, int]:
     return config, mup, params
 
 
-def inspect_checkpoint(path: Path) -> dict:
+def inspect_checkpoint(path: Path, options: ReadOptions = ReadOptions()) -> dict:
     """Format, model config, µP multipliers, parallel layout, dtypes, parameter count and bytes."""
     path = Path(path)
     fmt = detect_format(path)
@@ -42,17 +49,17 @@ def inspect_checkpoint(path: Path) -> dict:
         extra = {"tensors": len(ckpt.keys()), "files": len(set(ckpt.key_to_file.values()))}
         args = {}
     else:
-        meg = open_megatron(path)
-        if isinstance(meg, TorchDistCheckpoint):
-            fmt = "megatron-torch_dist"
-        cfg, sidecar = megatron_hf_config(meg)
+        meg = open_megatron(path, options)
+        fmt = f"megatron-{format_name(meg)}"
+        cfg, sidecar = megatron_hf_config(meg, options)
         plan, _ = megatron_plan(meg, cfg)
         dtypes = Counter(
             str(dtype).removeprefix("torch.") for r in plan.ranks() for _, dtype in meg.tensor_meta(*r).values()
         )
-        extra = {"tp": meg.tp, "pp": meg.pp, "iteration": meg.iteration, "layout": plan.layout,
+        saved_tp, saved_pp = saved_parallelism(meg)
+        extra = {"tp": saved_tp, "pp": saved_pp, "iteration": meg.iteration, "layout": plan.layout,
                  "padded_vocab": plan.dims.padded_vocab, "hf_config_sidecar": sidecar is not None,
-                 "iter_dir": str(meg.iter_dir)}
+                 "config_from": config_origin(meg, sidecar), "iter_dir": str(meg.iter_dir)}
         args = vars(meg.args) if meg.args is not None else {}
     config, mup, params = _config_info(cfg)
     return {"path": str(path), "format": fmt, **extra, "parameters": params, "bytes": _bytes(path),
@@ -62,8 +69,9 @@ def inspect_checkpoint(path: Path) -> dict:
 def format_inspect(info: dict) -> str:
     lines = [f"{info['path']}: {info['format']}"]
     if info["format"] != HF:
-        lines.append(f"  TP={info['tp']} PP={info['pp']} iteration={info['iteration']} layout={info['layout']} "
-                     f"padded_vocab={info['padded_vocab']} hf_config_sidecar={info['hf_config_sidecar']}")
+        saved = "saved at " if info["format"].endswith("torch_dist") else ""
+        lines.append(f"  {saved}TP={info['tp']} PP={info['pp']} iteration={info['iteration']} layout={info['layout']} "
+                     f"padded_vocab={info['padded_vocab']} config from {info['config_from']}")
     lines.append(f"  parameters {info['parameters']:,}  bytes {info['bytes']:,}  dtypes {info['dtypes']}")
     lines.append("  config: " + ", ".join(f"{k}={v}" for k, v in info["config"].items()))
     lines.append("  µP: " + ", ".join(f"{k}={v}" for k, v in info["mup"].items()))

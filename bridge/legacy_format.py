@@ -15,18 +15,14 @@ import torch
 
 from .atomic import torch_save
 from .errors import InputError, UnsupportedError
+from .iterations import TRACKER, resolve_iteration_dir
 from .pages import drop_resident
 from .safe_pickle import safe_torch_load
 
-TRACKER = "latest_checkpointed_iteration.txt"
 RANK_FILE = "model_optim_rng.pt"
 HF_ASSETS = "hf_assets"
 CHECKPOINT_VERSION = 3.0
 _RANK_DIR = re.compile(r"^mp_rank_(\d{2})(?:_(\d{3}))?(_\d{3})?$")
-
-
-def iteration_dir_name(iteration: int | str) -> str:
-    return "release" if iteration == "release" else f"iter_{int(iteration):07d}"
 
 
 def rank_dir_name(tp_rank: int, pp_rank: int, pp: int) -> str:
@@ -38,31 +34,14 @@ def safe_load(path: Path) -> dict:
     return safe_torch_load(path, str(path), mmap=True)
 
 
-def find_iteration_dir(root: Path) -> Path:
-    """Resolves a root (with tracker), an iteration directory, or a root holding iter_* dirs."""
-    if any(_RANK_DIR.match(p.name) for p in root.iterdir() if p.is_dir()):
-        return root
-    tracker = root / TRACKER
-    if tracker.is_file():
-        text = tracker.read_text().strip()
-        if text != "release" and not text.isdigit():
-            raise InputError(f"{tracker}: expected an iteration number or 'release', found {text[:40]!r}")
-        it_dir = root / iteration_dir_name(text)
-        if not it_dir.is_dir():
-            raise InputError(f"{tracker}: points to {it_dir.name}, which does not exist")
-        return it_dir
-    iters = sorted(p for p in root.glob("iter_*") if p.is_dir())
-    if not iters:
-        raise InputError(f"{root}: no {TRACKER}, iter_* or mp_rank_* directories; not a Megatron checkpoint")
-    return iters[-1]
-
-
 class LegacyCheckpoint:
     """Rank files of one iteration, opened lazily; ``args`` and layout read from rank 0."""
 
-    def __init__(self, path: Path):
+    run_config: dict | None = None  # Megatron-Bridge's run_config.yaml, set by megatron_source.open_megatron
+
+    def __init__(self, path: Path, iteration: int | str | None = None):
         self.root = Path(path)
-        self.iter_dir = find_iteration_dir(self.root)
+        self.iter_dir = resolve_iteration_dir(self.root, iteration)
         self.tp, self.pp, self._rank_dirs = self._scan_ranks()
         self._cache: dict[tuple[int, int], dict] = {}
         first = self._load(0, 0)
@@ -126,10 +105,6 @@ class LegacyCheckpoint:
         if not all(drop_resident(v for v in s["model"].values() if isinstance(v, torch.Tensor))
                    for s in self._cache.values()):
             self._cache.clear()
-
-    @property
-    def hf_assets(self) -> Path:
-        return self.root / HF_ASSETS if self.iter_dir != self.root else self.root.parent / HF_ASSETS
 
 
 def write_rank_file(path: Path, model: dict[str, torch.Tensor], args: argparse.Namespace, iteration: int) -> None:

@@ -17,10 +17,10 @@ import torch
 from mappings import LAYOUTS
 
 from . import megatron_forward
-from .convert import MegatronCheckpoint, megatron_hf_config, megatron_plan
+from .convert import megatron_plan
 from .detect import HF, LEGACY, detect_format
 from .errors import InputError
-from .torch_dist_format import open_megatron
+from .megatron_source import MegatronCheckpoint, ReadOptions, megatron_hf_config, open_megatron
 from .plan import ParallelPlan
 
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
@@ -103,13 +103,13 @@ def _expect(path: Path, fmt: str) -> None:
 
 
 def parity(hf_dir: Path, megatron_dir: Path, tokens: int = 32, seed: int = 0, batch: int = 2,
-           atol: float = 1e-5) -> ParityReport:
+           atol: float = 1e-5, options: ReadOptions = ReadOptions()) -> ParityReport:
     """Compares logits of transformers on ``hf_dir`` with the Megatron forward on ``megatron_dir``'s shards."""
     hf_dir, megatron_dir = Path(hf_dir), Path(megatron_dir)
     _expect(hf_dir, HF)
     _expect(megatron_dir, LEGACY)
-    meg = open_megatron(megatron_dir)
-    cfg, _ = megatron_hf_config(meg)
+    meg = open_megatron(megatron_dir, options)
+    cfg, _ = megatron_hf_config(meg, options)
     plan, _ = megatron_plan(meg, cfg)
     ids = torch.randint(cfg.vocab_size, (batch, tokens), generator=torch.Generator().manual_seed(seed))
     ref = _hf_logits(hf_dir, ids)

@@ -11,8 +11,8 @@ import time
 from pathlib import Path
 
 from . import bitnet
-from .convert import MegatronToHF, Summary, megatron_hf_config, megatron_plan, write_megatron
-from .torch_dist_format import open_megatron
+from .convert import MegatronToHF, Summary, megatron_plan, write_megatron
+from .megatron_source import ReadOptions, carried_assets, megatron_hf_config, open_megatron
 
 
 def reshard(
@@ -28,15 +28,15 @@ def reshard(
     expand_groups: bool = False,
     force: bool = False,
     progress: bool = False,
+    options: ReadOptions = ReadOptions(),
 ) -> Summary:
     """Re-shards a Megatron checkpoint; ``divisible_by`` defaults to the source's vocab padding rule."""
     start = time.perf_counter()
-    meg = open_megatron(src)
-    cfg, sidecar = megatron_hf_config(meg)
+    meg = open_megatron(src, options)
+    cfg, sidecar = megatron_hf_config(meg, options)
     plan, _ = megatron_plan(meg, cfg)
     source_divisible = getattr(meg.args, "make_vocab_size_divisible_by", 128) if meg.args is not None else 128
-    assets = [p for p in meg.hf_assets.iterdir() if p.is_file() and p.name != "config.json"] \
-        if meg.hf_assets.is_dir() else []
+    assets = carried_assets(meg, options)
     summary = write_megatron(MegatronToHF(meg, plan, None), cfg, dst, tp=tp, pp=pp, dtype=dtype, force=force,
                              divisible_by=divisible_by or source_divisible, layout=layout, fmt=fmt,
                              expand_groups=expand_groups, progress=progress, inputs=[src], config_json=sidecar,

@@ -8,6 +8,7 @@ blocks, as ``MambaMixer.sharded_state_dict`` saves them: ``in_proj.weight.{z,x,B
 
 from __future__ import annotations
 
+from argparse import Namespace
 from pathlib import Path
 from typing import Iterator
 
@@ -17,9 +18,8 @@ from mappings import FALCON_H1
 
 from .errors import InputError
 from .hf_format import LazyTensors
-from .legacy_format import HF_ASSETS, LegacyCheckpoint, find_iteration_dir
-from .plan import ParallelPlan, hf_name
 from .detect import is_torch_dist
+from .plan import ParallelPlan, hf_name
 
 CONTENT_METADATA = {"singleton_local_shards": False, "chained_optim_avoid_prefix": True}
 
@@ -27,6 +27,11 @@ CONTENT_METADATA = {"singleton_local_shards": False, "chained_optim_avoid_prefix
 _BLOCK_NAMES = {
     p.megatron.split("{L}.", 1)[1]: p.rule.dist_keys for p in FALCON_H1 if getattr(p.rule, "dist_keys", ())
 }
+
+
+# First key component of every model tensor (``embedding``, ``decoder``, ``output_layer``): training
+# checkpoints also hold optimizer state, RNG state and the common state, which are never read.
+MODEL_ROOTS = frozenset(p.megatron.split(".", 1)[0] for p in FALCON_H1)
 
 
 def _block_names(key: str) -> tuple[str, ...]:
@@ -57,22 +62,28 @@ def write_checkpoint(iter_dir: Path, tensors: Iterator[tuple[str, torch.Tensor]]
 
 
 class TorchDistCheckpoint:
-    """A torch_dist iteration, presented like ``LegacyCheckpoint`` with one TP=1, PP=1 rank."""
+    """A torch_dist iteration, presented like ``LegacyCheckpoint`` with one TP=1, PP=1 rank. Only
+    model tensors are listed (``MODEL_ROOTS``); optimizer and RNG state stay unread on disk."""
+
+    run_config: dict | None = None  # Megatron-Bridge's run_config.yaml, set by megatron_source.open_megatron
 
     tp = pp = 1
 
-    def __init__(self, path: Path):
-        self.root = Path(path)
-        self.iter_dir = self.root if is_torch_dist(self.root) else find_iteration_dir(self.root)
+    def __init__(self, root: Path, iter_dir: Path):
+        self.root, self.iter_dir = Path(root), Path(iter_dir)
         if not is_torch_dist(self.iter_dir):
             raise InputError(f"{self.iter_dir}: no metadata.json; not a torch_dist checkpoint")
         from .torch_dist_io import TorchDistReader  # see write_checkpoint
 
         self.reader = TorchDistReader(self.iter_dir)
         self.args = self.reader.common.get("args")
+        if self.args is not None and not isinstance(self.args, Namespace):
+            raise InputError(f"{self.iter_dir}: common state 'args' is a {type(self.args).__name__}, "
+                             "expected an argparse Namespace")
         self.iteration = self.reader.common.get("iteration", 0)
+        self.model_keys = [k for k in self.reader.keys() if k.split(".", 1)[0] in MODEL_ROOTS]
         self._parts: dict[str, list[str]] = {}
-        for key in self.reader.keys():
+        for key in self.model_keys:
             base, _, name = key.rpartition(".")
             if name in _block_names(base):
                 self._parts.setdefault(base, []).append(key)
@@ -83,7 +94,7 @@ class TorchDistCheckpoint:
             self._parts[base] = [f"{base}.{n}" for n in names]
 
     def _names(self) -> list[str]:
-        whole = [k for k in self.reader.keys() if k.rpartition(".")[0] not in self._parts]
+        whole = [k for k in self.model_keys if k.rpartition(".")[0] not in self._parts]
         return whole + list(self._parts)
 
     def tensor_meta(self, tp_rank: int, pp_rank: int) -> dict[str, tuple[torch.Size, torch.dtype]]:
@@ -108,18 +119,3 @@ class TorchDistCheckpoint:
 
     def release(self) -> None:
         """Nothing is mapped: tensors are read on request."""
-
-    @property
-    def hf_assets(self) -> Path:
-        return (self.root if self.iter_dir != self.root else self.root.parent) / HF_ASSETS
-
-
-def open_megatron(path: Path):
-    """A legacy or torch_dist checkpoint, told apart by the iteration directory's files."""
-    path = Path(path)
-    if not path.is_dir():
-        raise InputError(f"{path}: {'does not exist' if not path.exists() else 'not a directory'}")
-    if not any(path.iterdir()):
-        raise InputError(f"{path}: empty directory")
-    iter_dir = path if is_torch_dist(path) else find_iteration_dir(path)
-    return TorchDistCheckpoint(path) if is_torch_dist(iter_dir) else LegacyCheckpoint(path)

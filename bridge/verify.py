@@ -15,11 +15,11 @@ from typing import Callable
 import torch
 
 from .config import MUP_FIELDS
-from .convert import MegatronToHF, megatron_hf_config, megatron_plan
+from .convert import MegatronToHF, megatron_plan
 from .detect import HF, detect_format
 from .errors import InputError, UnsupportedError
 from .hf_format import HFCheckpoint
-from .torch_dist_format import open_megatron
+from .megatron_source import ReadOptions, config_origin, describe, megatron_hf_config, open_megatron
 
 # Fields that say how or by what a config was written, not what the model is.
 IGNORED_CONFIG = {"transformers_version", "output_hidden_states", "output_attentions", "return_dict"}
@@ -116,10 +116,10 @@ def _open_hf(path: Path) -> _Side:
     return _Side(path, HF, ckpt.config, set(ckpt.keys()), ckpt.get, lambda k: ckpt.key_to_file[k])
 
 
-def _open_megatron(path: Path, fmt: str) -> _Side:
-    meg = open_megatron(path)
-    cfg, sidecar = megatron_hf_config(meg)
-    label = f"{fmt} TP={meg.tp} PP={meg.pp}, config from {'hf_assets' if sidecar else 'args'}"
+def _open_megatron(path: Path, options: ReadOptions) -> _Side:
+    meg = open_megatron(path, options)
+    cfg, sidecar = megatron_hf_config(meg, options)
+    label = f"{describe(meg)}, config from {config_origin(meg, sidecar)}"
     try:
         plan, _ = megatron_plan(meg, cfg)
     except (InputError, UnsupportedError) as e:  # corrupt rank files: report them, still compare configs
@@ -139,10 +139,9 @@ def _unreachable(key: str):
     raise AssertionError(f"no tensors are read from a checkpoint that failed to load ({key})")
 
 
-def _open(path: Path) -> _Side:
+def _open(path: Path, options: ReadOptions) -> _Side:
     path = Path(path)
-    fmt = detect_format(path)
-    return _open_hf(path) if fmt == HF else _open_megatron(path, fmt)
+    return _open_hf(path) if detect_format(path) == HF else _open_megatron(path, options)
 
 
 def _work_dtype(a: torch.dtype, b: torch.dtype) -> torch.dtype:
@@ -216,9 +215,10 @@ def config_diffs(a, b) -> list[ConfigDiff]:
     return [ConfigDiff(k, da.get(k), db.get(k), k in MUP_FIELDS) for k in names if da.get(k) != db.get(k)]
 
 
-def verify(a: Path, b: Path, atol: float = 0.0) -> VerifyReport:
-    """Compares two checkpoints (HF or Megatron legacy, any TP/PP) tensor by tensor and config by config."""
-    side_a, side_b = _open(a), _open(b)
+def verify(a: Path, b: Path, atol: float = 0.0, options: ReadOptions = ReadOptions()) -> VerifyReport:
+    """Compares two checkpoints (HF or Megatron legacy / torch_dist, any TP/PP) tensor by tensor and
+    config by config; ``options`` apply to the Megatron side(s)."""
+    side_a, side_b = _open(a, options), _open(b, options)
     report = VerifyReport(str(a), str(b), side_a.label, side_b.label, atol)
     report.config = config_diffs(side_a.config, side_b.config)
     report.errors = [s.error for s in (side_a, side_b) if s.error]

@@ -13,7 +13,7 @@ from bridge.inspect import inspect_checkpoint
 from bridge.legacy_format import LegacyCheckpoint
 from bridge.parity import parity
 from bridge.reshard import reshard
-from bridge.torch_dist_format import open_megatron
+from bridge.megatron_source import open_megatron
 from mappings import LAYOUTS
 from test_roundtrip import assert_bit_exact, load_hf
 

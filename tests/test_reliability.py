@@ -255,8 +255,9 @@ def virtual_pipeline(meg: Path) -> None:
 
 MEG_CASES = {
     "legacy: no args and no hf_assets sidecar": (lambda w: drop_args_and_sidecar(w.meg), "meg", 3,
-                                                 ["mp_rank_00_000/model_optim_rng.pt: no 'args' and no "
-                                                  "hf_assets/config.json; cannot tell the model config"]),
+                                                 ["iter_0000000: no model config: no hf_assets/config.json, no "
+                                                  "'args' in the checkpoint and no run_config.yaml; pass "
+                                                  "--hf-config DIR"]),
     "legacy: rank file is a truncated zip": (lambda w: truncate(rank_file(w.meg, "mp_rank_01_001")), "meg", 3,
                                              ["mp_rank_01_001/model_optim_rng.pt: not a readable torch checkpoint"]),
     "legacy: integer tensor in a rank file": (lambda w: int_weight(w.meg), "meg", 3,

@@ -1,0 +1,151 @@
+"""Opening a Megatron checkpoint as training left it: which iteration, which model config, which
+tokenizer files. Every reader (megatron-to-hf, reshard, verify, parity, inspect) goes through here.
+
+The model config comes from the first place that has one: our ``hf_assets/config.json`` sidecar
+(exact round trip), ``args`` (Megatron-LM, legacy rank files or the torch_dist common state), then
+Megatron-Bridge's ``run_config.yaml``. ``--hf-config DIR`` overrides all three.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import COMPARED_FIELDS, hf_config_from_args, hf_config_from_json, load_hf_config
+from .errors import InputError
+from .hf_format import NOT_ASSETS, WEIGHT_SUFFIXES
+from .iterations import is_iteration_dir, resolve_iteration_dir
+from .legacy_format import HF_ASSETS, LegacyCheckpoint
+from .run_config import RUN_CONFIG, args_from_run_config, read_run_config
+from .detect import is_torch_dist
+from .torch_dist_format import TorchDistCheckpoint
+
+_log = logging.getLogger(__name__)
+MegatronCheckpoint = LegacyCheckpoint | TorchDistCheckpoint
+MB_TOKENIZER = "tokenizer"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")
+REFERENCE_FILES = ("generation_config.json", "README.md")
+
+
+@dataclass(frozen=True)
+class ReadOptions:
+    """What a user can say about a Megatron source: ``--iteration``, ``--hf-config``, ``--hf-reference``."""
+
+    iteration: int | str | None = None
+    hf_config: Path | None = None
+    hf_reference: Path | None = None
+
+
+def open_megatron(path: Path, options: ReadOptions = ReadOptions()) -> MegatronCheckpoint:
+    """A legacy or torch_dist checkpoint, told apart by the chosen iteration directory's files."""
+    path = Path(path)
+    if not path.is_dir():
+        raise InputError(f"{path}: {'does not exist' if not path.exists() else 'not a directory'}")
+    if not any(path.iterdir()):
+        raise InputError(f"{path}: empty directory")
+    iter_dir = resolve_iteration_dir(path, options.iteration)
+    if is_torch_dist(iter_dir):
+        meg: MegatronCheckpoint = TorchDistCheckpoint(path, iter_dir)
+    else:
+        meg = LegacyCheckpoint(path, options.iteration)
+    meg.run_config = read_run_config(meg.iter_dir)
+    return meg
+
+
+def hf_assets_dir(meg: MegatronCheckpoint) -> Path:
+    """Our sidecar lives beside the iteration folders (or beside the given iteration folder)."""
+    root = meg.root if not is_iteration_dir(meg.root) else meg.root.parent
+    return root / HF_ASSETS
+
+
+def _config_from_training(meg: MegatronCheckpoint):
+    """The HF config rebuilt from ``args``, else from ``run_config.yaml``; None when neither exists."""
+    if meg.args is not None:
+        cfg = hf_config_from_args(meg.args, "checkpoint args")
+        where = "args"
+        args = vars(meg.args)
+    elif meg.run_config is not None:
+        args = args_from_run_config(meg.run_config, str(meg.iter_dir / RUN_CONFIG))
+        cfg = hf_config_from_args(args, str(meg.iter_dir / RUN_CONFIG))
+        where = RUN_CONFIG
+    else:
+        return None, None
+    cfg.mamba_n_groups = args.get("expanded_from_groups", cfg.mamba_n_groups)
+    return cfg, where
+
+
+def megatron_hf_config(meg: MegatronCheckpoint, options: ReadOptions = ReadOptions()):
+    """(HF config, the config.json file to copy byte for byte or None): see the module docstring."""
+    if options.hf_config is not None:
+        return load_hf_config(Path(options.hf_config)), Path(options.hf_config) / "config.json"
+    sidecar = hf_assets_dir(meg) / "config.json"
+    rebuilt, where = _config_from_training(meg)
+    if sidecar.is_file():
+        cfg = hf_config_from_json(sidecar.read_text(), str(sidecar))
+        if rebuilt is not None:
+            for name in COMPARED_FIELDS:
+                if getattr(cfg, name, None) != getattr(rebuilt, name, None):
+                    raise InputError(f"{sidecar}: {name}={getattr(cfg, name, None)!r} but the checkpoint's {where} "
+                                     f"say {getattr(rebuilt, name, None)!r}; pass --hf-config DIR to choose")
+        return cfg, sidecar
+    if rebuilt is None:
+        raise InputError(f"{meg.iter_dir}: no model config: no {HF_ASSETS}/config.json, no 'args' in the "
+                         f"checkpoint and no {RUN_CONFIG}; pass --hf-config DIR (a folder with config.json)")
+    return rebuilt, None
+
+
+def _files(folder: Path, names=None) -> list[Path]:
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if p.is_file() and not p.is_symlink()
+                  and (p.name in names if names else p.name not in NOT_ASSETS | {"config.json"}
+                       and not p.name.endswith(WEIGHT_SUFFIXES)))
+
+
+def carried_assets(meg: MegatronCheckpoint, options: ReadOptions = ReadOptions()) -> list[Path]:
+    """Tokenizer, generation config and model card for the HF output: from our sidecar, else
+    Megatron-Bridge's ``tokenizer/``, else ``--hf-reference``; one warning when no tokenizer results."""
+    chosen: dict[str, Path] = {}
+    reference = Path(options.hf_reference) if options.hf_reference else None
+    for source in (hf_assets_dir(meg), meg.iter_dir / MB_TOKENIZER):
+        found = _files(source)
+        if found:
+            chosen.update((p.name, p) for p in found)
+            break
+    if reference is not None:
+        if not any(name in chosen for name in TOKENIZER_FILES):
+            chosen.update((p.name, p) for p in _files(reference))
+        chosen.update((p.name, p) for p in _files(reference, REFERENCE_FILES) if p.name not in chosen)
+    if not any(name in chosen for name in TOKENIZER_FILES):
+        _log.warning("%s: no tokenizer found (looked in %s/, %s/ and --hf-reference); the HF output will have "
+                     "none", meg.iter_dir, HF_ASSETS, MB_TOKENIZER)
+    return sorted(chosen.values())
+
+
+def format_name(meg: MegatronCheckpoint) -> str:
+    return "torch_dist" if isinstance(meg, TorchDistCheckpoint) else "legacy"
+
+
+def saved_parallelism(meg: MegatronCheckpoint) -> tuple[int | None, int | None]:
+    """The TP/PP the writer ran with. Legacy files are one per rank; torch_dist stores global tensors,
+    so only ``args`` or ``run_config.yaml`` remember it (None when neither does)."""
+    if isinstance(meg, LegacyCheckpoint):
+        return meg.tp, meg.pp
+    fields = vars(meg.args) if meg.args is not None else (meg.run_config or {}).get("model", {})
+    tp, pp = fields.get("tensor_model_parallel_size"), fields.get("pipeline_model_parallel_size")
+    return (tp if isinstance(tp, int) else None), (pp if isinstance(pp, int) else None)
+
+
+def describe(meg: MegatronCheckpoint) -> str:
+    """``legacy TP=2 PP=1`` or ``torch_dist, saved at TP=4 PP=2``, for reports and cards."""
+    tp, pp = saved_parallelism(meg)
+    if isinstance(meg, LegacyCheckpoint):
+        return f"legacy TP={tp} PP={pp}"
+    return f"torch_dist, saved at TP={tp or '?'} PP={pp or '?'}"
+
+
+def config_origin(meg: MegatronCheckpoint, sidecar: Path | None) -> str:
+    if sidecar is not None:
+        return HF_ASSETS if sidecar.parent.name == HF_ASSETS else "--hf-config"
+    return "args" if meg.args is not None else RUN_CONFIG

@@ -1,0 +1,76 @@
+"""Megatron-Bridge's ``run_config.yaml``: the model section read as Megatron ``args``.
+
+Megatron-Bridge checkpoints carry no ``args``; their model config is the serialized provider
+(``ConfigContainer.to_yaml``: ``model:`` holds ``_target_`` = the provider class and its dataclass
+fields; a torch dtype is ``{_target_: torch.bfloat16, _call_: false}``). The provider extends
+megatron-core's ``TransformerConfig``, so most fields already carry Megatron's names; the few that
+differ from Megatron-LM's argparse names are renamed here, and then one code path
+(``config.hf_config_from_args``) builds the HF config for both stacks.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import yaml
+
+from .errors import InputError
+
+RUN_CONFIG = "run_config.yaml"
+MAX_RUN_CONFIG_BYTES = 4 * 2**20  # a real one is ~30 kB; anything far larger is not a run config
+FALCON_H1_PROVIDER = "FalconH1ModelProvider"
+# TransformerConfig / provider field -> Megatron-LM argparse name, where they differ.
+_PROVIDER_TO_ARGS = {
+    "seq_length": "max_position_embeddings",
+    "layernorm_epsilon": "norm_epsilon",
+    "hybrid_layer_pattern": "hybrid_override_pattern",
+}
+
+
+def read_run_config(iter_dir: Path) -> dict | None:
+    """The parsed ``run_config.yaml`` of an iteration, or None when there is none."""
+    path = Path(iter_dir) / RUN_CONFIG
+    if not path.exists():
+        return None
+    if not path.is_file():
+        raise InputError(f"{path}: not a regular file")
+    with path.open("rb") as f:
+        raw = f.read(MAX_RUN_CONFIG_BYTES + 1)
+    if len(raw) > MAX_RUN_CONFIG_BYTES:
+        raise InputError(f"{path}: larger than {MAX_RUN_CONFIG_BYTES} bytes; not a Megatron-Bridge run config")
+    try:
+        data = yaml.safe_load(raw.decode("utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError, RecursionError) as e:
+        detail = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise InputError(f"{path}: not valid YAML ({detail})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("model"), dict):
+        raise InputError(f"{path}: no 'model:' section; expected a Megatron-Bridge run config")
+    return data
+
+
+def _dtype(value: object, where: str) -> torch.dtype | None:
+    target = value.get("_target_") if isinstance(value, dict) else value
+    if target is None:
+        return None
+    dtype = getattr(torch, str(target).removeprefix("torch."), None)
+    if not isinstance(dtype, torch.dtype):
+        raise InputError(f"{where}: params_dtype {target!r:.60} is not a torch dtype")
+    return dtype
+
+
+def args_from_run_config(run_config: dict, where: str) -> dict:
+    """The ``model:`` section as Megatron-LM ``args`` names; refuses a non-Falcon-H1 provider."""
+    model = run_config["model"]
+    target = str(model.get("_target_", ""))
+    if not target.endswith("." + FALCON_H1_PROVIDER) and target != FALCON_H1_PROVIDER:
+        raise InputError(f"{where}: model._target_ is {target[:120]!r}; expected Megatron-Bridge's "
+                         f"{FALCON_H1_PROVIDER}")
+    args = {_PROVIDER_TO_ARGS.get(k, k): v for k, v in model.items() if not k.startswith("_")}
+    args["untie_embeddings_and_output_weights"] = not model.get("share_embeddings_and_output_weights", False)
+    args["params_dtype"] = _dtype(model.get("params_dtype"), where)
+    if not args.get("mamba_num_heads") and isinstance(args.get("mamba_head_dim"), int) and args["mamba_head_dim"]:
+        args["mamba_num_heads"] = args.get("expand", 2) * args.get("hidden_size", 0) // args["mamba_head_dim"]
+    if not model.get("should_pad_vocab", False):
+        args["padded_vocab_size"] = args.get("vocab_size")  # the provider builds the embedding unpadded
+    return args
