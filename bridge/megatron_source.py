@@ -87,7 +87,7 @@ def megatron_hf_config(meg: MegatronCheckpoint, options: ReadOptions = ReadOptio
             for name in COMPARED_FIELDS:
                 if getattr(cfg, name, None) != getattr(rebuilt, name, None):
                     raise InputError(f"{sidecar}: {name}={getattr(cfg, name, None)!r} but the checkpoint's {where} "
-                                     f"say {getattr(rebuilt, name, None)!r}; pass --hf-config DIR to choose")
+                                     f"has {getattr(rebuilt, name, None)!r}; pass --hf-config DIR to choose")
         return cfg, sidecar
     if rebuilt is None:
         raise InputError(f"{meg.iter_dir}: no model config: no {HF_ASSETS}/config.json, no 'args' in the "

@@ -48,6 +48,7 @@ METADATA_JSON = {
 }
 # Suffix megatron gives a ShardedObject with global offset (0,) and shape (1,), e.g. TE _extra_state.
 OBJECT_SUFFIX = "/shard_0_1"
+COMMON_STATE = "common_state"  # megatron-core >= 0.19: the common state as a ShardedObject, no common.pt
 
 
 class TorchDistFormatError(InputError, ValueError):
@@ -176,10 +177,19 @@ class TorchDistReader:
             for k, v in metadata.state_dict_metadata.items()
             if isinstance(v, BytesStorageMetadata)
         }
-        common = _safe_load(self.iter_dir / "common.pt", str(self.iter_dir / "common.pt"))
+        self.common: dict = self._common_state()
+
+    def _common_state(self) -> dict:
+        """``common.pt`` (megatron-core < 0.19, and read first by 0.19 too when present), else the
+        ``common_state`` object megatron-core >= 0.19 keeps inside the shards."""
+        path = self.iter_dir / "common.pt"
+        if path.exists() or COMMON_STATE not in self._objects:
+            common, where = _safe_load(path, str(path)), str(path)
+        else:
+            common, where = self.load_object(COMMON_STATE), f"{self.iter_dir}: object {COMMON_STATE!r}"
         if not isinstance(common, dict):
-            raise TorchDistFormatError(f"{self.iter_dir / 'common.pt'}: expected a dict, found {type(common).__name__}")
-        self.common: dict = common
+            raise TorchDistFormatError(f"{where}: expected a dict, found {type(common).__name__}")
+        return common
 
     def keys(self) -> list[str]:
         """Tensor keys, in the order they were written."""
@@ -200,8 +210,9 @@ class TorchDistReader:
         return self._read({k: torch.empty(self.shape(k), dtype=self.dtype(k)) for k in keys})
 
     def object_keys(self) -> list[str]:
-        """ShardedObject keys; the usual ``/shard_0_1`` suffix is dropped, other shard names stay."""
-        return list(self._objects)
+        """ShardedObject keys; the usual ``/shard_0_1`` suffix is dropped, other shard names stay. The
+        common state is ``common``, not one of these."""
+        return [k for k in self._objects if k != COMMON_STATE]
 
     def load_object(self, key: str) -> object:
         """The object megatron stored for ``key`` (unwrapped from its ``[obj]`` payload)."""

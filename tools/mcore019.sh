@@ -10,7 +10,7 @@
 # -> transformer/moe/paged_stash -> moe/ops/paged_stash.py does an unguarded `import triton`
 # (only @triton.jit / tl.constexpr at import time, so any triton 3.x works and no GPU is
 # used). An already-importable triton is left alone (a CUDA torch pins its own); otherwise
-# TRITON_VERSION (default 3.9.0, the version verified here) is installed into .venv.
+# TRITON_VERSION (default 3.9.0, the version verified here) is installed into .mcore019/.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -26,7 +26,11 @@ if [[ "$(cat "$DEST/.version" 2>/dev/null)" != "$VERSION" ]]; then
         "megatron-core==$VERSION" -d "$TMP"
     rm -rf "$DEST"
     mkdir -p "$DEST"
-    unzip -q "$TMP"/megatron_core-"$VERSION"-*.whl 'megatron/*' -d "$DEST"
+    "$PY" - "$TMP"/megatron_core-"$VERSION"-*.whl "$DEST" <<'EOF'
+import sys, zipfile
+wheel = zipfile.ZipFile(sys.argv[1])
+wheel.extractall(sys.argv[2], [n for n in wheel.namelist() if n.startswith("megatron/")])
+EOF
     # package_info.py appends `+<git rev-parse --short HEAD>` of whatever repo it sits in;
     # inside this checkout that is *our* commit ("0.19.2+1a2b3c4"), so switch that off.
     PKG="$DEST/megatron/core/package_info.py"
@@ -35,8 +39,9 @@ if [[ "$(cat "$DEST/.version" 2>/dev/null)" != "$VERSION" ]]; then
     echo "$VERSION" >"$DEST/.version"
 fi
 
-if ! "$PY" -c "import triton" 2>/dev/null; then
-    "$PY" -m pip install -q "triton==$TRITON_VERSION"
+if ! PYTHONPATH="$DEST" "$PY" -c "import triton" 2>/dev/null; then
+    # Into .mcore019/ beside megatron/, not the venv: the 0.16 suite then runs without triton.
+    "$PY" -m pip install -q --no-deps --target "$DEST" "triton==$TRITON_VERSION"
 fi
 
 GOT="$(cd "$ROOT" && PYTHONPATH="$DEST:$ROOT" "$PY" -W ignore -c \
