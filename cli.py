@@ -65,8 +65,13 @@ def _parse_override(text: str) -> tuple[str, object]:
 json_option = click.option("--json", "as_json", is_flag=True, help="Print a machine-readable JSON report.")
 force_option = click.option("--force", is_flag=True, help="Replace DST if it exists.")
 format_option = click.option(
-    "--format", "fmt", type=click.Choice(api.FORMAT_CHOICES), default="legacy", show_default=True,
-    help="Megatron checkpoint format: legacy per-rank files or megatron-core torch_dist.",
+    "--format", "fmt", type=click.Choice(api.FORMAT_CHOICES), default=None,
+    help="Megatron checkpoint format: legacy per-rank files or megatron-core torch_dist "
+    "[default: legacy for megatron-lm, torch_dist for megatron-bridge].",
+)
+target_option = click.option(
+    "--target", type=click.Choice(api.TARGET_CHOICES), default=api.DEFAULT_TARGET, show_default=True,
+    help="The stack that will load DST: what its loader needs beside the weights (see README \"Train the output\").",
 )
 expand_groups_option = click.option(
     "--expand-groups", is_flag=True,
@@ -189,25 +194,31 @@ _megatron_target = _stack(
     click.option("--pp", default=1, show_default=True, help="Pipeline-parallel size to write."),
     click.option("--layout", type=click.Choice(api.LAYOUT_CHOICES), default="bridge", show_default=True,
                  help="Megatron key layout to write."),
-    format_option, expand_groups_option, dtype_option, force_option, json_option,
+    target_option, format_option, expand_groups_option, dtype_option, force_option, json_option,
 )
 
 
 @main.command("hf-to-megatron")
 @_megatron_target
 @click.option("--vocab-divisible-by", default=128, show_default=True,
-              help="Megatron make_vocab_size_divisible_by (vocab padded to a multiple of this x TP).")
+              help="Megatron make_vocab_size_divisible_by (vocab padded to a multiple of this x TP; megatron-bridge "
+              "keeps the vocabulary unpadded when TP divides it).")
+@click.option("--iteration", callback=_parse_iteration, metavar="N",
+              help="Write iter_N (N >= 1) [default: release for megatron-lm, 1 for megatron-bridge].")
 @_friendly
-def hf_to_megatron(src, dst, tp, pp, layout, vocab_divisible_by, fmt, expand_groups, dtype, force, as_json):
+def hf_to_megatron(src, dst, tp, pp, layout, target, vocab_divisible_by, iteration, fmt, expand_groups, dtype,
+                   force, as_json):
     """Convert an HF Falcon-H1 folder SRC into a Megatron checkpoint DST.
 
     \b
     Examples:
       h1bridge hf-to-megatron Falcon-H1-7B meg-7b --tp 2 --pp 2 --dtype bf16
       h1bridge hf-to-megatron Falcon-H1-7B meg-7b-dist --tp 2 --format torch_dist
+      h1bridge hf-to-megatron Falcon-H1-7B mb-7b --target megatron-bridge --dtype bf16
     """
     s = api.hf_to_megatron(src, dst, tp=tp, pp=pp, dtype=dtype, force=force, divisible_by=vocab_divisible_by,
-                           layout=layout, fmt=fmt, expand_groups=expand_groups, progress=not as_json).to_dict()
+                           layout=layout, fmt=fmt, expand_groups=expand_groups, progress=not as_json,
+                           target=target, iteration=iteration).to_dict()
     _emit(s, as_json, _summary_text(s))
 
 
@@ -215,7 +226,7 @@ def hf_to_megatron(src, dst, tp, pp, layout, vocab_divisible_by, fmt, expand_gro
 @_megatron_target
 @_read_options
 @_friendly
-def reshard(src, dst, tp, pp, layout, fmt, expand_groups, dtype, force, as_json, options):
+def reshard(src, dst, tp, pp, layout, target, fmt, expand_groups, dtype, force, as_json, options):
     """Re-shard a Megatron checkpoint SRC (legacy or torch_dist) to another TP/PP/format/layout, no HF detour.
 
     \b
@@ -224,7 +235,7 @@ def reshard(src, dst, tp, pp, layout, fmt, expand_groups, dtype, force, as_json,
       h1bridge reshard meg-tp2 meg-dist --tp 2 --format torch_dist
     """
     s = api.reshard(src, dst, tp=tp, pp=pp, fmt=fmt, layout=layout, dtype=dtype, force=force,
-                    expand_groups=expand_groups, progress=not as_json, options=options).to_dict()
+                    expand_groups=expand_groups, progress=not as_json, options=options, target=target).to_dict()
     _emit(s, as_json, _summary_text(s))
 
 

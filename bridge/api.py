@@ -12,12 +12,14 @@ from .inspect import format_inspect, inspect_checkpoint
 from .mup import FoldReport, fold_mup, unfold_mup
 from .parity import ParityReport, parity
 from .reshard import reshard
+from .targets import DEFAULT_TARGET, TARGETS
 from .tiny import PRESETS, make_tiny
 from .verify import VerifyReport, verify
 
 LAYOUT_CHOICES = tuple(LAYOUTS)
 FORMAT_CHOICES = FORMATS
 PRESET_CHOICES = tuple(PRESETS)
+TARGET_CHOICES = TARGETS
 
 
 def _layer_expr(param, layout: str) -> str:
@@ -39,7 +41,7 @@ def mapping_rows(layout: str = "bridge") -> list[dict]:
 
 __all__ = [
     "BITNET_LINEAR_CLASSES", "pack_checkpoint", "unpack_checkpoint",
-    "DTYPE_CHOICES", "FORMAT_CHOICES", "reshard", "LAYOUT_CHOICES", "PRESET_CHOICES", "FoldReport", "Summary", "fold_mup", "format_inspect",
+    "DEFAULT_TARGET", "TARGET_CHOICES", "DTYPE_CHOICES", "FORMAT_CHOICES", "reshard", "LAYOUT_CHOICES", "PRESET_CHOICES", "FoldReport", "Summary", "fold_mup", "format_inspect",
     "hf_to_megatron", "inspect_checkpoint", "make_tiny", "mapping_rows", "megatron_to_hf", "plan_push", "push",
     "unfold_mup", "validate_hf_folder", "ParityReport", "parity", "VerifyReport", "verify",
 ]

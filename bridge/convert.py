@@ -27,7 +27,7 @@ from .errors import InputError, UnsupportedError
 from .groups import ExpandedSource, collapse, expanded_config, expansion_factor
 from .hf_format import CheckedSource, HFCheckpoint, LazyTensors, NonFiniteCount, copy_assets, write_hf_weights
 from .layout import check_float_dtypes, check_tensor_set, expected_hf_shapes, expected_rank_shapes, hf_index
-from .iterations import iteration_dir_name
+from .iterations import RELEASE, iteration_dir_name
 from .legacy_format import HF_ASSETS, rank_dir_name, write_rank_file, write_tracker
 from .megatron_source import (
     MegatronCheckpoint,
@@ -38,7 +38,8 @@ from .megatron_source import (
     open_megatron,
     saved_parallelism,
 )
-from .plan import ParallelPlan, hf_name
+from .plan import ParallelPlan, check_parallel_sizes, hf_name
+from .targets import DEFAULT_TARGET, extra_state_objects, resolve_target, write_bridge_files
 from .torch_dist_format import global_tensors
 from .torch_dist_format import write_checkpoint as write_dist_checkpoint
 
@@ -61,6 +62,8 @@ class Summary:
     layout: str = "bridge"
     dtype: str = "keep"
     format: str = "legacy"
+    target: str | None = None
+    iteration: int | str | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -101,11 +104,15 @@ def hf_to_megatron(
     force: bool = False,
     divisible_by: int = 128,
     layout: str = "bridge",
-    fmt: str = "legacy",
+    fmt: str | None = None,
     expand_groups: bool = False,
     progress: bool = False,
+    target: str = DEFAULT_TARGET,
+    iteration: int | str | None = None,
 ) -> Summary:
-    """Converts an HF Falcon-H1 folder into a Megatron checkpoint (legacy per-rank files or torch_dist).
+    """Converts an HF Falcon-H1 folder into a Megatron checkpoint (legacy per-rank files or torch_dist)
+    that ``target``'s loader accepts with its default settings (see ``bridge.targets``); ``fmt`` and
+    ``iteration`` default to the target's.
 
     ``expand_groups`` replicates Mamba B/C groups when TP exceeds them (see ``bridge.groups``)."""
     from . import bitnet  # bridge.bitnet builds on this module
@@ -118,20 +125,24 @@ def hf_to_megatron(
     summary = write_megatron(source, ckpt.config, dst, tp=tp, pp=pp, dtype=dtype, force=force,
                              divisible_by=divisible_by, layout=layout, fmt=fmt, expand_groups=expand_groups,
                              progress=progress, inputs=[src], config_json=src / "config.json",
-                             assets=ckpt.asset_files(), extra_args=extra_args)
+                             assets=ckpt.asset_files(), extra_args=extra_args, target=target, iteration=iteration)
     summary.source, summary.direction = str(src), "hf-to-megatron"
     summary.seconds = round(time.perf_counter() - start, 3)
     return summary
 
 
 def write_megatron(
-    source, cfg, dst: Path, *, tp: int, pp: int, dtype: str, force: bool, divisible_by: int, layout: str, fmt: str,
-    progress: bool, inputs: list[Path], config_json: Path | None, assets: list[Path], extra_args: Mapping | None = None,
-    expand_groups: bool = False,
+    source, cfg, dst: Path, *, tp: int, pp: int, dtype: str, force: bool, divisible_by: int, layout: str,
+    fmt: str | None, progress: bool, inputs: list[Path], config_json: Path | None, assets: list[Path],
+    extra_args: Mapping | None = None, expand_groups: bool = False, target: str = DEFAULT_TARGET,
+    iteration: int | str | None = None,
 ) -> Summary:
     """Writes a Megatron checkpoint from any ``source.get(hf_key)``: an HF folder, or another Megatron
     checkpoint being re-sharded (its tensors merged on the fly). ``extra_args`` are stored in ``args``
-    as given (e.g. BitNet's flag and scales). ``expand_groups``: see ``bridge.groups``."""
+    as given (e.g. BitNet's flag and scales). ``expand_groups``: see ``bridge.groups``. ``target``,
+    ``iteration``: see ``bridge.targets``."""
+    stack = resolve_target(target, fmt, layout, iteration)
+    fmt = stack.fmt
     target = _target_dtype(dtype)
     nonfinite = NonFiniteCount()
     source = CheckedSource(source, nonfinite)  # NaN/Inf are converted as they are, and reported once at the end
@@ -148,20 +159,28 @@ def write_megatron(
     if fmt == "torch_dist" and LAYOUTS[layout].legacy_only:
         raise UnsupportedError(f"--layout {layout} exists only in legacy files (torch_dist keeps conv1d.weight "
                                "through megatron-core's conv_checkpoint_key_map)")
-    plan = ParallelPlan(cfg, tp, pp, divisible_by, layout)
+    check_parallel_sizes(cfg, tp, pp)  # before the vocabulary is divided by TP
+    plan = ParallelPlan(cfg, tp, pp, divisible_by, layout,
+                        padded_vocab=stack.padded_vocab(cfg.vocab_size, divisible_by, tp))
     args = megatron_args(cfg, tp=tp, pp=pp, padded_vocab=plan.dims.padded_vocab, divisible_by=divisible_by,
                          params_dtype=target or config_dtype(cfg), pattern=LAYOUTS[layout].pattern)
-    vars(args).update(extra_args)
-    summary = Summary("", str(dst), "", tp, pp, layout=layout, dtype=dtype, format=fmt)
+    vars(args).update(stack.extra_args(), **extra_args)
+    step = 0 if stack.iteration == RELEASE else stack.iteration
+    summary = Summary("", str(dst), "", tp, pp, layout=layout, dtype=dtype, format=fmt, target=stack.name,
+                      iteration=stack.iteration)
     with atomic_output_dir(dst, force=force, inputs=inputs) as tmp:
-        iter_dir = tmp / iteration_dir_name(0)
+        iter_dir = tmp / iteration_dir_name(stack.iteration)
         if fmt == "torch_dist":
             whole = ParallelPlan(cfg, tp, 1, divisible_by, layout, padded_vocab=plan.dims.padded_vocab)
+            objects = extra_state_objects(cfg.num_hidden_layers) if stack.is_bridge else None
             write_dist_checkpoint(iter_dir, _counted(global_tensors(source, whole, lambda t: _materialize(t, target)),
-                                                     summary, progress), args)
+                                                     summary, progress), args, iteration=step, objects=objects)
         else:
-            _write_legacy_ranks(source, plan, iter_dir, target, args, summary, progress)
-        write_tracker(tmp, 0)
+            _write_legacy_ranks(source, plan, iter_dir, target, args, summary, progress, step)
+        if stack.is_bridge:
+            write_bridge_files(tmp, iter_dir, args, save=str(dst), init_method_std=cfg.initializer_range,
+                               iteration=step, assets=assets)
+        write_tracker(tmp, stack.iteration)
         hf_assets = tmp / HF_ASSETS
         copy_assets(assets, hf_assets)
         if config_json is not None:
@@ -182,7 +201,8 @@ def _counted(tensors, summary: Summary, progress: bool):
             del item
 
 
-def _write_legacy_ranks(source, plan: ParallelPlan, iter_dir: Path, target, args, summary: Summary, progress: bool):
+def _write_legacy_ranks(source, plan: ParallelPlan, iter_dir: Path, target, args, summary: Summary, progress: bool,
+                        iteration: int):
     """One rank file at a time: each holds only its shards, so memory is one output file."""
     pool = BufferPool()
     for tp_rank, pp_rank in tqdm(plan.ranks(), unit="rank", desc="→megatron", disable=not progress):
@@ -195,7 +215,7 @@ def _write_legacy_ranks(source, plan: ParallelPlan, iter_dir: Path, target, args
             del hf, pieces
             model.update((name, tensor) for name in plan.megatron_names(param, local))
         path = iter_dir / rank_dir_name(tp_rank, pp_rank, plan.pp) / "model_optim_rng.pt"
-        write_rank_file(path, model, args, iteration=0)
+        write_rank_file(path, model, args, iteration=iteration)
         summary.tensors += len(model)
         del model, tensor
         pool.recycle()

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from . import bitnet
 from .convert import MegatronToHF, Summary, megatron_plan, write_megatron
+from .targets import DEFAULT_TARGET
 from .megatron_source import ReadOptions, carried_assets, megatron_hf_config, open_megatron
 
 
@@ -21,7 +22,7 @@ def reshard(
     *,
     tp: int = 1,
     pp: int = 1,
-    fmt: str = "legacy",
+    fmt: str | None = None,
     layout: str = "bridge",
     dtype: str = "keep",
     divisible_by: int | None = None,
@@ -29,6 +30,7 @@ def reshard(
     force: bool = False,
     progress: bool = False,
     options: ReadOptions = ReadOptions(),
+    target: str = DEFAULT_TARGET,
 ) -> Summary:
     """Re-shards a Megatron checkpoint; ``divisible_by`` defaults to the source's vocab padding rule."""
     start = time.perf_counter()
@@ -40,7 +42,7 @@ def reshard(
     summary = write_megatron(MegatronToHF(meg, plan, None), cfg, dst, tp=tp, pp=pp, dtype=dtype, force=force,
                              divisible_by=divisible_by or source_divisible, layout=layout, fmt=fmt,
                              expand_groups=expand_groups, progress=progress, inputs=[src], config_json=sidecar,
-                             assets=assets, extra_args=bitnet.carried_args(meg.args))
+                             assets=assets, extra_args=bitnet.carried_args(meg.args), target=target)
     summary.source, summary.direction = str(src), "reshard"
     summary.seconds = round(time.perf_counter() - start, 3)
     return summary

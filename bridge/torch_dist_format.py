@@ -54,11 +54,13 @@ def global_tensors(source, plan: ParallelPlan, materialize) -> Iterator[tuple[st
                 yield key, materialize(full)
 
 
-def write_checkpoint(iter_dir: Path, tensors: Iterator[tuple[str, torch.Tensor]], args, iteration: int = 0) -> None:
+def write_checkpoint(iter_dir: Path, tensors: Iterator[tuple[str, torch.Tensor]], args, iteration: int = 0,
+                     objects: dict[str, object] | None = None) -> None:
+    """``objects``: ShardedObject payloads by key (Transformer Engine ``_extra_state``)."""
     from .torch_dist_io import write_torch_dist  # DCP costs ~1 s of imports; only torch_dist pays it
 
     common = {"args": args, "checkpoint_version": 3.0, "iteration": iteration, "content_metadata": CONTENT_METADATA}
-    write_torch_dist(iter_dir, tensors, common)
+    write_torch_dist(iter_dir, tensors, common, objects=objects)
 
 
 class TorchDistCheckpoint:

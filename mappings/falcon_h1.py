@@ -172,6 +172,25 @@ LAYOUTS: dict[str, Layout] = {
 }
 DEFAULT_LAYOUT = "bridge"
 
+# Modules of Megatron-Bridge's Falcon-H1 spec that keep Transformer Engine ``_extra_state``, which its
+# loader requests under the default strictness. Derived from Megatron-Bridge 067f987df03b
+# (modeling_falconh1/falconh1_layer_specs.py, falconh1_block.py, falconh1_model.py): per layer TENorm
+# ``norm``, TEColumnParallelLinear ``in_proj`` / ``linear_qkv``, TERowParallelLinear ``out_proj`` /
+# ``linear_proj`` / ``linear_fc2``, TEDotProductAttention ``core_attention``, TELayerNormColumnParallelLinear
+# ``linear_fc1``; the stack's TENorm ``final_norm``. ``output_layer`` is megatron-core's own
+# ColumnParallelLinear, whose ``get_extra_state()`` is None, and FalconH1Model does not drop it.
+TE_LAYER_MODULES = ("norm", "mamba_mixer.in_proj", "mamba_mixer.out_proj", "self_attention.linear_qkv",
+                    "self_attention.core_attention", "self_attention.linear_proj", "mlp.linear_fc1",
+                    "mlp.linear_fc2")
+TE_MODEL_MODULES = ("decoder.final_norm",)
+NONE_EXTRA_STATE_MODULES = ("output_layer",)
+
+
+def extra_state_modules(num_layers: int) -> tuple[list[str], list[str]]:
+    """(modules whose extra state is TE's, modules whose extra state is None) of an MB Falcon-H1 model."""
+    te = [f"decoder.layers.{i}.{m}" for i in range(num_layers) for m in TE_LAYER_MODULES]
+    return te + list(TE_MODEL_MODULES), list(NONE_EXTRA_STATE_MODULES)
+
 
 def params_for(hf_config, pp: int = 1) -> list[Param]:
     """The entries that exist for this config and pipeline size."""

@@ -39,7 +39,7 @@ def first_shard(folder: Path) -> Path:
 
 
 def rewrite_rank(meg: Path, rank_dir: str, edit):
-    path = meg / "iter_0000000" / rank_dir / "model_optim_rng.pt"
+    path = meg / "release" / rank_dir / "model_optim_rng.pt"
     state = torch.load(path, weights_only=False)
     edit(state)
     torch.save(state, path)
@@ -100,8 +100,8 @@ def test_bad_hf_inputs(hf, tmp_path, case):
 
 
 MEG_CASES = {
-    "missing rank dir": (lambda m: shutil.rmtree(m / "iter_0000000/mp_rank_01_001"), 3, "missing rank directory"),
-    "missing rank file": (lambda m: (m / "iter_0000000/mp_rank_01_000/model_optim_rng.pt").unlink(), 3,
+    "missing rank dir": (lambda m: shutil.rmtree(m / "release/mp_rank_01_001"), 3, "missing rank directory"),
+    "missing rank file": (lambda m: (m / "release/mp_rank_01_000/model_optim_rng.pt").unlink(), 3,
                           "missing rank file"),
     "tracker nowhere": (lambda m: (m / "latest_checkpointed_iteration.txt").write_text("500"), 3,
                         "points to iter_0000500"),

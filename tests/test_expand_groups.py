@@ -54,7 +54,7 @@ def test_refused_with_gated_rmsnorm(tmp_path):
 
 def test_diverged_replicas_refuse_to_collapse(one_group, tmp_path):
     hf_to_megatron(one_group, tmp_path / "meg", tp=2, expand_groups=True)
-    path = tmp_path / "meg/iter_0000000/mp_rank_01/model_optim_rng.pt"
+    path = tmp_path / "meg/release/mp_rank_01/model_optim_rng.pt"
     state = torch.load(path, weights_only=False)
     state["model"]["decoder.layers.0.mamba_mixer.in_proj.weight"][-20] += 1.0  # a C row of the replica
     torch.save(state, path)

@@ -69,7 +69,7 @@ def test_legacy_only_layout_refused_for_torch_dist(hf_preset, tmp_path, layout):
 
 def test_diverging_fused_norm_copies_refused(hf_preset, tmp_path):
     hf_to_megatron(hf_preset("tiny"), tmp_path / "meg", layout="bridge-fused-norm")
-    path = tmp_path / "meg/iter_0000000/mp_rank_00/model_optim_rng.pt"
+    path = tmp_path / "meg/release/mp_rank_00/model_optim_rng.pt"
     state = torch.load(path, weights_only=False)
     key = "decoder.layers.2.self_attention.linear_qkv.layer_norm_weight"
     state["model"][key] = state["model"][key].clone() * 2

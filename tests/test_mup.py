@@ -81,7 +81,7 @@ def test_random_multipliers_survive_megatron_round_trip(tmp_path):
 def strip_mup_args(meg: Path) -> None:
     """Makes the checkpoint look like one from a Megatron run that never had µP fields."""
     shutil.rmtree(meg / HF_ASSETS)
-    for path in meg.glob("iter_*/mp_rank_*/model_optim_rng.pt"):
+    for path in meg.glob("*/mp_rank_*/model_optim_rng.pt"):
         state = torch.load(path, weights_only=False)
         for name in MUP_FIELDS:
             delattr(state["args"], name)

@@ -29,7 +29,7 @@ def check(hf_dir, meg_dir):
 def rewrite_layer_tensors(hf_dir, meg_dir, suffix, shard):
     """Replaces every rank's ``decoder.layers.L.<suffix>`` by ``shard(hf_layer_prefix, hf, tp, rank)`` (PP=1)."""
     hf = HFCheckpoint(hf_dir)
-    files = sorted(meg_dir.glob("iter_*/mp_rank_*/model_optim_rng.pt"))
+    files = sorted(meg_dir.glob("*/mp_rank_*/model_optim_rng.pt"))
     for rank, path in enumerate(files):
         state = torch.load(path, weights_only=False)
         for name in [n for n in state["model"] if n.endswith(suffix)]:

@@ -40,7 +40,7 @@ from conftest import tree_digest
 
 ROOT = Path(__file__).resolve().parent.parent
 INDEX = "model.safetensors.index.json"
-ITER = "iter_0000000"
+ITER = "release"
 
 
 # ------------------------------------------------------------------------------------------- helpers
@@ -255,7 +255,7 @@ def virtual_pipeline(meg: Path) -> None:
 
 MEG_CASES = {
     "legacy: no args and no hf_assets sidecar": (lambda w: drop_args_and_sidecar(w.meg), "meg", 3,
-                                                 ["iter_0000000: no model config: no hf_assets/config.json, no "
+                                                 ["release: no model config: no hf_assets/config.json, no "
                                                   "'args' in the checkpoint and no run_config.yaml; pass "
                                                   "--hf-config DIR"]),
     "legacy: rank file is a truncated zip": (lambda w: truncate(rank_file(w.meg, "mp_rank_01_001")), "meg", 3,
@@ -373,7 +373,7 @@ def test_force_replaces_a_regular_file(ws):
     ws.out.write_text("not a checkpoint")
     exit_code, err, _ = run("hf-to-megatron", ws.hf, ws.out, "--force", "--json")
     assert exit_code == 0, err
-    assert (ws.out / "latest_checkpointed_iteration.txt").read_text() == "0"
+    assert (ws.out / "latest_checkpointed_iteration.txt").read_text() == "release"
     assert leftovers(ws.out) == []
 
 

@@ -50,8 +50,8 @@ def test_round_trip_bit_exact(hf_preset, tmp_path, preset, tp, pp):
 
 def test_legacy_files_hold_megatron_args(hf_preset, tmp_path):
     hf_to_megatron(hf_preset("tiny-mup"), tmp_path / "meg", tp=2, pp=2, dtype="bf16")
-    assert (tmp_path / "meg" / "latest_checkpointed_iteration.txt").read_text() == "0"
-    state = torch.load(tmp_path / "meg/iter_0000000/mp_rank_01_001/model_optim_rng.pt", weights_only=False)
+    assert (tmp_path / "meg" / "latest_checkpointed_iteration.txt").read_text() == "release"
+    state = torch.load(tmp_path / "meg/release/mp_rank_01_001/model_optim_rng.pt", weights_only=False)
     args = state["args"]
     assert state["checkpoint_version"] == 3.0
     assert (args.tensor_model_parallel_size, args.pipeline_model_parallel_size) == (2, 2)

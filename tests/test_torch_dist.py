@@ -20,9 +20,9 @@ def test_hf_torch_dist_hf_bit_exact(hf_preset, tmp_path):
     src = hf_preset("tiny")
     s = hf_to_megatron(src, tmp_path / "dist", tp=2, fmt="torch_dist")
     assert s.format == "torch_dist"
-    iter_dir = tmp_path / "dist" / "iter_0000000"
+    iter_dir = tmp_path / "dist" / "release"
     assert {"metadata.json", "common.pt", ".metadata"} <= {p.name for p in iter_dir.iterdir()}
-    assert (tmp_path / "dist" / "latest_checkpointed_iteration.txt").read_text() == "0"
+    assert (tmp_path / "dist" / "latest_checkpointed_iteration.txt").read_text() == "release"
     megatron_to_hf(tmp_path / "dist", tmp_path / "back")
     assert_bit_exact(load_hf(src), load_hf(tmp_path / "back"))
     assert (tmp_path / "back" / "config.json").read_bytes() == (src / "config.json").read_bytes()
@@ -97,7 +97,7 @@ def test_megatron_core_loader_reads_our_torch_dist(hf_preset, tmp_path, dist_che
     legacy = LegacyCheckpoint(tmp_path / "legacy")
     for r in range(tp):
         req, expected = megatron_requests(legacy.model(r, 0), r, tp, dims)
-        loaded = dist_checkpointing.load({"model": req}, str(tmp_path / "dist" / "iter_0000000"),
+        loaded = dist_checkpointing.load({"model": req}, str(tmp_path / "dist" / "release"),
                                          validate_access_integrity=False)
         for k, t in expected.items():
             assert torch.equal(loaded["model"][k], t), k

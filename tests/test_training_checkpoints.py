@@ -43,7 +43,7 @@ def megatron_core_version() -> str:
 def global_model(hf: Path, work: Path) -> dict[str, torch.Tensor]:
     """torch_dist key -> global tensor, unpadded vocabulary (what MB's provider builds)."""
     hf_to_megatron(hf, work, fmt="torch_dist", divisible_by=1)
-    reader = TorchDistReader(work / "iter_0000000")
+    reader = TorchDistReader(work / "release")
     return reader.load(reader.keys())
 
 

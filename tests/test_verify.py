@@ -18,7 +18,7 @@ IN_PROJ = "model.layers.0.mamba.in_proj.weight"
 
 
 def rank_file(meg, tp_rank):
-    return next(meg.glob(f"iter_*/mp_rank_{tp_rank:02d}*/model_optim_rng.pt"))
+    return next(meg.glob(f"*/mp_rank_{tp_rank:02d}*/model_optim_rng.pt"))
 
 
 def edit_rank(meg, tp_rank, edit):
