@@ -87,7 +87,7 @@ dtype_option = click.option(
 def _parse_iteration(ctx, param, value):
     if value is None:
         return None
-    from bridge.iterations import parse_iteration
+    from bridge.formats.iterations import parse_iteration
 
     try:
         return parse_iteration(value)
@@ -99,7 +99,7 @@ def _read_options(fn):
     """--iteration / --hf-config / --hf-reference, handed to the command as one ``options`` value."""
     @functools.wraps(fn)
     def wrapper(*args, iteration, hf_config, hf_reference, **kwargs):
-        from bridge.megatron_source import ReadOptions
+        from bridge.engine.source import ReadOptions
 
         return fn(*args, options=ReadOptions(iteration, hf_config, hf_reference), **kwargs)
 

@@ -59,7 +59,7 @@ def can_drop_caches() -> bool:
 _ALLOWED_TP = """
 import json, sys
 from bridge.errors import UnsupportedError
-from bridge.plan import check_parallel_sizes
+from bridge.engine.plan import check_parallel_sizes
 from bridge.tiny import preset_config
 allowed = []
 for tp in (2, 4, 8):

@@ -4,17 +4,17 @@ from __future__ import annotations
 
 from mappings import FALCON_H1, LAYOUTS, megatron_keys, megatron_layer
 
-from .bitnet import LINEAR_CLASSES as BITNET_LINEAR_CLASSES
-from .bitnet import pack_checkpoint, unpack_checkpoint
-from .convert import DTYPE_CHOICES, FORMATS, Summary, hf_to_megatron, megatron_to_hf
-from .hub import plan_push, push, validate_hf_folder
-from .inspect import format_inspect, inspect_checkpoint
-from .mup import FoldReport, fold_mup, unfold_mup
-from .parity import ParityReport, parity
-from .reshard import reshard
-from .targets import DEFAULT_TARGET, TARGETS
-from .tiny import PRESETS, make_tiny
-from .verify import VerifyReport, verify
+from bridge.features.bitnet import LINEAR_CLASSES as BITNET_LINEAR_CLASSES
+from bridge.features.bitnet import pack_checkpoint, unpack_checkpoint
+from bridge.engine.convert import DTYPE_CHOICES, FORMATS, Summary, hf_to_megatron, megatron_to_hf
+from bridge.hub import plan_push, push, validate_hf_folder
+from bridge.checks.inspect import format_inspect, inspect_checkpoint
+from bridge.features.mup import FoldReport, fold_mup, unfold_mup
+from bridge.checks.parity import ParityReport, parity
+from bridge.engine.reshard import reshard
+from bridge.engine.targets import DEFAULT_TARGET, TARGETS
+from bridge.tiny import PRESETS, make_tiny
+from bridge.checks.verify import VerifyReport, verify
 
 LAYOUT_CHOICES = tuple(LAYOUTS)
 FORMAT_CHOICES = FORMATS

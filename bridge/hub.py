@@ -20,9 +20,9 @@ from typing import Any
 from huggingface_hub import CommitOperationAdd, HfApi, ModelCard, ModelCardData, get_token
 from huggingface_hub.utils import DEFAULT_IGNORE_PATTERNS, HFValidationError, filter_repo_objects, validate_repo_id
 
-from .errors import InputError, OutputError
-from .hf_format import HFCheckpoint
-from .layout import check_tensor_set, expected_hf_shapes
+from bridge.errors import InputError, OutputError
+from bridge.formats.hf import HFCheckpoint
+from bridge.engine.layout import check_tensor_set, expected_hf_shapes
 
 SINGLE_WEIGHTS = "model.safetensors"
 WEIGHTS_INDEX = "model.safetensors.index.json"

@@ -13,10 +13,10 @@ from pathlib import Path
 import torch
 from transformers import FalconH1Config
 
-from .atomic import atomic_output_dir
-from .errors import InputError
-from .hf_format import write_hf_weights
-from .layout import expected_hf_shapes
+from bridge.plumbing.atomic import atomic_output_dir
+from bridge.errors import InputError
+from bridge.formats.hf import write_hf_weights
+from bridge.engine.layout import expected_hf_shapes
 
 FAMILY: dict[str, dict] = {
     "0.5b": dict(num_hidden_layers=36, hidden_size=1024, intermediate_size=2048, num_attention_heads=8,

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
 import cli
-from bridge.convert import hf_to_megatron
+from bridge.engine.convert import hf_to_megatron
 from conftest import tree_digest
 
 

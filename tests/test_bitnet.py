@@ -13,11 +13,11 @@ from transformers.integrations.bitnet import AutoBitLinear, BitLinear, WeightQua
 from transformers.utils import logging as hf_logging
 
 import cli
-from bridge import bitnet
-from bridge.bitnet import dequantize, pack, pack_checkpoint, quantize, ternarize, unpack, unpack_checkpoint
-from bridge.convert import hf_to_megatron, megatron_to_hf
+from bridge.features import bitnet
+from bridge.features.bitnet import dequantize, pack, pack_checkpoint, quantize, ternarize, unpack, unpack_checkpoint
+from bridge.engine.convert import hf_to_megatron, megatron_to_hf
 from bridge.errors import InputError, UnsupportedError
-from bridge.legacy_format import LegacyCheckpoint
+from bridge.formats.legacy import LegacyCheckpoint
 from bridge.tiny import make_tiny
 from conftest import tree_digest
 from mappings import FALCON_H1
@@ -337,7 +337,7 @@ def test_cli_pack_unpack_and_inspect(hf_bf16, tmp_path):
 
 
 def test_reshard_keeps_the_bitnet_scales(packed_bf16, tmp_path):
-    from bridge.reshard import reshard
+    from bridge.engine.reshard import reshard
 
     hf_to_megatron(packed_bf16, tmp_path / "meg", tp=2)
     reshard(tmp_path / "meg", tmp_path / "tp1", tp=1, pp=2)

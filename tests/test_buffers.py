@@ -2,7 +2,7 @@
 
 import torch
 
-from bridge.buffers import BufferPool, fill
+from bridge.plumbing.buffers import BufferPool, fill
 
 
 def test_pool_reuses_buffers_of_the_previous_rank_and_drops_the_rest():

@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-from bridge.direct_io import DirectFile
+from bridge.plumbing.direct_io import DirectFile
 
 
 @pytest.mark.parametrize("sizes", [[0], [1], [4095, 1, 4097], [10_000] * 7, [3, 50_000, 8192, 5]])
@@ -40,7 +40,7 @@ def test_filesystem_refusing_direct_writes_falls_back_to_the_page_cache(tmp_path
     """Some filesystems accept O_DIRECT at open and refuse the writes (EINVAL): the data still lands."""
     import errno
 
-    import bridge.direct_io as direct_io
+    import bridge.plumbing.direct_io as direct_io
 
     real_write, calls = os.write, []
 

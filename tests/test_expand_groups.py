@@ -3,11 +3,11 @@
 import pytest
 import torch
 
-from bridge.convert import hf_to_megatron, megatron_to_hf
+from bridge.engine.convert import hf_to_megatron, megatron_to_hf
 from bridge.errors import InputError, UnsupportedError
-from bridge.legacy_format import LegacyCheckpoint
-from bridge.parity import parity
-from bridge.reshard import reshard
+from bridge.formats.legacy import LegacyCheckpoint
+from bridge.checks.parity import parity
+from bridge.engine.reshard import reshard
 from bridge.tiny import make_tiny
 from test_roundtrip import assert_bit_exact, load_hf
 

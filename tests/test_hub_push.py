@@ -303,7 +303,7 @@ def test_cli_megatron_to_hf_push_to(hub, hf_preset, tmp_path, monkeypatch, capsy
     from click.testing import CliRunner
 
     import cli
-    from bridge.convert import hf_to_megatron
+    from bridge.engine.convert import hf_to_megatron
 
     hf_to_megatron(hf_preset("tiny"), tmp_path / "meg", tp=2)
     monkeypatch.setenv("HF_TOKEN", TOKEN)

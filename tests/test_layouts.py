@@ -7,13 +7,13 @@ import shutil
 import pytest
 import torch
 
-from bridge.convert import hf_to_megatron, megatron_to_hf
+from bridge.engine.convert import hf_to_megatron, megatron_to_hf
 from bridge.errors import InputError, UnsupportedError
-from bridge.inspect import inspect_checkpoint
-from bridge.legacy_format import LegacyCheckpoint
-from bridge.parity import parity
-from bridge.reshard import reshard
-from bridge.megatron_source import open_megatron
+from bridge.checks.inspect import inspect_checkpoint
+from bridge.formats.legacy import LegacyCheckpoint
+from bridge.checks.parity import parity
+from bridge.engine.reshard import reshard
+from bridge.engine.source import open_megatron
 from mappings import LAYOUTS
 from test_roundtrip import assert_bit_exact, load_hf
 

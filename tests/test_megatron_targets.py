@@ -23,10 +23,10 @@ import yaml
 from click.testing import CliRunner
 
 import cli
-from bridge.convert import hf_to_megatron, megatron_to_hf
-from bridge.hf_format import HFCheckpoint
-from bridge.torch_dist_io import TorchDistReader
-from bridge.verify import verify
+from bridge.engine.convert import hf_to_megatron, megatron_to_hf
+from bridge.formats.hf import HFCheckpoint
+from bridge.formats.torch_dist_io import TorchDistReader
+from bridge.checks.verify import verify
 from mb_checkpoint import te_modules
 from megatron_stack import cpu_writer
 

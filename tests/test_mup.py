@@ -12,11 +12,11 @@ from click.testing import CliRunner
 from transformers import FalconH1ForCausalLM
 
 import cli
-from bridge.config import MUP_FIELDS, hf_config_from_args, megatron_args
-from bridge.convert import hf_to_megatron, megatron_to_hf
+from bridge.engine.config import MUP_FIELDS, hf_config_from_args, megatron_args
+from bridge.engine.convert import hf_to_megatron, megatron_to_hf
 from bridge.errors import UnsupportedError
-from bridge.legacy_format import HF_ASSETS
-from bridge.mup import FOLDED_KEY, fold_mup, unfold_mup
+from bridge.formats.legacy import HF_ASSETS
+from bridge.features.mup import FOLDED_KEY, fold_mup, unfold_mup
 from bridge.tiny import preset_config
 from test_roundtrip import assert_bit_exact, load_hf
 
@@ -94,7 +94,7 @@ def test_args_warning_names_the_missing_multipliers(caplog, removed):
                          params_dtype=torch.float32)
     for name in removed:
         delattr(args, name)
-    with caplog.at_level(logging.WARNING, logger="bridge.config"):
+    with caplog.at_level(logging.WARNING, logger="bridge.engine.config"):
         cfg = hf_config_from_args(args)
     assert [r.getMessage() for r in caplog.records] == (
         ["checkpoint args: µP multipliers missing (key_multiplier, ssm_multipliers); treating them as 1.0"]

@@ -4,8 +4,8 @@ import pytest
 import torch
 from transformers import FalconH1ForCausalLM
 
-from bridge.convert import hf_to_megatron
-from bridge.legacy_format import LegacyCheckpoint
+from bridge.engine.convert import hf_to_megatron
+from bridge.formats.legacy import LegacyCheckpoint
 
 
 def split_rank_in_proj(out, cfg, tp):

@@ -5,8 +5,8 @@ import sys
 import pytest
 import torch
 
-from bridge.convert import MegatronToHF, hf_to_megatron, megatron_to_hf
-from bridge.pages import drop_resident
+from bridge.engine.convert import MegatronToHF, hf_to_megatron, megatron_to_hf
+from bridge.plumbing.pages import drop_resident
 from test_roundtrip import assert_bit_exact, load_hf
 
 

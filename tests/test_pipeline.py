@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from bridge.pipeline import read_ahead
+from bridge.plumbing.pipeline import read_ahead
 
 
 def test_order_and_all_items():

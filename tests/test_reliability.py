@@ -30,12 +30,13 @@ from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
 import cli
-from bridge import convert, hf_format
-from bridge.convert import hf_to_megatron
-from bridge.hf_format import HFCheckpoint
-from bridge.safe_pickle import safe_torch_load
+from bridge.engine import convert
+from bridge.formats import hf as hf_format
+from bridge.engine.convert import hf_to_megatron
+from bridge.formats.hf import HFCheckpoint
+from bridge.plumbing.safe_pickle import safe_torch_load
 from bridge.tiny import make_tiny
-from bridge.verify import verify
+from bridge.checks.verify import verify
 from conftest import tree_digest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -528,7 +529,7 @@ def test_nan_and_inf_warn_with_count_and_convert_as_is(ws, monkeypatch):
         edit_tensors(ws.hf, key, lambda t, k=key, v=vals: t[k].view(-1)[7:7 + len(v)].copy_(torch.tensor(v)))
     # As in the real CLI, where no logging handler is configured and logging's last resort prints to
     # stderr: keep pytest's capture handler (on the root logger) from taking the record instead.
-    monkeypatch.setattr(logging.getLogger("bridge.hf_format"), "propagate", False)
+    monkeypatch.setattr(logging.getLogger("bridge.formats.hf"), "propagate", False)
     warning = (f"warning: 6 non-finite values (NaN/Inf) in 2 tensor(s), first {EMBED!r}; converted as they are")
 
     exit_code, err, _ = run("hf-to-megatron", ws.hf, ws.out, "--tp", "2", "--pp", "2", "--json")

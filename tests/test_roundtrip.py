@@ -7,8 +7,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from bridge.convert import hf_to_megatron, megatron_to_hf
-from bridge.legacy_format import LegacyCheckpoint
+from bridge.engine.convert import hf_to_megatron, megatron_to_hf
+from bridge.formats.legacy import LegacyCheckpoint
 from conftest import tree_digest
 
 

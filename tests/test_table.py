@@ -4,8 +4,8 @@ import pytest
 import torch
 from transformers import FalconH1ForCausalLM
 
-from bridge.layout import expected_hf_shapes, expected_rank_shapes, hf_index
-from bridge.plan import ParallelPlan
+from bridge.engine.layout import expected_hf_shapes, expected_rank_shapes, hf_index
+from bridge.engine.plan import ParallelPlan
 from bridge.tiny import PRESETS, preset_config
 from bridge.errors import UnsupportedError
 

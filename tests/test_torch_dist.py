@@ -3,11 +3,11 @@
 import pytest
 import torch
 
-from bridge.convert import hf_to_megatron, megatron_to_hf
-from bridge.inspect import inspect_checkpoint
-from bridge.legacy_format import LegacyCheckpoint
-from bridge.plan import ParallelPlan
-from bridge.reshard import reshard
+from bridge.engine.convert import hf_to_megatron, megatron_to_hf
+from bridge.checks.inspect import inspect_checkpoint
+from bridge.formats.legacy import LegacyCheckpoint
+from bridge.engine.plan import ParallelPlan
+from bridge.engine.reshard import reshard
 from bridge.tiny import preset_config
 from mappings.rules import COLUMN, QKV, REPLICATED, ROW, VOCAB, Blockwise
 from mappings import FALCON_H1
@@ -105,8 +105,8 @@ def test_megatron_core_loader_reads_our_torch_dist(hf_preset, tmp_path, dist_che
 
 
 def test_verify_and_parity_read_torch_dist(hf_preset, tmp_path):
-    from bridge.parity import parity
-    from bridge.verify import verify
+    from bridge.checks.parity import parity
+    from bridge.checks.verify import verify
 
     src = hf_preset("tiny-mup")
     hf_to_megatron(src, tmp_path / "dist", tp=2, fmt="torch_dist")

@@ -20,11 +20,11 @@ import yaml
 from click.testing import CliRunner
 
 import cli
-from bridge.convert import hf_to_megatron, megatron_to_hf
-from bridge.hf_format import HFCheckpoint
-from bridge.megatron_source import ReadOptions
-from bridge.torch_dist_io import TorchDistReader
-from bridge.verify import verify
+from bridge.engine.convert import hf_to_megatron, megatron_to_hf
+from bridge.formats.hf import HFCheckpoint
+from bridge.engine.source import ReadOptions
+from bridge.formats.torch_dist_io import TorchDistReader
+from bridge.checks.verify import verify
 from conftest import tree_digest
 from mb_checkpoint import TOKENIZER_FILES, finish_mb_checkpoint, te_modules
 from megatron_stack import save_training_checkpoint
@@ -202,7 +202,7 @@ def test_no_tokenizer_warns_once_and_reference_fills_in(mb, tmp_path, monkeypatc
 
 RSS_SCRIPT = """
 import resource, sys
-from bridge.convert import megatron_to_hf
+from bridge.engine.convert import megatron_to_hf
 megatron_to_hf(sys.argv[1], sys.argv[2])
 print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 """

@@ -16,7 +16,7 @@ import torch
 
 from mappings import FalconH1Dims
 
-from .errors import InputError, UnsupportedError
+from bridge.errors import InputError, UnsupportedError
 
 # HF tensors holding B and C rows: key suffix -> (block sizes of the tensor, indices of B and C).
 _BC_TENSORS = {

@@ -21,10 +21,10 @@ import torch
 from huggingface_hub import split_torch_state_dict_into_shards
 from safetensors import SafetensorError, safe_open
 
-from .config import load_hf_config
-from .direct_io import DirectFile
-from .errors import InputError
-from .pipeline import read_ahead
+from bridge.engine.config import load_hf_config
+from bridge.plumbing.direct_io import DirectFile
+from bridge.errors import InputError
+from bridge.plumbing.pipeline import read_ahead
 
 INDEX = "model.safetensors.index.json"
 _UMASK = os.umask(0o022)  # read once: written files get the mode the user's umask asks for

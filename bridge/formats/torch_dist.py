@@ -16,10 +16,10 @@ import torch
 
 from mappings import FALCON_H1
 
-from .errors import InputError
-from .hf_format import LazyTensors
-from .detect import is_torch_dist
-from .plan import ParallelPlan, hf_name
+from bridge.errors import InputError
+from bridge.formats.hf import LazyTensors
+from bridge.formats.detect import is_torch_dist
+from bridge.engine.plan import ParallelPlan, hf_name
 
 CONTENT_METADATA = {"singleton_local_shards": False, "chained_optim_avoid_prefix": True}
 
@@ -57,7 +57,7 @@ def global_tensors(source, plan: ParallelPlan, materialize) -> Iterator[tuple[st
 def write_checkpoint(iter_dir: Path, tensors: Iterator[tuple[str, torch.Tensor]], args, iteration: int = 0,
                      objects: dict[str, object] | None = None) -> None:
     """``objects``: ShardedObject payloads by key (Transformer Engine ``_extra_state``)."""
-    from .torch_dist_io import write_torch_dist  # DCP costs ~1 s of imports; only torch_dist pays it
+    from bridge.formats.torch_dist_io import write_torch_dist  # DCP costs ~1 s of imports; only torch_dist pays it
 
     common = {"args": args, "checkpoint_version": 3.0, "iteration": iteration, "content_metadata": CONTENT_METADATA}
     write_torch_dist(iter_dir, tensors, common, objects=objects)
@@ -75,7 +75,7 @@ class TorchDistCheckpoint:
         self.root, self.iter_dir = Path(root), Path(iter_dir)
         if not is_torch_dist(self.iter_dir):
             raise InputError(f"{self.iter_dir}: no metadata.json; not a torch_dist checkpoint")
-        from .torch_dist_io import TorchDistReader  # see write_checkpoint
+        from bridge.formats.torch_dist_io import TorchDistReader  # see write_checkpoint
 
         self.reader = TorchDistReader(self.iter_dir)
         self.args = self.reader.common.get("args")

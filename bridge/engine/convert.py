@@ -20,16 +20,16 @@ from tqdm import tqdm
 
 from mappings import LAYOUTS, FalconH1Dims
 
-from .atomic import atomic_output_dir
-from .buffers import BufferPool, fill
-from .config import DTYPES, HF_DTYPE_NAMES, config_dtype, megatron_args
-from .errors import InputError, UnsupportedError
-from .groups import ExpandedSource, collapse, expanded_config, expansion_factor
-from .hf_format import CheckedSource, HFCheckpoint, LazyTensors, NonFiniteCount, copy_assets, write_hf_weights
-from .layout import check_float_dtypes, check_tensor_set, expected_hf_shapes, expected_rank_shapes, hf_index
-from .iterations import RELEASE, iteration_dir_name
-from .legacy_format import HF_ASSETS, rank_dir_name, write_rank_file, write_tracker
-from .megatron_source import (
+from bridge.plumbing.atomic import atomic_output_dir
+from bridge.plumbing.buffers import BufferPool, fill
+from bridge.engine.config import DTYPES, HF_DTYPE_NAMES, config_dtype, megatron_args
+from bridge.errors import InputError, UnsupportedError
+from bridge.features.groups import ExpandedSource, collapse, expanded_config, expansion_factor
+from bridge.formats.hf import CheckedSource, HFCheckpoint, LazyTensors, NonFiniteCount, copy_assets, write_hf_weights
+from bridge.engine.layout import check_float_dtypes, check_tensor_set, expected_hf_shapes, expected_rank_shapes, hf_index
+from bridge.formats.iterations import RELEASE, iteration_dir_name
+from bridge.formats.legacy import HF_ASSETS, rank_dir_name, write_rank_file, write_tracker
+from bridge.engine.source import (
     MegatronCheckpoint,
     ReadOptions,
     carried_assets,
@@ -38,10 +38,10 @@ from .megatron_source import (
     open_megatron,
     saved_parallelism,
 )
-from .plan import ParallelPlan, check_parallel_sizes, hf_name
-from .targets import DEFAULT_TARGET, extra_state_objects, resolve_target, write_bridge_files
-from .torch_dist_format import global_tensors
-from .torch_dist_format import write_checkpoint as write_dist_checkpoint
+from bridge.engine.plan import ParallelPlan, check_parallel_sizes, hf_name
+from bridge.engine.targets import DEFAULT_TARGET, extra_state_objects, resolve_target, write_bridge_files
+from bridge.formats.torch_dist import global_tensors
+from bridge.formats.torch_dist import write_checkpoint as write_dist_checkpoint
 
 DTYPE_CHOICES = ("keep", *DTYPES)
 
@@ -115,7 +115,7 @@ def hf_to_megatron(
     ``iteration`` default to the target's.
 
     ``expand_groups`` replicates Mamba B/C groups when TP exceeds them (see ``bridge.groups``)."""
-    from . import bitnet  # bridge.bitnet builds on this module
+    from bridge.features import bitnet  # builds on this module
 
     start = time.perf_counter()
     ckpt = HFCheckpoint(src)
@@ -377,8 +377,8 @@ def rewrite_hf(src: Path, dst: Path, source, transform: ExportTransform, layout:
 
 def _export_transform(meg: MegatronCheckpoint, cfg, plan: ParallelPlan, sidecar: Path | None,
                       target: torch.dtype | None, fold_mup: bool, bitnet_pack: bool | None) -> ExportTransform | None:
-    from . import bitnet
-    from .mup import MupScaler  # both build on this module
+    from bridge.features import bitnet
+    from bridge.features.mup import MupScaler  # both build on this module
 
     packing = bitnet.export_transform(cfg, vars(meg.args) if meg.args is not None else {}, target, bitnet_pack)
     if not fold_mup:

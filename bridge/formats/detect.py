@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .errors import InputError
-from .hf_format import INDEX, SINGLE
-from .iterations import LATEST_TRAIN_STATE, TRACKER, is_iteration_dir
+from bridge.errors import InputError
+from bridge.formats.hf import INDEX, SINGLE
+from bridge.formats.iterations import LATEST_TRAIN_STATE, TRACKER, is_iteration_dir
 
 HF = "hf"
 LEGACY = "megatron-legacy"

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from .errors import InputError
-from .safe_pickle import safe_torch_load
+from bridge.errors import InputError
+from bridge.plumbing.safe_pickle import safe_torch_load
 
 TRACKER = "latest_checkpointed_iteration.txt"
 LATEST_TRAIN_STATE = "latest_train_state.pt"

@@ -10,10 +10,10 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from . import bitnet
-from .convert import MegatronToHF, Summary, megatron_plan, write_megatron
-from .targets import DEFAULT_TARGET
-from .megatron_source import ReadOptions, carried_assets, megatron_hf_config, open_megatron
+from bridge.features import bitnet
+from bridge.engine.convert import MegatronToHF, Summary, megatron_plan, write_megatron
+from bridge.engine.targets import DEFAULT_TARGET
+from bridge.engine.source import ReadOptions, carried_assets, megatron_hf_config, open_megatron
 
 
 def reshard(

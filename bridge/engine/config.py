@@ -17,7 +17,7 @@ import torch
 from huggingface_hub.errors import StrictDataclassError
 from transformers import FalconH1Config
 
-from .errors import InputError
+from bridge.errors import InputError
 
 _log = logging.getLogger(__name__)
 

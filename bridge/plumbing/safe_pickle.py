@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import InputError
+from bridge.errors import InputError
 
 SAFE_GLOBALS = [argparse.Namespace, types.SimpleNamespace, pathlib.PosixPath, signal.Signals, io.BytesIO]
 

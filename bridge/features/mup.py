@@ -23,11 +23,11 @@ import torch
 
 from mappings import FalconH1Dims
 
-from .config import MUP_FIELDS, MUP_LISTS, MUP_SCALARS
-from .convert import _target_dtype, rewrite_hf
-from .errors import InputError, UnsupportedError
-from .hf_format import HFCheckpoint
-from .layout import check_tensor_set, expected_hf_shapes
+from bridge.engine.config import MUP_FIELDS, MUP_LISTS, MUP_SCALARS
+from bridge.engine.convert import _target_dtype, rewrite_hf
+from bridge.errors import InputError, UnsupportedError
+from bridge.formats.hf import HFCheckpoint
+from bridge.engine.layout import check_tensor_set, expected_hf_shapes
 
 FOLDED_KEY = "mup_folded"
 ONE: dict[str, float | list[float]] = {

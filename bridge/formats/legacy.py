@@ -13,11 +13,11 @@ from pathlib import Path
 
 import torch
 
-from .atomic import torch_save
-from .errors import InputError, UnsupportedError
-from .iterations import TRACKER, resolve_iteration_dir
-from .pages import drop_resident
-from .safe_pickle import safe_torch_load
+from bridge.plumbing.atomic import torch_save
+from bridge.errors import InputError, UnsupportedError
+from bridge.formats.iterations import TRACKER, resolve_iteration_dir
+from bridge.plumbing.pages import drop_resident
+from bridge.plumbing.safe_pickle import safe_torch_load
 
 RANK_FILE = "model_optim_rng.pt"
 HF_ASSETS = "hf_assets"

@@ -8,7 +8,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from .errors import OutputError
+from bridge.errors import OutputError
 
 
 def _inside(a: Path, b: Path) -> bool:
@@ -58,7 +58,7 @@ def torch_save(obj, path: Path) -> None:
     Written around the page cache (``direct_io``)."""
     import torch
 
-    from .direct_io import DirectFile
+    from bridge.plumbing.direct_io import DirectFile
 
     with torch_saves_surfaced(), DirectFile(path) as f:
         torch.save(obj, f)

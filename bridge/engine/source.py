@@ -12,14 +12,14 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import COMPARED_FIELDS, hf_config_from_args, hf_config_from_json, load_hf_config
-from .errors import InputError
-from .hf_format import NOT_ASSETS, WEIGHT_SUFFIXES
-from .iterations import is_iteration_dir, resolve_iteration_dir
-from .legacy_format import HF_ASSETS, LegacyCheckpoint
-from .run_config import RUN_CONFIG, args_from_run_config, read_run_config
-from .detect import is_torch_dist
-from .torch_dist_format import TorchDistCheckpoint
+from bridge.engine.config import COMPARED_FIELDS, hf_config_from_args, hf_config_from_json, load_hf_config
+from bridge.errors import InputError
+from bridge.formats.hf import NOT_ASSETS, WEIGHT_SUFFIXES
+from bridge.formats.iterations import is_iteration_dir, resolve_iteration_dir
+from bridge.formats.legacy import HF_ASSETS, LegacyCheckpoint
+from bridge.formats.run_config import RUN_CONFIG, args_from_run_config, read_run_config
+from bridge.formats.detect import is_torch_dist
+from bridge.formats.torch_dist import TorchDistCheckpoint
 
 _log = logging.getLogger(__name__)
 MegatronCheckpoint = LegacyCheckpoint | TorchDistCheckpoint

@@ -13,8 +13,8 @@ import torch
 
 from mappings import FalconH1Dims, Param, hf_shapes
 
-from .errors import InputError
-from .plan import ParallelPlan, hf_name
+from bridge.errors import InputError
+from bridge.engine.plan import ParallelPlan, hf_name
 
 
 def expected_hf_shapes(cfg) -> dict[str, torch.Size]:

@@ -5,13 +5,13 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
-from .bitnet import describe as describe_bitnet
-from .config import MUP_FIELDS
-from .convert import megatron_plan
-from .detect import HF, detect_format
-from .hf_format import HFCheckpoint
-from .layout import expected_hf_shapes
-from .megatron_source import (
+from bridge.features.bitnet import describe as describe_bitnet
+from bridge.engine.config import MUP_FIELDS
+from bridge.engine.convert import megatron_plan
+from bridge.formats.detect import HF, detect_format
+from bridge.formats.hf import HFCheckpoint
+from bridge.engine.layout import expected_hf_shapes
+from bridge.engine.source import (
     ReadOptions,
     config_origin,
     format_name,

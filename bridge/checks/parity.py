@@ -16,12 +16,12 @@ import torch
 
 from mappings import LAYOUTS
 
-from . import megatron_forward
-from .convert import megatron_plan
-from .detect import HF, LEGACY, detect_format
-from .errors import InputError
-from .megatron_source import MegatronCheckpoint, ReadOptions, megatron_hf_config, open_megatron
-from .plan import ParallelPlan
+from bridge.checks import megatron_forward
+from bridge.engine.convert import megatron_plan
+from bridge.formats.detect import HF, LEGACY, detect_format
+from bridge.errors import InputError
+from bridge.engine.source import MegatronCheckpoint, ReadOptions, megatron_hf_config, open_megatron
+from bridge.engine.plan import ParallelPlan
 
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
 

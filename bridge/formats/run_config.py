@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from .errors import InputError
+from bridge.errors import InputError
 
 RUN_CONFIG = "run_config.yaml"
 MAX_RUN_CONFIG_BYTES = 4 * 2**20  # a real one is ~30 kB; anything far larger is not a run config

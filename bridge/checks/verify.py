@@ -14,12 +14,12 @@ from typing import Callable
 
 import torch
 
-from .config import MUP_FIELDS
-from .convert import MegatronToHF, megatron_plan
-from .detect import HF, detect_format
-from .errors import InputError, UnsupportedError
-from .hf_format import HFCheckpoint
-from .megatron_source import ReadOptions, config_origin, describe, megatron_hf_config, open_megatron
+from bridge.engine.config import MUP_FIELDS
+from bridge.engine.convert import MegatronToHF, megatron_plan
+from bridge.formats.detect import HF, detect_format
+from bridge.errors import InputError, UnsupportedError
+from bridge.formats.hf import HFCheckpoint
+from bridge.engine.source import ReadOptions, config_origin, describe, megatron_hf_config, open_megatron
 
 # Fields that say how or by what a config was written, not what the model is.
 IGNORED_CONFIG = {"transformers_version", "output_hidden_states", "output_attentions", "return_dict"}

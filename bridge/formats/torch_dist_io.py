@@ -34,11 +34,11 @@ import torch.distributed.checkpoint.planner as dcp_planner
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata, StorageMeta, TensorStorageMetadata
 from torch.distributed.checkpoint.storage import WriteResult
 
-from .atomic import torch_save, torch_saves_surfaced
-from .direct_io import DirectFile
-from .errors import InputError
-from .pipeline import read_ahead
-from .safe_pickle import safe_torch_load
+from bridge.plumbing.atomic import torch_save, torch_saves_surfaced
+from bridge.plumbing.direct_io import DirectFile
+from bridge.errors import InputError
+from bridge.plumbing.pipeline import read_ahead
+from bridge.plumbing.safe_pickle import safe_torch_load
 
 METADATA_JSON = {
     "sharded_backend": "torch_dist",

@@ -30,11 +30,11 @@ import torch
 
 from mappings.bitnet import NOT_CONVERTED, bitnet_modules, is_bitnet_weight
 
-from .config import config_dtype
-from .convert import Layout, Producer, _target_dtype, rewrite_hf
-from .errors import InputError, UnsupportedError
-from .hf_format import HFCheckpoint, LazyTensors
-from .layout import check_tensor_set, expected_hf_shapes
+from bridge.engine.config import config_dtype
+from bridge.engine.convert import Layout, Producer, _target_dtype, rewrite_hf
+from bridge.errors import InputError, UnsupportedError
+from bridge.formats.hf import HFCheckpoint, LazyTensors
+from bridge.engine.layout import check_tensor_set, expected_hf_shapes
 
 EPS = 1e-5  # absmean floor of transformers' WeightQuant and onebitllms
 LINEAR_CLASSES = ("bitlinear", "autobitlinear")

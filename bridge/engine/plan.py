@@ -14,7 +14,7 @@ import torch
 
 from mappings import FalconH1Dims, Param, megatron_keys, megatron_layer, padded_vocab_size, params_for
 
-from .errors import UnsupportedError
+from bridge.errors import UnsupportedError
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from mappings import FalconH1Dims
 
-from .config import rope_theta
+from bridge.engine.config import rope_theta
 
 Tensor = torch.Tensor
 Rank = dict[str, Tensor]

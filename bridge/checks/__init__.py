@@ -1,0 +1,1 @@
+"""Checks on checkpoints: verify, logits parity with an independent forward, inspect."""

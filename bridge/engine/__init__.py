@@ -1,0 +1,1 @@
+"""The conversion engine: config translation, parallel plans, streaming conversion, re-sharding."""

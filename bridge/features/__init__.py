@@ -1,0 +1,1 @@
+"""Falcon-H1 features beyond plain weights: BitNet packing, µP folding, Mamba group expansion."""

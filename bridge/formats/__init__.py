@@ -1,0 +1,1 @@
+"""Checkpoint formats: detection, HF safetensors, legacy Megatron rank files, torch_dist, run configs."""
