@@ -6,7 +6,8 @@ from mappings import FALCON_H1, LAYOUTS, megatron_keys, megatron_layer
 
 from bridge.features.bitnet import LINEAR_CLASSES as BITNET_LINEAR_CLASSES
 from bridge.features.bitnet import pack_checkpoint, unpack_checkpoint
-from bridge.engine.convert import DTYPE_CHOICES, FORMATS, Summary, hf_to_megatron, megatron_to_hf
+from bridge.engine.convert import FORMATS, Summary, hf_to_megatron, megatron_to_hf
+from bridge.engine.hf_rewrite import DTYPE_CHOICES
 from bridge.hub import plan_push, push, validate_hf_folder
 from bridge.checks.inspect import format_inspect, inspect_checkpoint
 from bridge.features.mup import FoldReport, fold_mup, unfold_mup

@@ -8,12 +8,10 @@ memory-mapped rank files.
 
 from __future__ import annotations
 
-import json
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Protocol
 
 import torch
 from tqdm import tqdm
@@ -22,7 +20,7 @@ from mappings import LAYOUTS, FalconH1Dims
 
 from bridge.plumbing.atomic import atomic_output_dir
 from bridge.plumbing.buffers import BufferPool, fill
-from bridge.engine.config import DTYPES, HF_DTYPE_NAMES, config_dtype, megatron_args
+from bridge.engine.config import config_dtype, megatron_args
 from bridge.errors import InputError, UnsupportedError
 from bridge.features.groups import ExpandedSource, collapse, expanded_config, expansion_factor
 from bridge.formats.hf import CheckedSource, HFCheckpoint, LazyTensors, NonFiniteCount, copy_assets, write_hf_weights
@@ -38,12 +36,19 @@ from bridge.engine.source import (
     open_megatron,
     saved_parallelism,
 )
+from bridge.engine.hf_rewrite import (
+    ExportTransform,
+    config_bytes,
+    dir_bytes,
+    materialize,
+    target_dtype,
+    write_hf_config,
+)
 from bridge.engine.plan import ParallelPlan, check_parallel_sizes, hf_name
 from bridge.engine.targets import DEFAULT_TARGET, extra_state_objects, resolve_target, write_bridge_files
 from bridge.formats.torch_dist import global_tensors
 from bridge.formats.torch_dist import write_checkpoint as write_dist_checkpoint
 
-DTYPE_CHOICES = ("keep", *DTYPES)
 
 
 @dataclass
@@ -67,28 +72,6 @@ class Summary:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def _materialize(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
-    """A contiguous tensor that owns exactly its bytes: shards are often views, and torch.save would
-    store the whole base. A tensor that already is one (a concatenation's result) is not copied again."""
-    if (dtype is None or t.dtype == dtype) and t.is_contiguous() and t.storage_offset() == 0 \
-            and t.untyped_storage().nbytes() == t.numel() * t.element_size():
-        return t
-    out = torch.empty(t.shape, dtype=dtype or t.dtype)
-    out.copy_(t)
-    return out
-
-
-def _target_dtype(choice: str) -> torch.dtype | None:
-    if choice not in DTYPE_CHOICES:
-        raise InputError(f"--dtype {choice!r}: expected one of {', '.join(DTYPE_CHOICES)}")
-    return DTYPES.get(choice)
-
-
-def _dir_bytes(folder: Path) -> tuple[int, list[str]]:
-    files = sorted(p for p in folder.rglob("*") if p.is_file())
-    return sum(p.stat().st_size for p in files), [str(p.relative_to(folder)) for p in files]
 
 
 FORMATS = ("legacy", "torch_dist")
@@ -119,7 +102,7 @@ def hf_to_megatron(
 
     start = time.perf_counter()
     ckpt = HFCheckpoint(src)
-    source, extra_args = bitnet.hf_source(ckpt, _target_dtype(dtype))  # a BitNet-packed folder is read unpacked
+    source, extra_args = bitnet.hf_source(ckpt, target_dtype(dtype))  # a BitNet-packed folder is read unpacked
     check_tensor_set(str(src), {k: source.shape(k) for k in source.keys()}, expected_hf_shapes(ckpt.config))
     check_float_dtypes(str(src), {k: source.dtype(k) for k in source.keys()})
     summary = write_megatron(source, ckpt.config, dst, tp=tp, pp=pp, dtype=dtype, force=force,
@@ -143,7 +126,7 @@ def write_megatron(
     ``iteration``: see ``bridge.targets``."""
     stack = resolve_target(target, fmt, layout, iteration)
     fmt = stack.fmt
-    target = _target_dtype(dtype)
+    target = target_dtype(dtype)
     nonfinite = NonFiniteCount()
     source = CheckedSource(source, nonfinite)  # NaN/Inf are converted as they are, and reported once at the end
     extra_args = dict(extra_args or {})
@@ -173,7 +156,7 @@ def write_megatron(
         if fmt == "torch_dist":
             whole = ParallelPlan(cfg, tp, 1, divisible_by, layout, padded_vocab=plan.dims.padded_vocab)
             objects = extra_state_objects(cfg.num_hidden_layers) if stack.is_bridge else None
-            write_dist_checkpoint(iter_dir, _counted(global_tensors(source, whole, lambda t: _materialize(t, target)),
+            write_dist_checkpoint(iter_dir, _counted(global_tensors(source, whole, lambda t: materialize(t, target)),
                                                      summary, progress), args, iteration=step, objects=objects)
         else:
             _write_legacy_ranks(source, plan, iter_dir, target, args, summary, progress, step)
@@ -184,10 +167,10 @@ def write_megatron(
         hf_assets = tmp / HF_ASSETS
         copy_assets(assets, hf_assets)
         if config_json is not None:
-            (hf_assets / "config.json").write_bytes(_config_bytes(config_json, target))
+            (hf_assets / "config.json").write_bytes(config_bytes(config_json, target))
         else:
-            _write_hf_config(hf_assets, cfg, None, target)
-        summary.bytes_written, summary.files = _dir_bytes(tmp)
+            write_hf_config(hf_assets, cfg, None, target)
+        summary.bytes_written, summary.files = dir_bytes(tmp)
     nonfinite.warn()
     return summary
 
@@ -310,7 +293,7 @@ class MegatronToHF:
 
     def tensor(self, key: str) -> torch.Tensor:
         """One HF tensor, materialised in the output dtype."""
-        return _materialize(self.merged(key), self.dtype)
+        return materialize(self.merged(key), self.dtype)
 
     def tensors(self, keys: list[str]) -> LazyTensors:
         return LazyTensors(keys, self.tensor)
@@ -319,60 +302,6 @@ class MegatronToHF:
         param, layer, _ = self.index[key]
         pp_rank, local = self._stage(param, layer)
         return self.meg.tensor_meta(0, pp_rank)[self.plan.megatron_name(param, local)][1]
-
-
-def _config_bytes(config_json: Path, dtype: torch.dtype | None) -> bytes:
-    """config.json as-is, or with its dtype fields updated when the conversion changed the dtype."""
-    if dtype is None:
-        return config_json.read_bytes()
-    data = json.loads(config_json.read_text())
-    data["dtype"] = HF_DTYPE_NAMES[dtype]
-    if "torch_dtype" in data:
-        data["torch_dtype"] = HF_DTYPE_NAMES[dtype]
-    return (json.dumps(data, indent=2, sort_keys=True) + "\n").encode()
-
-
-def _write_hf_config(folder: Path, cfg, sidecar: Path | None, target: torch.dtype | None) -> None:
-    if sidecar is not None:
-        (folder / "config.json").write_bytes(_config_bytes(sidecar, target))
-        return
-    if target is not None:
-        cfg.dtype = HF_DTYPE_NAMES[target]
-    cfg.save_pretrained(folder)
-
-
-Layout = Mapping[str, tuple[torch.Size, torch.dtype]]
-Producer = Callable[[list[str]], Mapping[str, torch.Tensor]]
-
-
-class ExportTransform(Protocol):
-    """A rewrite of what megatron_to_hf writes: µP folding (bridge.mup), BitNet packing (bridge.bitnet).
-
-    ``producer`` gets each tensor whole (TP-gathered) at source precision and returns the tensors of
-    ``layout`` in its dtypes."""
-
-    def layout(self, layout: Layout) -> Layout:
-        """The output keys, shapes and dtypes."""
-
-    def producer(self, source: Producer, layout: Layout) -> Producer: ...
-
-    def edit_config(self, path: Path) -> None: ...
-
-
-def rewrite_hf(src: Path, dst: Path, source, transform: ExportTransform, layout: dict, target: torch.dtype | None, *,
-               force: bool, max_shard_size: str | int, progress: bool, desc: str) -> int:
-    """HF -> HF through one transform (µP fold/unfold, BitNet pack/unpack), one tensor in memory at a
-    time; config.json and tokenizer assets carried along. Returns the bytes written."""
-    with atomic_output_dir(dst, force=force, inputs=[src]) as tmp:
-        bar = tqdm(total=len(layout), unit="tensor", desc=desc, disable=not progress)
-        produce = transform.producer(lambda keys: LazyTensors(keys, source.get), layout)
-        write_hf_weights(tmp, layout, produce, max_shard_size, progress=bar.update)
-        (tmp / "config.json").write_bytes(_config_bytes(src / "config.json", target))
-        transform.edit_config(tmp / "config.json")
-        copy_assets(source.asset_files(), tmp)
-        written, _ = _dir_bytes(tmp)
-    bar.close()
-    return written
 
 
 def _export_transform(meg: MegatronCheckpoint, cfg, plan: ParallelPlan, sidecar: Path | None,
@@ -409,7 +338,7 @@ def megatron_to_hf(
     ``options``: which iteration, and where the config and tokenizer come from (``ReadOptions``).
     """
     start = time.perf_counter()
-    target = _target_dtype(dtype)
+    target = target_dtype(dtype)
     meg = open_megatron(src, options)
     cfg, sidecar = megatron_hf_config(meg, options)
     plan, hf_shapes = megatron_plan(meg, cfg)
@@ -426,12 +355,12 @@ def megatron_to_hf(
     with atomic_output_dir(dst, force=force, inputs=[src]) as tmp:
         bar = tqdm(total=len(layout), unit="tensor", desc="megatron→hf", disable=not progress)
         write_hf_weights(tmp, layout, produce, max_shard_size, progress=bar.update)
-        _write_hf_config(tmp, cfg, sidecar, target)
+        write_hf_config(tmp, cfg, sidecar, target)
         if transform:
             transform.edit_config(tmp / "config.json")
         copy_assets(carried_assets(meg, options), tmp)
         summary.tensors = len(layout)
-        summary.bytes_written, summary.files = _dir_bytes(tmp)
+        summary.bytes_written, summary.files = dir_bytes(tmp)
     bar.close()
     summary.seconds = round(time.perf_counter() - start, 3)
     return summary

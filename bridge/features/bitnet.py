@@ -31,7 +31,7 @@ import torch
 from mappings.bitnet import NOT_CONVERTED, bitnet_modules, is_bitnet_weight
 
 from bridge.engine.config import config_dtype
-from bridge.engine.convert import Layout, Producer, _target_dtype, rewrite_hf
+from bridge.engine.hf_rewrite import Layout, Producer, rewrite_hf, target_dtype
 from bridge.errors import InputError, UnsupportedError
 from bridge.formats.hf import HFCheckpoint, LazyTensors
 from bridge.engine.layout import check_tensor_set, expected_hf_shapes
@@ -349,7 +349,7 @@ def pack_checkpoint(src_hf: Path, dst_hf: Path, *, linear_class: str | None = No
     unpacked folder records, else bitlinear; ``dtype`` is the model dtype (scales, unquantized tensors).
     """
     src_hf, dst_hf = Path(src_hf), Path(dst_hf)
-    target = _target_dtype(dtype)
+    target = target_dtype(dtype)
     ckpt = HFCheckpoint(src_hf)
     cfg = ckpt.config
     if quant_config(cfg) is not None:
@@ -372,7 +372,7 @@ def unpack_checkpoint(src_packed: Path, dst_hf: Path, *, dtype: str = "keep", fo
     """Ternary-packed HF -> plain HF with ternary × scale weights in ``dtype`` (default: the config's),
     no quantization_config, and the exact scales recorded so that packing again is bit-exact."""
     src_packed, dst_hf = Path(src_packed), Path(dst_hf)
-    target = _target_dtype(dtype)
+    target = target_dtype(dtype)
     view = UnpackedView(HFCheckpoint(src_packed), target)
     transform = BitNetExport(False, view.quant, view.record(), view.weight_dtype)
     report = BitNetReport(str(src_packed), str(dst_hf), "unpack", view.linear_class, dtype)

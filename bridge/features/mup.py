@@ -24,7 +24,7 @@ import torch
 from mappings import FalconH1Dims
 
 from bridge.engine.config import MUP_FIELDS, MUP_LISTS, MUP_SCALARS
-from bridge.engine.convert import _target_dtype, rewrite_hf
+from bridge.engine.hf_rewrite import rewrite_hf, target_dtype
 from bridge.errors import InputError, UnsupportedError
 from bridge.formats.hf import HFCheckpoint
 from bridge.engine.layout import check_tensor_set, expected_hf_shapes
@@ -182,7 +182,7 @@ class MupScaler:
         return stored
 
     def layout(self, layout: Mapping[str, tuple[torch.Size, torch.dtype]]) -> dict[str, tuple[torch.Size, torch.dtype]]:
-        """Scaling keeps every key, shape and dtype (the ExportTransform contract of bridge.convert)."""
+        """Scaling keeps every key, shape and dtype (the ExportTransform contract of bridge.engine.hf_rewrite)."""
         return dict(layout)
 
     def producer(self, source: Produce, layout: Mapping[str, tuple[torch.Size, torch.dtype]]) -> Produce:
@@ -204,7 +204,7 @@ def _rescale(src: Path, dst: Path, direction: str, make: Callable[..., MupScaler
              max_shard_size: str | int, progress: bool) -> FoldReport:
     start = time.perf_counter()
     src, dst = Path(src), Path(dst)
-    target = _target_dtype(dtype)
+    target = target_dtype(dtype)
     ckpt = HFCheckpoint(src)
     scaler = make(ckpt.config, FalconH1Dims.from_hf_config(ckpt.config), str(src / "config.json"))
     shapes = {k: ckpt.shape(k) for k in ckpt.keys()}
