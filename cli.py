@@ -268,7 +268,9 @@ def megatron_to_hf(src, dst, max_shard_size, push_to, private, revision, commit_
                            progress=not as_json, fold_mup=fold_mup, options=options).to_dict()
     text = _summary_text(s)
     if push_to:
-        provenance = {"source_format": f"megatron-{s['format']}", "source": str(src), "tp": s["tp"], "pp": s["pp"],
+        source = s["source_info"]
+        provenance = {"source_format": source["format"], "source": str(src), "tp": source["tp"], "pp": source["pp"],
+                      "iteration": source["iteration"], "source_writer": source["writer"],
                       "dtype": s["dtype"], "mup_policy": "fold (originals in config.json mup_folded)" if fold_mup
                       else "keep (multipliers in config.json)"}
         result = api.push(dst, push_to, private=private, revision=revision, commit_message=commit_message,

@@ -41,6 +41,8 @@ _LABELS = {
     "source": "Source checkpoint",
     "tp": "Tensor parallel (TP)",
     "pp": "Pipeline parallel (PP)",
+    "iteration": "Iteration",
+    "source_writer": "Written by",
     "dtype": "dtype",
     "mup_policy": "µP policy",
     "bitnet_packing": "BitNet packing",

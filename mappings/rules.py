@@ -54,6 +54,11 @@ class Rule:
     def merge(self, shards: Sequence[Tensor], dims: FalconH1Dims) -> list[Tensor]:
         raise NotImplementedError
 
+    def saved_slice(self, full: Tensor, dims: FalconH1Dims, tp: int, rank: int) -> Tensor:
+        """What megatron-core's sharded load hands TP rank ``rank`` of the global (TP=1) Megatron tensor
+        as torch_dist stores it: a contiguous chunk on the TP axis (dim 0 unless the rule says)."""
+        return _chunk(full, tp, 0, self.name)[rank]
+
     def to_megatron(self, hf: Sequence[Tensor], dims: FalconH1Dims, tp: int) -> list[Tensor]:
         return [self.shard(hf, dims, tp, rank) for rank in range(tp)]
 
@@ -71,6 +76,9 @@ class Replicated(Rule):
 
     def pieces(self, hf, dims, tp, rank):
         return [hf[0]]
+
+    def saved_slice(self, full, dims, tp, rank):
+        return full
 
     def merge(self, shards, dims):
         if not _identical(shards):
@@ -90,6 +98,9 @@ class Split(Rule):
 
     def pieces(self, hf, dims, tp, rank):
         return [_chunk(hf[0], tp, self.dim, self.name)[rank]]
+
+    def saved_slice(self, full, dims, tp, rank):
+        return _chunk(full, tp, self.dim, self.name)[rank]
 
     def merge(self, shards, dims):
         return [torch.cat(list(shards), self.dim)]
@@ -147,6 +158,10 @@ class Blockwise(Rule):
 
     def pieces(self, hf, dims, tp, rank):
         return [_chunk(b, tp, 0, self.name)[rank] for b in self._hf_blocks(hf, dims)]
+
+    def saved_slice(self, full, dims, tp, rank):
+        """Each block chunked on its own (MambaMixer's split factories; SwiGLU's two fragments)."""
+        return torch.cat([_chunk(b, tp, 0, self.name)[rank] for b in full.split(self.blocks(dims), 0)], 0)
 
     def merge(self, shards, dims):
         tp = len(shards)

@@ -305,7 +305,7 @@ def test_cli_megatron_to_hf_push_to(hub, hf_preset, tmp_path, monkeypatch, capsy
     import cli
     from bridge.engine.convert import hf_to_megatron
 
-    hf_to_megatron(hf_preset("tiny"), tmp_path / "meg", tp=2)
+    hf_to_megatron(hf_preset("tiny"), tmp_path / "meg", tp=4, pp=2, fmt="torch_dist")
     monkeypatch.setenv("HF_TOKEN", TOKEN)
     monkeypatch.setenv("HF_ENDPOINT", hub.url)
     result = CliRunner().invoke(cli.main, ["megatron-to-hf", str(tmp_path / "meg"), str(tmp_path / "hf"),
@@ -316,5 +316,6 @@ def test_cli_megatron_to_hf_push_to(hub, hf_preset, tmp_path, monkeypatch, capsy
     for path in (tmp_path / "hf").iterdir():
         assert files[path.name] == path.read_bytes()
     card = files["README.md"].decode()
-    assert "megatron-legacy" in card and "Tensor parallel (TP)" in card
+    for row in ("| Source format | torch_dist |", "| Tensor parallel (TP) | 4 |", "| Pipeline parallel (PP) | 2 |"):
+        assert row in card, card
     assert json.loads(result.stdout)["push"]["revision"] == "converted"

@@ -27,7 +27,7 @@ def test_hf_torch_dist_hf_bit_exact(hf_preset, tmp_path):
     assert_bit_exact(load_hf(src), load_hf(tmp_path / "back"))
     assert (tmp_path / "back" / "config.json").read_bytes() == (src / "config.json").read_bytes()
     info = inspect_checkpoint(tmp_path / "dist")
-    assert info["format"] == "megatron-torch_dist" and info["layout"] == "bridge"
+    assert info["format"] == "torch_dist" and info["layout"] == "bridge"
 
 
 @pytest.mark.parametrize("preset", ["tiny", "tiny-bias-tied"])

@@ -98,7 +98,7 @@ def test_every_reader_accepts_it(mb, tmp_path):
     hf, root, _ = mb
     run = CliRunner().invoke
     info = json.loads(run(cli.main, ["inspect", str(root), "--json"]).stdout)
-    assert (info["format"], info["tp"], info["pp"], info["iteration"]) == ("megatron-torch_dist", 2, 2, 1000)
+    assert (info["format"], info["tp"], info["pp"], info["iteration"]) == ("torch_dist", 2, 2, 1000)
     assert info["config_from"] == "run_config.yaml" and info["config"]["vocab_size"] == VOCAB
     assert run(cli.main, ["verify", str(hf), str(root)]).exit_code == 0
     result = run(cli.main, ["parity", str(hf), str(root / "iter_0001000"), "--json"])

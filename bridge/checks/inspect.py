@@ -7,18 +7,12 @@ from pathlib import Path
 
 from bridge.features.bitnet import describe as describe_bitnet
 from bridge.engine.config import MUP_FIELDS
-from bridge.engine.convert import megatron_plan
+from bridge.engine.gather import megatron_plan
 from bridge.formats.detect import HF, detect_format
 from bridge.formats.hf import HFCheckpoint
 from bridge.engine.layout import expected_hf_shapes
-from bridge.engine.source import (
-    ReadOptions,
-    config_origin,
-    format_name,
-    megatron_hf_config,
-    open_megatron,
-    saved_parallelism,
-)
+from bridge.engine.info import megatron_info
+from bridge.engine.source import ReadOptions, megatron_hf_config, open_megatron
 
 _CONFIG_FIELDS = (
     "num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
@@ -46,32 +40,31 @@ def inspect_checkpoint(path: Path, options: ReadOptions = ReadOptions()) -> dict
         ckpt = HFCheckpoint(path)
         cfg = ckpt.config
         dtypes = Counter(str(ckpt.dtype(k)).removeprefix("torch.") for k in ckpt.keys())
-        extra = {"tensors": len(ckpt.keys()), "files": len(set(ckpt.key_to_file.values()))}
+        extra = {"format": HF, "tensors": len(ckpt.keys()), "files": len(set(ckpt.key_to_file.values()))}
         args = {}
     else:
         meg = open_megatron(path, options)
-        fmt = f"megatron-{format_name(meg)}"
         cfg, sidecar = megatron_hf_config(meg, options)
         plan, _ = megatron_plan(meg, cfg)
         dtypes = Counter(
             str(dtype).removeprefix("torch.") for r in plan.ranks() for _, dtype in meg.tensor_meta(*r).values()
         )
-        saved_tp, saved_pp = saved_parallelism(meg)
-        extra = {"tp": saved_tp, "pp": saved_pp, "iteration": meg.iteration, "layout": plan.layout,
-                 "padded_vocab": plan.dims.padded_vocab, "hf_config_sidecar": sidecar is not None,
-                 "config_from": config_origin(meg, sidecar), "iter_dir": str(meg.iter_dir)}
+        info = megatron_info(meg, sidecar, plan)
+        extra = {**info.to_dict(), "saved_as": info.describe(), "padded_vocab": plan.dims.padded_vocab}
         args = vars(meg.args) if meg.args is not None else {}
     config, mup, params = _config_info(cfg)
-    return {"path": str(path), "format": fmt, **extra, "parameters": params, "bytes": _bytes(path),
+    return {**extra, "path": str(path), "parameters": params, "bytes": _bytes(path),
             "dtypes": dict(dtypes), "config": config, "mup": mup, "bitnet": describe_bitnet(cfg, args)}
 
 
 def format_inspect(info: dict) -> str:
-    lines = [f"{info['path']}: {info['format']}"]
+    lines = [f"{info['path']}: {info.get('saved_as', info['format'])}"]
     if info["format"] != HF:
-        saved = "saved at " if info["format"].endswith("torch_dist") else ""
-        lines.append(f"  {saved}TP={info['tp']} PP={info['pp']} iteration={info['iteration']} layout={info['layout']} "
-                     f"padded_vocab={info['padded_vocab']} config from {info['config_from']}")
+        groups = f" expanded_from_groups={info['expanded_from_groups']}" if info["expanded_from_groups"] else ""
+        lines.append(f"  iteration={info['iteration']} layout={info['layout']} padded_vocab={info['padded_vocab']}"
+                     f"{groups} written by {info['writer']}, config from {info['config_from']}")
+        if info["common_state"]:
+            lines.append(f"  common state: {info['common_state']}")
     lines.append(f"  parameters {info['parameters']:,}  bytes {info['bytes']:,}  dtypes {info['dtypes']}")
     lines.append("  config: " + ", ".join(f"{k}={v}" for k, v in info["config"].items()))
     lines.append("  µP: " + ", ".join(f"{k}={v}" for k, v in info["mup"].items()))

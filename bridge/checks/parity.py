@@ -17,10 +17,18 @@ import torch
 from mappings import LAYOUTS
 
 from bridge.checks import megatron_forward
-from bridge.engine.convert import megatron_plan
+from bridge.engine.gather import megatron_plan
+from bridge.engine.info import megatron_info
 from bridge.formats.detect import HF, LEGACY, detect_format
 from bridge.errors import InputError
-from bridge.engine.source import MegatronCheckpoint, ReadOptions, megatron_hf_config, open_megatron
+from bridge.engine.source import (
+    MegatronCheckpoint,
+    ReadOptions,
+    megatron_hf_config,
+    open_megatron,
+    saved_parallelism,
+)
+from bridge.formats.torch_dist import SavedRanks, TorchDistCheckpoint
 from bridge.engine.plan import ParallelPlan
 
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
@@ -30,8 +38,10 @@ _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
 class ParityReport:
     hf_dir: str
     megatron_dir: str
+    source: str
     tp: int
     pp: int
+    ranks: int
     layout: str
     tokens: int
     batch: int
@@ -57,8 +67,8 @@ class ParityReport:
 
     def format(self) -> str:
         return "\n".join([
-            f"parity {self.hf_dir} (transformers fp32) vs {self.megatron_dir} (TP={self.tp} PP={self.pp}, "
-            f"layout {self.layout}): {self.batch}x{self.tokens} random tokens, seed {self.seed}",
+            f"parity {self.hf_dir} (transformers fp32) vs {self.megatron_dir} ({self.source}, layout {self.layout}, "
+            f"{self.ranks} ranks computed): {self.batch}x{self.tokens} random tokens, seed {self.seed}",
             f"  max|Δ| {self.max_abs:.3e}  mean|Δ| {self.mean_abs:.3e}  max|logit| {self.max_logit:.3e}  "
             f"top-1 {self.top1_agreement:.2%}",
             self.verdict(),
@@ -109,16 +119,29 @@ def parity(hf_dir: Path, megatron_dir: Path, tokens: int = 32, seed: int = 0, ba
     _expect(hf_dir, HF)
     _expect(megatron_dir, LEGACY)
     meg = open_megatron(megatron_dir, options)
-    cfg, _ = megatron_hf_config(meg, options)
+    cfg, sidecar = megatron_hf_config(meg, options)
     plan, _ = megatron_plan(meg, cfg)
+    info = megatron_info(meg, sidecar, plan)
+    ranks, plan = saved_ranks(meg, plan)
     ids = torch.randint(cfg.vocab_size, (batch, tokens), generator=torch.Generator().manual_seed(seed))
     ref = _hf_logits(hf_dir, ids)
     # plan.hf_config is the model the shards hold, as Megatron runs it (e.g. with --expand-groups' groups)
-    got = megatron_forward.forward(ids, [rank_weights(meg, plan, r) for r in range(plan.tp)], plan.hf_config)
+    got = megatron_forward.forward(ids, [rank_weights(ranks, plan, r) for r in range(plan.tp)], plan.hf_config)
     if ref.shape != got.shape:
         raise InputError(f"{megatron_dir}: logits {tuple(got.shape)} vs {tuple(ref.shape)} from {hf_dir}; "
                          "the checkpoints describe different models")
     delta = (ref - got).abs()
     top1 = (ref.argmax(-1) == got.argmax(-1)).float().mean()
-    return ParityReport(str(hf_dir), str(megatron_dir), plan.tp, plan.pp, plan.layout, tokens, batch, seed, atol,
-                        float(delta.max()), float(delta.mean()), float(ref.abs().max()), float(top1))
+    return ParityReport(str(hf_dir), str(megatron_dir), info.describe(), plan.tp, plan.pp, plan.tp * plan.pp,
+                        plan.layout, tokens, batch, seed, atol, float(delta.max()), float(delta.mean()),
+                        float(ref.abs().max()), float(top1))
+
+
+def saved_ranks(meg: MegatronCheckpoint, plan: ParallelPlan):
+    """The ranks that saved the checkpoint and their plan: legacy files as they are; torch_dist sliced
+    per rank at the TP/PP it was saved at (``args`` / ``run_config.yaml``), else as one TP=1 rank."""
+    tp, pp = saved_parallelism(meg)
+    if not isinstance(meg, TorchDistCheckpoint) or not tp or not pp or (tp, pp) == (1, 1):
+        return meg, plan
+    saved = ParallelPlan(plan.hf_config, tp, pp, plan.divisible_by, plan.layout, padded_vocab=plan.dims.padded_vocab)
+    return SavedRanks(meg, saved), saved

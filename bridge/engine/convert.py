@@ -22,20 +22,20 @@ from bridge.plumbing.atomic import atomic_output_dir
 from bridge.plumbing.buffers import BufferPool, fill
 from bridge.engine.config import config_dtype, megatron_args
 from bridge.errors import InputError, UnsupportedError
-from bridge.features.groups import ExpandedSource, collapse, expanded_config, expansion_factor
-from bridge.formats.hf import CheckedSource, HFCheckpoint, LazyTensors, NonFiniteCount, copy_assets, write_hf_weights
-from bridge.engine.layout import check_float_dtypes, check_tensor_set, expected_hf_shapes, expected_rank_shapes, hf_index
+from bridge.features.groups import ExpandedSource, expanded_config, expansion_factor
+from bridge.formats.hf import CheckedSource, HFCheckpoint, NonFiniteCount, copy_assets, write_hf_weights
+from bridge.engine.layout import check_float_dtypes, check_tensor_set, expected_hf_shapes
 from bridge.formats.iterations import RELEASE, iteration_dir_name
 from bridge.formats.legacy import HF_ASSETS, rank_dir_name, write_rank_file, write_tracker
 from bridge.engine.source import (
     MegatronCheckpoint,
     ReadOptions,
     carried_assets,
-    format_name,
     megatron_hf_config,
     open_megatron,
-    saved_parallelism,
 )
+from bridge.engine.gather import MegatronToHF, megatron_plan
+from bridge.engine.info import megatron_info
 from bridge.engine.hf_rewrite import (
     ExportTransform,
     config_bytes,
@@ -69,6 +69,7 @@ class Summary:
     format: str = "legacy"
     target: str | None = None
     iteration: int | str | None = None
+    source_info: dict | None = None  # megatron-to-hf: what the source is (``CheckpointInfo``)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -204,106 +205,6 @@ def _write_legacy_ranks(source, plan: ParallelPlan, iter_dir: Path, target, args
         pool.recycle()
 
 
-def _groups_factor(meg: MegatronCheckpoint, cfg) -> int:
-    """How many times ``--expand-groups`` replicated each Mamba group in this checkpoint."""
-    if meg.args is None or not hasattr(meg.args, "expanded_from_groups"):
-        return 1
-    return meg.args.mamba_num_groups // cfg.mamba_n_groups
-
-
-def _detect_layout(meg: MegatronCheckpoint, cfg, hf_shapes, divisible_by: int, padded: int) -> ParallelPlan:
-    """The layout whose key names match rank 0 of the first stage; then every rank is checked fully."""
-    found = set(meg.model(0, 0))
-    for name in LAYOUTS:
-        plan = ParallelPlan(cfg, meg.tp, meg.pp, divisible_by, name, padded_vocab=padded)
-        if set(expected_rank_shapes(plan, hf_shapes, 0)) == found:
-            return plan
-    return ParallelPlan(cfg, meg.tp, meg.pp, divisible_by, "bridge", padded_vocab=padded)
-
-
-def megatron_plan(meg: MegatronCheckpoint, cfg) -> tuple[ParallelPlan, dict[str, torch.Size]]:
-    """Plan of an existing checkpoint, with every rank's keys and shapes validated against it, and the
-    HF shapes of the model it holds. With expanded groups the plan describes the shards (more groups)."""
-    hf_model_shapes = expected_hf_shapes(cfg)
-    factor = _groups_factor(meg, cfg)
-    if factor > 1:
-        cfg = expanded_config(cfg, factor)
-    hf_shapes = expected_hf_shapes(cfg)
-    args = vars(meg.args) if meg.args is not None else {}
-    divisible_by = args.get("make_vocab_size_divisible_by", 128)
-    emb = meg.tensor_meta(0, 0).get("embedding.word_embeddings.weight")
-    padded = args.get("padded_vocab_size") or (emb[0][0] * meg.tp if emb is not None else None)
-    plan = _detect_layout(meg, cfg, hf_shapes, divisible_by, padded)
-    for tp_rank, pp_rank in plan.ranks():
-        meta = meg.tensor_meta(tp_rank, pp_rank)
-        check_tensor_set(str(meg.rank_file(tp_rank, pp_rank)), {k: shape for k, (shape, _) in meta.items()},
-                         expected_rank_shapes(plan, hf_shapes, pp_rank))
-        check_float_dtypes(str(meg.rank_file(tp_rank, pp_rank)), {k: dtype for k, (_, dtype) in meta.items()})
-    return plan, hf_model_shapes
-
-
-class MegatronToHF:
-    """Gathers HF tensors from rank shards; remembers the last merged entry (q/k/v share one merge) and
-    gives back the rank files' pages every ``release_bytes`` read, so memory stays bounded on any model
-    size."""
-
-    release_bytes = 64 * 2**20
-
-    def __init__(self, meg: MegatronCheckpoint, plan: ParallelPlan, dtype: torch.dtype | None):
-        self.meg, self.plan, self.dtype = meg, plan, dtype
-        self.index = hf_index(plan)
-        original = getattr(meg.args, "expanded_from_groups", None) if meg.args is not None else None
-        self.groups_factor = plan.hf_config.mamba_n_groups // original if original else 1
-        self._last: tuple[tuple[object, int | None], list[torch.Tensor]] | None = None
-        self._since_release = 0
-
-    def _stage(self, param, layer) -> tuple[int, int | None]:
-        if layer is not None:
-            return self.plan.stage_of_layer(layer)
-        return (0 if param.stage == "first" else self.plan.pp - 1), None
-
-    def merged(self, key: str) -> torch.Tensor:
-        param, layer, pos = self.index[key]
-        if self._last is None or self._last[0] != (param, layer):
-            if self._since_release > self.release_bytes:  # pages already read count as resident
-                self._last, self._since_release = None, 0
-                self.meg.release()
-            pp_rank, local = self._stage(param, layer)
-            name, *copies = self.plan.megatron_names(param, local)
-            shards = [self._read(t, pp_rank, name, copies) for t in range(self.plan.tp)]
-            self._since_release += sum(t.numel() * t.element_size() for t in shards)
-            try:
-                outs = param.rule.merge(shards, self.plan.dims)
-            except ValueError as e:
-                raise InputError(f"{self.meg.iter_dir}: {name}: {e}") from None
-            self._last = ((param, layer), outs)
-        out = self._last[1][pos]
-        return collapse(out, key, self.plan.dims, self.groups_factor) if self.groups_factor > 1 else out
-
-    def _read(self, tp_rank: int, pp_rank: int, name: str, copies: list[str]) -> torch.Tensor:
-        model = self.meg.model(tp_rank, pp_rank)
-        tensor = model[name]
-        for copy in copies:
-            if not torch.equal(model[copy], tensor):
-                raise InputError(f"{self.meg.rank_file(tp_rank, pp_rank)}: {copy} differs from {name}; "
-                                 "they hold the same shared norm")
-        return tensor
-
-    get = merged  # a Megatron checkpoint read as an HF source (re-sharding)
-
-    def tensor(self, key: str) -> torch.Tensor:
-        """One HF tensor, materialised in the output dtype."""
-        return materialize(self.merged(key), self.dtype)
-
-    def tensors(self, keys: list[str]) -> LazyTensors:
-        return LazyTensors(keys, self.tensor)
-
-    def source_dtype(self, key: str) -> torch.dtype:
-        param, layer, _ = self.index[key]
-        pp_rank, local = self._stage(param, layer)
-        return self.meg.tensor_meta(0, pp_rank)[self.plan.megatron_name(param, local)][1]
-
-
 def _export_transform(meg: MegatronCheckpoint, cfg, plan: ParallelPlan, sidecar: Path | None,
                       target: torch.dtype | None, fold_mup: bool, bitnet_pack: bool | None) -> ExportTransform | None:
     from bridge.features import bitnet
@@ -349,9 +250,10 @@ def megatron_to_hf(
     if transform:
         layout = transform.layout(layout)
         produce = transform.producer(gather.tensors, layout)
-    saved_tp, saved_pp = saved_parallelism(meg)
-    summary = Summary(str(src), str(dst), "megatron-to-hf", saved_tp or meg.tp, saved_pp or meg.pp,
-                      layout=plan.layout, dtype=dtype, format=format_name(meg))
+    info = megatron_info(meg, sidecar, plan)
+    summary = Summary(str(src), str(dst), "megatron-to-hf", info.tp or meg.tp, info.pp or meg.pp,
+                      layout=plan.layout, dtype=dtype, format=info.format, iteration=info.iteration,
+                      source_info=info.to_dict())
     with atomic_output_dir(dst, force=force, inputs=[src]) as tmp:
         bar = tqdm(total=len(layout), unit="tensor", desc="megatron→hf", disable=not progress)
         write_hf_weights(tmp, layout, produce, max_shard_size, progress=bar.update)

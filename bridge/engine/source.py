@@ -137,14 +137,6 @@ def saved_parallelism(meg: MegatronCheckpoint) -> tuple[int | None, int | None]:
     return (tp if isinstance(tp, int) else None), (pp if isinstance(pp, int) else None)
 
 
-def describe(meg: MegatronCheckpoint) -> str:
-    """``legacy TP=2 PP=1`` or ``torch_dist, saved at TP=4 PP=2``, for reports and cards."""
-    tp, pp = saved_parallelism(meg)
-    if isinstance(meg, LegacyCheckpoint):
-        return f"legacy TP={tp} PP={pp}"
-    return f"torch_dist, saved at TP={tp or '?'} PP={pp or '?'}"
-
-
 def config_origin(meg: MegatronCheckpoint, sidecar: Path | None) -> str:
     if sidecar is not None:
         return HF_ASSETS if sidecar.parent.name == HF_ASSETS else "--hf-config"

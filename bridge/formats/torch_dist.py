@@ -121,3 +121,33 @@ class TorchDistCheckpoint:
 
     def release(self) -> None:
         """Nothing is mapped: tensors are read on request."""
+
+
+class SavedRanks:
+    """A torch_dist checkpoint seen as the TP x PP ranks that saved it, each rank's tensors sliced
+    from the global ones as megatron-core's sharded load hands them out (``Rule.saved_slice``) and
+    named with stage-local layer numbers, as in legacy rank files. ``plan``: the saved TP/PP."""
+
+    def __init__(self, meg: TorchDistCheckpoint, plan: ParallelPlan):
+        self.meg, self.plan = meg, plan
+        self.tp, self.pp, self.iter_dir = plan.tp, plan.pp, meg.iter_dir
+        self._global = ParallelPlan(plan.hf_config, plan.tp, 1, plan.divisible_by, plan.layout,
+                                    padded_vocab=plan.dims.padded_vocab)
+        self._stored = set(meg._names())
+
+    def _global_name(self, param, layer: int | None) -> str:
+        name = self._global.megatron_name(param, layer)
+        if name not in self._stored and param.when == "tied_pp":  # tied head: stored once, as the embedding
+            return "embedding.word_embeddings.weight"
+        return name
+
+    def model(self, tp_rank: int, pp_rank: int) -> dict[str, torch.Tensor]:
+        out = {}
+        for param, layer, local in self.plan.stage_entries(pp_rank):
+            full = self.meg.model(0, 0)[self._global_name(param, layer)]
+            shard = param.rule.saved_slice(full, self.plan.dims, self.tp, tp_rank)
+            out.update((name, shard) for name in self.plan.megatron_names(param, local))
+        return out
+
+    def rank_file(self, tp_rank: int, pp_rank: int) -> Path:
+        return self.iter_dir
