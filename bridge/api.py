@@ -2,23 +2,23 @@
 
 from __future__ import annotations
 
-from mappings import FALCON_H1, LAYOUTS, megatron_keys, megatron_layer
-
-from bridge.features.bitnet import LINEAR_CLASSES as BITNET_LINEAR_CLASSES
-from bridge.features.bitnet import pack_checkpoint, unpack_checkpoint
-from bridge.engine.convert import FORMATS, Summary, hf_to_megatron, megatron_to_hf
-from bridge.engine.hf_rewrite import DTYPE_CHOICES
-from bridge.hub import plan_push, push, validate_hf_folder
 from bridge.checks.inspect import format_inspect, inspect_checkpoint
-from bridge.features.mup import FoldReport, fold_mup, unfold_mup
 from bridge.checks.parity import ParityReport, parity
+from bridge.checks.verify import VerifyReport, verify
+from bridge.engine.convert import Summary, hf_to_megatron, megatron_to_hf
+from bridge.engine.hf_rewrite import DTYPE_CHOICES
 from bridge.engine.reshard import reshard
 from bridge.engine.targets import DEFAULT_TARGET, TARGETS
+from bridge.features.bitnet import LINEAR_CLASSES as BITNET_LINEAR_CLASSES
+from bridge.features.bitnet import pack_checkpoint, unpack_checkpoint
+from bridge.features.mup import FoldReport, fold_mup, unfold_mup
+from bridge.formats.registry import FORMATS
+from bridge.hub import plan_push, push, validate_hf_folder
 from bridge.tiny import PRESETS, make_tiny
-from bridge.checks.verify import VerifyReport, verify
+from mappings import FALCON_H1, LAYOUTS, megatron_keys, megatron_layer
 
 LAYOUT_CHOICES = tuple(LAYOUTS)
-FORMAT_CHOICES = FORMATS
+FORMAT_CHOICES = tuple(FORMATS)
 PRESET_CHOICES = tuple(PRESETS)
 TARGET_CHOICES = TARGETS
 

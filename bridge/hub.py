@@ -17,12 +17,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from huggingface_hub import CommitOperationAdd, HfApi, ModelCard, ModelCardData, get_token
-from huggingface_hub.utils import DEFAULT_IGNORE_PATTERNS, HFValidationError, filter_repo_objects, validate_repo_id
+from huggingface_hub import (
+    CommitOperationAdd,
+    HfApi,
+    ModelCard,
+    ModelCardData,
+    get_token,
+)
+from huggingface_hub.utils import (
+    DEFAULT_IGNORE_PATTERNS,
+    HFValidationError,
+    filter_repo_objects,
+    validate_repo_id,
+)
 
+from bridge.engine.layout import check_tensor_set, expected_hf_shapes
 from bridge.errors import InputError, OutputError
 from bridge.formats.hf import HFCheckpoint
-from bridge.engine.layout import check_tensor_set, expected_hf_shapes
 
 SINGLE_WEIGHTS = "model.safetensors"
 WEIGHTS_INDEX = "model.safetensors.index.json"

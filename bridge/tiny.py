@@ -13,10 +13,10 @@ from pathlib import Path
 import torch
 from transformers import FalconH1Config
 
-from bridge.plumbing.atomic import atomic_output_dir
+from bridge.engine.layout import expected_hf_shapes
 from bridge.errors import InputError
 from bridge.formats.hf import write_hf_weights
-from bridge.engine.layout import expected_hf_shapes
+from bridge.plumbing.atomic import atomic_output_dir
 
 FAMILY: dict[str, dict] = {
     "0.5b": dict(num_hidden_layers=36, hidden_size=1024, intermediate_size=2048, num_attention_heads=8,
@@ -110,7 +110,9 @@ def make_tiny(
                              max_shard_size=max_shard_size)
             cfg.save_pretrained(tmp)
         else:
-            from transformers import FalconH1ForCausalLM  # ~2 s of imports; only this branch needs it
+            from transformers import (
+                FalconH1ForCausalLM,  # ~2 s of imports; only this branch needs it
+            )
 
             torch.manual_seed(seed)
             model = FalconH1ForCausalLM(cfg).to(torch_dtype)

@@ -113,7 +113,9 @@ def save_training_checkpoint(
         from megatron.core import dist_checkpointing
         from megatron.core.dist_checkpointing import ShardedObject, ShardedTensor
         from megatron.core.dist_checkpointing.mapping import LocalNonpersistentObject
-        from megatron.core.dist_checkpointing.optimizer import make_sharded_optimizer_tensor
+        from megatron.core.dist_checkpointing.optimizer import (
+            make_sharded_optimizer_tensor,
+        )
         from megatron.core.transformer.utils import make_sharded_object_for_checkpoint
     if not 0 <= optimizer_copies <= len(OPTIMIZER_KINDS):
         raise ValueError(f"optimizer_copies must be 0..{len(OPTIMIZER_KINDS)}")

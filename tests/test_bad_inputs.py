@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import tree_digest
 from safetensors.torch import load_file, save_file
 
 import cli
 from bridge.engine.convert import hf_to_megatron
-from conftest import tree_digest
 
 
 def run(*args):

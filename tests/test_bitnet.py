@@ -7,22 +7,36 @@ import shutil
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import tree_digest
 from safetensors.torch import load_file, save_file
+from test_roundtrip import assert_bit_exact, load_hf
 from transformers import FalconH1ForCausalLM
-from transformers.integrations.bitnet import AutoBitLinear, BitLinear, WeightQuant, pack_weights, unpack_weights
+from transformers.integrations.bitnet import (
+    AutoBitLinear,
+    BitLinear,
+    WeightQuant,
+    pack_weights,
+    unpack_weights,
+)
 from transformers.utils import logging as hf_logging
 
 import cli
-from bridge.features import bitnet
-from bridge.features.bitnet import dequantize, pack, pack_checkpoint, quantize, ternarize, unpack, unpack_checkpoint
 from bridge.engine.convert import hf_to_megatron, megatron_to_hf
 from bridge.errors import InputError, UnsupportedError
+from bridge.features import bitnet
+from bridge.features.bitnet import (
+    dequantize,
+    pack,
+    pack_checkpoint,
+    quantize,
+    ternarize,
+    unpack,
+    unpack_checkpoint,
+)
 from bridge.formats.legacy import LegacyCheckpoint
 from bridge.tiny import make_tiny
-from conftest import tree_digest
 from mappings import FALCON_H1
 from mappings.bitnet import BITNET_LINEARS, bitnet_modules, is_bitnet_weight
-from test_roundtrip import assert_bit_exact, load_hf
 
 LINEAR_CLASSES = ("bitlinear", "autobitlinear")
 

@@ -2,14 +2,14 @@
 
 import pytest
 import torch
+from test_roundtrip import assert_bit_exact, load_hf
 
+from bridge.checks.parity import parity
 from bridge.engine.convert import hf_to_megatron, megatron_to_hf
+from bridge.engine.reshard import reshard
 from bridge.errors import InputError, UnsupportedError
 from bridge.formats.legacy import LegacyCheckpoint
-from bridge.checks.parity import parity
-from bridge.engine.reshard import reshard
 from bridge.tiny import make_tiny
-from test_roundtrip import assert_bit_exact, load_hf
 
 
 @pytest.fixture(scope="module")

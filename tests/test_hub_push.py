@@ -9,10 +9,17 @@ from pathlib import Path
 
 import huggingface_hub
 import pytest
+from fake_hub import FakeHub
 from huggingface_hub import ModelCard
 
-from bridge.hub import HubPushError, HubValidationError, build_model_card, push, tool_version, validate_hf_folder
-from fake_hub import FakeHub
+from bridge.hub import (
+    HubPushError,
+    HubValidationError,
+    build_model_card,
+    push,
+    tool_version,
+    validate_hf_folder,
+)
 
 TOKEN = "hf_SECRETtoken123"
 REPO = "acme/falcon-h1-tiny"

@@ -6,16 +6,16 @@ import shutil
 
 import pytest
 import torch
+from test_roundtrip import assert_bit_exact, load_hf
 
-from bridge.engine.convert import hf_to_megatron, megatron_to_hf
-from bridge.errors import InputError, UnsupportedError
 from bridge.checks.inspect import inspect_checkpoint
-from bridge.formats.legacy import LegacyCheckpoint
 from bridge.checks.parity import parity
+from bridge.engine.convert import hf_to_megatron, megatron_to_hf
 from bridge.engine.reshard import reshard
 from bridge.engine.source import open_megatron
+from bridge.errors import InputError, UnsupportedError
+from bridge.formats.legacy import LegacyCheckpoint
 from mappings import LAYOUTS
-from test_roundtrip import assert_bit_exact, load_hf
 
 KEYS = {
     "bridge": ["decoder.layers.1.norm.weight", "decoder.layers.1.mamba_mixer.conv1d.weight"],

@@ -21,14 +21,14 @@ import pytest
 import torch
 import yaml
 from click.testing import CliRunner
+from mb_checkpoint import te_modules
+from megatron_stack import cpu_writer
 
 import cli
+from bridge.checks.verify import verify
 from bridge.engine.convert import hf_to_megatron, megatron_to_hf
 from bridge.formats.hf import HFCheckpoint
 from bridge.formats.torch_dist_io import TorchDistReader
-from bridge.checks.verify import verify
-from mb_checkpoint import te_modules
-from megatron_stack import cpu_writer
 
 # Fields of MB's FalconH1Config (modeling_falconh1/falconh1_model.py) and FalconH1ModelProvider
 # (falconh1_provider.py) beyond megatron-core's TransformerConfig, at 067f987df03b.

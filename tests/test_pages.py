@@ -4,10 +4,10 @@ import sys
 
 import pytest
 import torch
+from test_roundtrip import assert_bit_exact, load_hf
 
 from bridge.engine.convert import MegatronToHF, hf_to_megatron, megatron_to_hf
 from bridge.plumbing.pages import drop_resident
-from test_roundtrip import assert_bit_exact, load_hf
 
 
 def rss_file_kb() -> int:

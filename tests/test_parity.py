@@ -11,9 +11,9 @@ import torch
 from click.testing import CliRunner
 
 import cli
+from bridge.checks.parity import parity
 from bridge.engine.convert import hf_to_megatron
 from bridge.formats.hf import HFCheckpoint
-from bridge.checks.parity import parity
 from bridge.tiny import make_tiny
 from mappings import FalconH1Dims
 

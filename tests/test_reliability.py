@@ -27,17 +27,17 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import tree_digest
 from safetensors.torch import load_file, save_file
 
 import cli
-from bridge.engine import convert
-from bridge.formats import hf as hf_format
+from bridge.checks.verify import verify
+from bridge.formats import legacy as legacy_format
 from bridge.engine.convert import hf_to_megatron
+from bridge.formats import hf as hf_format
 from bridge.formats.hf import HFCheckpoint
 from bridge.plumbing.safe_pickle import safe_torch_load
 from bridge.tiny import make_tiny
-from bridge.checks.verify import verify
-from conftest import tree_digest
 
 ROOT = Path(__file__).resolve().parent.parent
 INDEX = "model.safetensors.index.json"
@@ -397,7 +397,7 @@ def test_output_on_a_filesystem_that_takes_no_directories(ws):
 
 def test_output_under_missing_parents_leaves_none_on_failure(ws, monkeypatch):
     """Parents created for the output are removed again when the conversion fails."""
-    monkeypatch.setattr(convert, "write_rank_file", _enospc_after(1))
+    monkeypatch.setattr(legacy_format, "write_rank_file", _enospc_after(1))
     out = ws.root / "new" / "deeper" / "out"
     refused(["hf-to-megatron", ws.hf, out, "--tp", "2", "--json"], ws.hf, out, 4, "No space left on device")
     assert not (ws.root / "new").exists()
@@ -405,7 +405,7 @@ def test_output_under_missing_parents_leaves_none_on_failure(ws, monkeypatch):
 
 def _enospc_after(good_files: int):
     """A write_rank_file that writes ``good_files`` files, then half of the next and fails as a full disk does."""
-    real, calls = convert.write_rank_file, []
+    real, calls = legacy_format.write_rank_file, []
 
     def write_rank_file(path, model, args, iteration):
         calls.append(path)
@@ -419,7 +419,7 @@ def _enospc_after(good_files: int):
 
 
 def test_disk_full_legacy_writer(ws, monkeypatch):
-    monkeypatch.setattr(convert, "write_rank_file", _enospc_after(2))
+    monkeypatch.setattr(legacy_format, "write_rank_file", _enospc_after(2))
     refused(["hf-to-megatron", ws.hf, ws.out, "--tp", "2", "--pp", "2", "--json"], ws.hf, ws.out, 4,
             f"{ws.out}: writing failed (No space left on device); nothing was left behind")
 
@@ -550,7 +550,6 @@ def test_hub_token_never_in_output(ws, tmp_path, monkeypatch):
     """HF_TOKEN set to a marker through conversions, push --dry-run, a real push and a failed push to
     the fake Hub: the marker reaches the server as the bearer token and nowhere else."""
     import huggingface_hub
-
     from fake_hub import FakeHub
 
     marker = "hf_MARKERtoken0123456789abcdefXYZ"

@@ -5,11 +5,11 @@ import shutil
 
 import pytest
 import torch
+from conftest import tree_digest
 from safetensors.torch import load_file
 
 from bridge.engine.convert import hf_to_megatron, megatron_to_hf
 from bridge.formats.legacy import LegacyCheckpoint
-from conftest import tree_digest
 
 
 def load_hf(folder):

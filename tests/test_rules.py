@@ -4,7 +4,16 @@ import pytest
 import torch
 
 from mappings import FalconH1Dims, ShardError
-from mappings.rules import COLUMN, GATED_MLP, MAMBA_CONV1D, MAMBA_IN_PROJ, QKV, REPLICATED, ROW, VOCAB
+from mappings.rules import (
+    COLUMN,
+    GATED_MLP,
+    MAMBA_CONV1D,
+    MAMBA_IN_PROJ,
+    QKV,
+    REPLICATED,
+    ROW,
+    VOCAB,
+)
 
 
 def dims(**kw):

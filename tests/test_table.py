@@ -6,8 +6,8 @@ from transformers import FalconH1ForCausalLM
 
 from bridge.engine.layout import expected_hf_shapes, expected_rank_shapes, hf_index
 from bridge.engine.plan import ParallelPlan
-from bridge.tiny import PRESETS, preset_config
 from bridge.errors import UnsupportedError
+from bridge.tiny import PRESETS, preset_config
 
 VARIANTS = {
     "plain": {},

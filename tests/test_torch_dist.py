@@ -2,16 +2,16 @@
 
 import pytest
 import torch
+from test_roundtrip import assert_bit_exact, load_hf
 
-from bridge.engine.convert import hf_to_megatron, megatron_to_hf
 from bridge.checks.inspect import inspect_checkpoint
-from bridge.formats.legacy import LegacyCheckpoint
+from bridge.engine.convert import hf_to_megatron, megatron_to_hf
 from bridge.engine.plan import ParallelPlan
 from bridge.engine.reshard import reshard
+from bridge.formats.legacy import LegacyCheckpoint
 from bridge.tiny import preset_config
-from mappings.rules import COLUMN, QKV, REPLICATED, ROW, VOCAB, Blockwise
 from mappings import FALCON_H1
-from test_roundtrip import assert_bit_exact, load_hf
+from mappings.rules import COLUMN, QKV, REPLICATED, ROW, VOCAB, Blockwise
 
 pytestmark = pytest.mark.filterwarnings("ignore:`load_state_dict` is deprecated:FutureWarning")
 

@@ -13,7 +13,11 @@ import pytest
 import torch
 
 from bridge.formats.detect import is_torch_dist
-from bridge.formats.torch_dist_io import TorchDistFormatError, TorchDistReader, write_torch_dist
+from bridge.formats.torch_dist_io import (
+    TorchDistFormatError,
+    TorchDistReader,
+    write_torch_dist,
+)
 
 # megatron-core 0.16 calls torch's deprecated dcp.load_state_dict.
 pytestmark = pytest.mark.filterwarnings("ignore:`load_state_dict` is deprecated:FutureWarning")

@@ -18,16 +18,16 @@ import pytest
 import torch
 import yaml
 from click.testing import CliRunner
-
-import cli
-from bridge.engine.convert import hf_to_megatron, megatron_to_hf
-from bridge.formats.hf import HFCheckpoint
-from bridge.engine.source import ReadOptions
-from bridge.formats.torch_dist_io import TorchDistReader
-from bridge.checks.verify import verify
 from conftest import tree_digest
 from mb_checkpoint import TOKENIZER_FILES, finish_mb_checkpoint, te_modules
 from megatron_stack import save_training_checkpoint
+
+import cli
+from bridge.checks.verify import verify
+from bridge.engine.convert import hf_to_megatron, megatron_to_hf
+from bridge.engine.source import ReadOptions
+from bridge.formats.hf import HFCheckpoint
+from bridge.formats.torch_dist_io import TorchDistReader
 
 # µP factors in run_config, several Mamba groups; a vocabulary TP=2 divides but 128 does not, which
 # MB's provider keeps unpadded (should_pad_vocab: false).

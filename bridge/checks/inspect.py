@@ -5,14 +5,14 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
-from bridge.features.bitnet import describe as describe_bitnet
 from bridge.engine.config import MUP_FIELDS
 from bridge.engine.gather import megatron_plan
+from bridge.engine.info import megatron_info
+from bridge.engine.layout import expected_hf_shapes
+from bridge.engine.source import ReadOptions, megatron_hf_config, open_megatron
+from bridge.features.bitnet import describe as describe_bitnet
 from bridge.formats.detect import HF, detect_format
 from bridge.formats.hf import HFCheckpoint
-from bridge.engine.layout import expected_hf_shapes
-from bridge.engine.info import megatron_info
-from bridge.engine.source import ReadOptions, megatron_hf_config, open_megatron
 
 _CONFIG_FIELDS = (
     "num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",

@@ -17,9 +17,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from mappings import FalconH1Dims
-
 from bridge.engine.config import rope_theta
+from mappings import FalconH1Dims
 
 Tensor = torch.Tensor
 Rank = dict[str, Tensor]

@@ -14,22 +14,19 @@ from pathlib import Path
 
 import torch
 
-from mappings import LAYOUTS
-
 from bridge.checks import megatron_forward
-from bridge.engine.gather import megatron_plan
+from bridge.engine.gather import SavedRanks, megatron_plan
 from bridge.engine.info import megatron_info
-from bridge.formats.detect import HF, LEGACY, detect_format
-from bridge.errors import InputError
+from bridge.engine.plan import ParallelPlan
 from bridge.engine.source import (
     MegatronCheckpoint,
     ReadOptions,
     megatron_hf_config,
     open_megatron,
-    saved_parallelism,
 )
-from bridge.formats.torch_dist import SavedRanks, TorchDistCheckpoint
-from bridge.engine.plan import ParallelPlan
+from bridge.errors import InputError
+from bridge.formats.detect import HF, LEGACY, detect_format
+from mappings import LAYOUTS
 
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
 
@@ -140,8 +137,8 @@ def parity(hf_dir: Path, megatron_dir: Path, tokens: int = 32, seed: int = 0, ba
 def saved_ranks(meg: MegatronCheckpoint, plan: ParallelPlan):
     """The ranks that saved the checkpoint and their plan: legacy files as they are; torch_dist sliced
     per rank at the TP/PP it was saved at (``args`` / ``run_config.yaml``), else as one TP=1 rank."""
-    tp, pp = saved_parallelism(meg)
-    if not isinstance(meg, TorchDistCheckpoint) or not tp or not pp or (tp, pp) == (1, 1):
+    tp, pp = meg.saved_parallelism()
+    if (meg.tp, meg.pp) != (1, 1) or not tp or not pp or (tp, pp) == (1, 1):
         return meg, plan
     saved = ParallelPlan(plan.hf_config, tp, pp, plan.divisible_by, plan.layout, padded_vocab=plan.dims.padded_vocab)
     return SavedRanks(meg, saved), saved

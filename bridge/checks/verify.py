@@ -16,11 +16,11 @@ import torch
 
 from bridge.engine.config import MUP_FIELDS
 from bridge.engine.gather import MegatronToHF, megatron_plan
-from bridge.formats.detect import HF, detect_format
-from bridge.errors import InputError, UnsupportedError
-from bridge.formats.hf import HFCheckpoint
 from bridge.engine.info import megatron_info
-from bridge.engine.source import ReadOptions, format_name, megatron_hf_config, open_megatron
+from bridge.engine.source import ReadOptions, megatron_hf_config, open_megatron
+from bridge.errors import InputError, UnsupportedError
+from bridge.formats.detect import HF, detect_format
+from bridge.formats.hf import HFCheckpoint
 
 # Fields that say how or by what a config was written, not what the model is.
 IGNORED_CONFIG = {"transformers_version", "output_hidden_states", "output_attentions", "return_dict"}
@@ -123,7 +123,7 @@ def _open_megatron(path: Path, options: ReadOptions) -> _Side:
     try:
         plan, _ = megatron_plan(meg, cfg)
     except (InputError, UnsupportedError) as e:  # corrupt rank files: report them, still compare configs
-        return _Side(path, format_name(meg), cfg, set(), _unreachable, _unreachable, error=str(e))
+        return _Side(path, meg.format, cfg, set(), _unreachable, _unreachable, error=str(e))
     info = megatron_info(meg, sidecar, plan)
     label = f"{info.describe()}, config from {info.config_from}"
     gather = MegatronToHF(meg, plan, None)

@@ -16,17 +16,22 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from mappings import LAYOUTS, FalconH1Dims
-
-from bridge.plumbing.atomic import atomic_output_dir
-from bridge.plumbing.buffers import BufferPool, fill
 from bridge.engine.config import config_dtype, megatron_args
-from bridge.errors import InputError, UnsupportedError
-from bridge.features.groups import ExpandedSource, expanded_config, expansion_factor
-from bridge.formats.hf import CheckedSource, HFCheckpoint, NonFiniteCount, copy_assets, write_hf_weights
-from bridge.engine.layout import check_float_dtypes, check_tensor_set, expected_hf_shapes
-from bridge.formats.iterations import RELEASE, iteration_dir_name
-from bridge.formats.legacy import HF_ASSETS, rank_dir_name, write_rank_file, write_tracker
+from bridge.engine.gather import MegatronToHF, megatron_plan
+from bridge.engine.hf_rewrite import (
+    ExportTransform,
+    config_bytes,
+    dir_bytes,
+    target_dtype,
+    write_hf_config,
+)
+from bridge.engine.info import megatron_info
+from bridge.engine.layout import (
+    check_float_dtypes,
+    check_tensor_set,
+    expected_hf_shapes,
+)
+from bridge.engine.plan import ParallelPlan, check_parallel_sizes
 from bridge.engine.source import (
     MegatronCheckpoint,
     ReadOptions,
@@ -34,21 +39,29 @@ from bridge.engine.source import (
     megatron_hf_config,
     open_megatron,
 )
-from bridge.engine.gather import MegatronToHF, megatron_plan
-from bridge.engine.info import megatron_info
-from bridge.engine.hf_rewrite import (
-    ExportTransform,
-    config_bytes,
-    dir_bytes,
-    materialize,
-    target_dtype,
-    write_hf_config,
+from bridge.engine.targets import (
+    DEFAULT_TARGET,
+    extra_state_objects,
+    resolve_target,
+    write_bridge_files,
 )
-from bridge.engine.plan import ParallelPlan, check_parallel_sizes, hf_name
-from bridge.engine.targets import DEFAULT_TARGET, extra_state_objects, resolve_target, write_bridge_files
-from bridge.formats.torch_dist import global_tensors
-from bridge.formats.torch_dist import write_checkpoint as write_dist_checkpoint
-
+from bridge.errors import InputError, UnsupportedError
+from bridge.features.groups import ExpandedSource, expanded_config, expansion_factor
+from bridge.formats.hf import (
+    CheckedSource,
+    HFCheckpoint,
+    NonFiniteCount,
+    copy_assets,
+    write_hf_weights,
+)
+from bridge.formats.iterations import RELEASE, iteration_dir_name
+from bridge.formats.legacy import (
+    HF_ASSETS,
+    write_tracker,
+)
+from bridge.formats.registry import FORMATS
+from bridge.plumbing.atomic import atomic_output_dir
+from mappings import LAYOUTS, FalconH1Dims
 
 
 @dataclass
@@ -75,7 +88,6 @@ class Summary:
         return asdict(self)
 
 
-FORMATS = ("legacy", "torch_dist")
 
 
 def hf_to_megatron(
@@ -140,7 +152,7 @@ def write_megatron(
         raise InputError(f"--layout {layout!r}: expected one of {', '.join(LAYOUTS)}")
     if fmt not in FORMATS:
         raise InputError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}")
-    if fmt == "torch_dist" and LAYOUTS[layout].legacy_only:
+    if fmt != "legacy" and LAYOUTS[layout].legacy_only:
         raise UnsupportedError(f"--layout {layout} exists only in legacy files (torch_dist keeps conv1d.weight "
                                "through megatron-core's conv_checkpoint_key_map)")
     check_parallel_sizes(cfg, tp, pp)  # before the vocabulary is divided by TP
@@ -154,13 +166,9 @@ def write_megatron(
                       iteration=stack.iteration)
     with atomic_output_dir(dst, force=force, inputs=inputs) as tmp:
         iter_dir = tmp / iteration_dir_name(stack.iteration)
-        if fmt == "torch_dist":
-            whole = ParallelPlan(cfg, tp, 1, divisible_by, layout, padded_vocab=plan.dims.padded_vocab)
-            objects = extra_state_objects(cfg.num_hidden_layers) if stack.is_bridge else None
-            write_dist_checkpoint(iter_dir, _counted(global_tensors(source, whole, lambda t: materialize(t, target)),
-                                                     summary, progress), args, iteration=step, objects=objects)
-        else:
-            _write_legacy_ranks(source, plan, iter_dir, target, args, summary, progress, step)
+        objects = extra_state_objects(cfg.num_hidden_layers) if stack.is_bridge else None
+        summary.tensors = FORMATS[fmt].write(iter_dir, source, plan, dtype=target, args=args, iteration=step,
+                                             objects=objects, progress=progress)
         if stack.is_bridge:
             write_bridge_files(tmp, iter_dir, args, save=str(dst), init_method_std=cfg.initializer_range,
                                iteration=step, assets=assets)
@@ -174,35 +182,6 @@ def write_megatron(
         summary.bytes_written, summary.files = dir_bytes(tmp)
     nonfinite.warn()
     return summary
-
-
-def _counted(tensors, summary: Summary, progress: bool):
-    with tqdm(unit="tensor", desc="→torch_dist", disable=not progress) as bar:
-        for item in tensors:
-            summary.tensors += 1
-            bar.update()
-            yield item
-            del item
-
-
-def _write_legacy_ranks(source, plan: ParallelPlan, iter_dir: Path, target, args, summary: Summary, progress: bool,
-                        iteration: int):
-    """One rank file at a time: each holds only its shards, so memory is one output file."""
-    pool = BufferPool()
-    for tp_rank, pp_rank in tqdm(plan.ranks(), unit="rank", desc="→megatron", disable=not progress):
-        model = {}
-        for param, layer, local in plan.stage_entries(pp_rank):
-            hf = [source.get(hf_name(k, layer)) for k in param.hf]
-            pieces = param.rule.pieces(hf, plan.dims, plan.tp, tp_rank)
-            shape = torch.Size([sum(p.shape[0] for p in pieces), *pieces[0].shape[1:]])
-            tensor = fill(pool.tensor(shape, target or hf[0].dtype), pieces)
-            del hf, pieces
-            model.update((name, tensor) for name in plan.megatron_names(param, local))
-        path = iter_dir / rank_dir_name(tp_rank, pp_rank, plan.pp) / "model_optim_rng.pt"
-        write_rank_file(path, model, args, iteration=iteration)
-        summary.tensors += len(model)
-        del model, tensor
-        pool.recycle()
 
 
 def _export_transform(meg: MegatronCheckpoint, cfg, plan: ParallelPlan, sidecar: Path | None,

@@ -4,17 +4,24 @@ tensors one entry at a time (export, re-sharding, verify)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
-from mappings import LAYOUTS
-
 from bridge.engine.hf_rewrite import materialize
-from bridge.engine.layout import check_float_dtypes, check_tensor_set, expected_hf_shapes, expected_rank_shapes, hf_index
+from bridge.engine.layout import (
+    check_float_dtypes,
+    check_tensor_set,
+    expected_hf_shapes,
+    expected_rank_shapes,
+    hf_index,
+)
 from bridge.engine.plan import ParallelPlan
 from bridge.engine.source import MegatronCheckpoint
 from bridge.errors import InputError
 from bridge.features.groups import collapse, expanded_config
 from bridge.formats.hf import LazyTensors
+from mappings import LAYOUTS
 
 
 def _groups_factor(meg: MegatronCheckpoint, cfg) -> int:
@@ -115,3 +122,34 @@ class MegatronToHF:
         param, layer, _ = self.index[key]
         pp_rank, local = self._stage(param, layer)
         return self.meg.tensor_meta(0, pp_rank)[self.plan.megatron_name(param, local)][1]
+
+
+class SavedRanks:
+    """A checkpoint of global tensors (torch_dist) seen as the TP x PP ranks that saved it, each rank's
+    tensors sliced from the global ones as megatron-core's sharded load hands them out
+    (``Rule.saved_slice``) and named with stage-local layer numbers, as in legacy rank files.
+    ``plan``: the saved TP/PP."""
+
+    def __init__(self, meg: MegatronCheckpoint, plan: ParallelPlan):
+        self.meg, self.plan = meg, plan
+        self.tp, self.pp, self.iter_dir = plan.tp, plan.pp, meg.iter_dir
+        self._global = ParallelPlan(plan.hf_config, plan.tp, 1, plan.divisible_by, plan.layout,
+                                    padded_vocab=plan.dims.padded_vocab)
+        self._stored = set(meg.tensor_meta(0, 0))
+
+    def _global_name(self, param, layer: int | None) -> str:
+        name = self._global.megatron_name(param, layer)
+        if name not in self._stored and param.when == "tied_pp":  # tied head: stored once, as the embedding
+            return "embedding.word_embeddings.weight"
+        return name
+
+    def model(self, tp_rank: int, pp_rank: int) -> dict[str, torch.Tensor]:
+        out = {}
+        for param, layer, local in self.plan.stage_entries(pp_rank):
+            full = self.meg.model(0, 0)[self._global_name(param, layer)]
+            shard = param.rule.saved_slice(full, self.plan.dims, self.tp, tp_rank)
+            out.update((name, shard) for name in self.plan.megatron_names(param, local))
+        return out
+
+    def rank_file(self, tp_rank: int, pp_rank: int) -> Path:
+        return self.iter_dir

@@ -16,15 +16,12 @@ from bridge.engine.source import (
     MegatronCheckpoint,
     ReadOptions,
     config_origin,
-    format_name,
     hf_assets_dir,
     megatron_hf_config,
     open_megatron,
-    saved_parallelism,
 )
 from bridge.formats.detect import HF, detect_format
 from bridge.formats.hf import HFCheckpoint
-from bridge.formats.torch_dist import TorchDistCheckpoint
 
 
 @dataclass(frozen=True)
@@ -63,14 +60,14 @@ def _writer(meg: MegatronCheckpoint) -> str:
 
 def megatron_info(meg: MegatronCheckpoint, sidecar: Path | None, plan: ParallelPlan) -> CheckpointInfo:
     """The record of an opened Megatron checkpoint (``plan``: from ``megatron_plan``)."""
-    tp, pp = saved_parallelism(meg)
+    tp, pp = meg.saved_parallelism()
     dtypes = Counter(dtype for r in plan.ranks() for _, dtype in meg.tensor_meta(*r).values())
     common = None
-    if isinstance(meg, TorchDistCheckpoint):
+    if meg.format == "torch_dist":
         common = "common.pt" if (meg.iter_dir / "common.pt").exists() else "in the shards (megatron-core >= 0.19)"
     expanded = getattr(meg.args, "expanded_from_groups", None) if meg.args is not None else None
     return CheckpointInfo(
-        str(meg.root), format_name(meg), tp, pp, meg.iteration, str(meg.iter_dir), plan.layout, expanded,
+        str(meg.root), meg.format, tp, pp, meg.iteration, str(meg.iter_dir), plan.layout, expanded,
         _writer(meg), config_origin(meg, sidecar), common,
         str(dtypes.most_common(1)[0][0]).removeprefix("torch.") if dtypes else None,
     )

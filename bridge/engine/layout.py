@@ -11,10 +11,9 @@ from collections.abc import Mapping
 
 import torch
 
-from mappings import FalconH1Dims, Param, hf_shapes
-
-from bridge.errors import InputError
 from bridge.engine.plan import ParallelPlan, hf_name
+from bridge.errors import InputError
+from mappings import FalconH1Dims, Param, hf_shapes
 
 
 def expected_hf_shapes(cfg) -> dict[str, torch.Size]:

@@ -12,9 +12,15 @@ from dataclasses import dataclass, field
 
 import torch
 
-from mappings import FalconH1Dims, Param, megatron_keys, megatron_layer, padded_vocab_size, params_for
-
 from bridge.errors import UnsupportedError
+from mappings import (
+    FalconH1Dims,
+    Param,
+    megatron_keys,
+    megatron_layer,
+    padded_vocab_size,
+    params_for,
+)
 
 
 @dataclass(frozen=True)

@@ -10,11 +10,16 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from bridge.features import bitnet
 from bridge.engine.convert import Summary, write_megatron
 from bridge.engine.gather import MegatronToHF, megatron_plan
+from bridge.engine.source import (
+    ReadOptions,
+    carried_assets,
+    megatron_hf_config,
+    open_megatron,
+)
 from bridge.engine.targets import DEFAULT_TARGET
-from bridge.engine.source import ReadOptions, carried_assets, megatron_hf_config, open_megatron
+from bridge.features import bitnet
 
 
 def reshard(

@@ -12,17 +12,22 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from bridge.engine.config import COMPARED_FIELDS, hf_config_from_args, hf_config_from_json, load_hf_config
+from bridge.engine.config import (
+    COMPARED_FIELDS,
+    hf_config_from_args,
+    hf_config_from_json,
+    load_hf_config,
+)
 from bridge.errors import InputError
+from bridge.formats.base import MegatronReader
 from bridge.formats.hf import NOT_ASSETS, WEIGHT_SUFFIXES
 from bridge.formats.iterations import is_iteration_dir, resolve_iteration_dir
-from bridge.formats.legacy import HF_ASSETS, LegacyCheckpoint
+from bridge.formats.legacy import HF_ASSETS
+from bridge.formats.registry import format_of
 from bridge.formats.run_config import RUN_CONFIG, args_from_run_config, read_run_config
-from bridge.formats.detect import is_torch_dist
-from bridge.formats.torch_dist import TorchDistCheckpoint
 
 _log = logging.getLogger(__name__)
-MegatronCheckpoint = LegacyCheckpoint | TorchDistCheckpoint
+MegatronCheckpoint = MegatronReader
 MB_TOKENIZER = "tokenizer"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")
 REFERENCE_FILES = ("generation_config.json", "README.md")
@@ -38,17 +43,14 @@ class ReadOptions:
 
 
 def open_megatron(path: Path, options: ReadOptions = ReadOptions()) -> MegatronCheckpoint:
-    """A legacy or torch_dist checkpoint, told apart by the chosen iteration directory's files."""
+    """The chosen iteration of a Megatron checkpoint, in whichever registered format it is."""
     path = Path(path)
     if not path.is_dir():
         raise InputError(f"{path}: {'does not exist' if not path.exists() else 'not a directory'}")
     if not any(path.iterdir()):
         raise InputError(f"{path}: empty directory")
     iter_dir = resolve_iteration_dir(path, options.iteration)
-    if is_torch_dist(iter_dir):
-        meg: MegatronCheckpoint = TorchDistCheckpoint(path, iter_dir)
-    else:
-        meg = LegacyCheckpoint(path, options.iteration)
+    meg = format_of(iter_dir).open(path, iter_dir)
     meg.run_config = read_run_config(meg.iter_dir)
     return meg
 
@@ -121,20 +123,6 @@ def carried_assets(meg: MegatronCheckpoint, options: ReadOptions = ReadOptions()
         _log.warning("%s: no tokenizer found (looked in %s/, %s/ and --hf-reference); the HF output will have "
                      "none", meg.iter_dir, HF_ASSETS, MB_TOKENIZER)
     return sorted(chosen.values())
-
-
-def format_name(meg: MegatronCheckpoint) -> str:
-    return "torch_dist" if isinstance(meg, TorchDistCheckpoint) else "legacy"
-
-
-def saved_parallelism(meg: MegatronCheckpoint) -> tuple[int | None, int | None]:
-    """The TP/PP the writer ran with. Legacy files are one per rank; torch_dist stores global tensors,
-    so only ``args`` or ``run_config.yaml`` remember it (None when neither does)."""
-    if isinstance(meg, LegacyCheckpoint):
-        return meg.tp, meg.pp
-    fields = vars(meg.args) if meg.args is not None else (meg.run_config or {}).get("model", {})
-    tp, pp = fields.get("tensor_model_parallel_size"), fields.get("pipeline_model_parallel_size")
-    return (tp if isinstance(tp, int) else None), (pp if isinstance(pp, int) else None)
 
 
 def config_origin(meg: MegatronCheckpoint, sidecar: Path | None) -> str:

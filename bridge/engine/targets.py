@@ -19,12 +19,11 @@ from pathlib import Path
 
 import torch
 
-from mappings import extra_state_modules, padded_vocab_size
-
-from bridge.plumbing.atomic import torch_save
 from bridge.errors import UnsupportedError
 from bridge.formats.iterations import LATEST_TRAIN_STATE, RELEASE, TRAIN_STATE
 from bridge.formats.run_config import RUN_CONFIG, provider_fields, run_config_yaml
+from bridge.plumbing.atomic import torch_save
+from mappings import extra_state_modules, padded_vocab_size
 
 MEGATRON_LM = "megatron-lm"
 MEGATRON_BRIDGE = "megatron-bridge"

@@ -28,13 +28,12 @@ from typing import Mapping
 
 import torch
 
-from mappings.bitnet import NOT_CONVERTED, bitnet_modules, is_bitnet_weight
-
 from bridge.engine.config import config_dtype
 from bridge.engine.hf_rewrite import Layout, Producer, rewrite_hf, target_dtype
+from bridge.engine.layout import check_tensor_set, expected_hf_shapes
 from bridge.errors import InputError, UnsupportedError
 from bridge.formats.hf import HFCheckpoint, LazyTensors
-from bridge.engine.layout import check_tensor_set, expected_hf_shapes
+from mappings.bitnet import NOT_CONVERTED, bitnet_modules, is_bitnet_weight
 
 EPS = 1e-5  # absmean floor of transformers' WeightQuant and onebitllms
 LINEAR_CLASSES = ("bitlinear", "autobitlinear")
@@ -146,7 +145,9 @@ def quant_config(cfg) -> dict | None:
     if quant.get("use_rms_norm"):
         raise UnsupportedError("config.json: quantization_config use_rms_norm adds an RMSNorm to every linear, "
                                "which Megatron's Falcon-H1 has no place for")
-    from transformers.quantizers.quantizers_utils import should_convert_module  # slow import; BitNet only
+    from transformers.quantizers.quantizers_utils import (
+        should_convert_module,  # slow import; BitNet only
+    )
 
     skip = quant.get("modules_to_not_convert")
     skip = list(NOT_CONVERTED) if skip is None else skip  # None: transformers' default skip, lm_head here

@@ -14,9 +14,8 @@ import copy
 
 import torch
 
-from mappings import FalconH1Dims
-
 from bridge.errors import InputError, UnsupportedError
+from mappings import FalconH1Dims
 
 # HF tensors holding B and C rows: key suffix -> (block sizes of the tensor, indices of B and C).
 _BC_TENSORS = {

@@ -21,13 +21,12 @@ from typing import Callable, Mapping
 
 import torch
 
-from mappings import FalconH1Dims
-
 from bridge.engine.config import MUP_FIELDS, MUP_LISTS, MUP_SCALARS
 from bridge.engine.hf_rewrite import rewrite_hf, target_dtype
+from bridge.engine.layout import check_tensor_set, expected_hf_shapes
 from bridge.errors import InputError, UnsupportedError
 from bridge.formats.hf import HFCheckpoint
-from bridge.engine.layout import check_tensor_set, expected_hf_shapes
+from mappings import FalconH1Dims
 
 FOLDED_KEY = "mup_folded"
 ONE: dict[str, float | list[float]] = {

@@ -22,8 +22,8 @@ from huggingface_hub import split_torch_state_dict_into_shards
 from safetensors import SafetensorError, safe_open
 
 from bridge.engine.config import load_hf_config
-from bridge.plumbing.direct_io import DirectFile
 from bridge.errors import InputError
+from bridge.plumbing.direct_io import DirectFile
 from bridge.plumbing.pipeline import read_ahead
 
 INDEX = "model.safetensors.index.json"

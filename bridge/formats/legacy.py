@@ -12,10 +12,14 @@ import re
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
-from bridge.plumbing.atomic import torch_save
+from bridge.engine.plan import ParallelPlan, hf_name
 from bridge.errors import InputError, UnsupportedError
+from bridge.formats.base import MegatronFormat
 from bridge.formats.iterations import TRACKER, resolve_iteration_dir
+from bridge.plumbing.atomic import torch_save
+from bridge.plumbing.buffers import BufferPool, fill
 from bridge.plumbing.pages import drop_resident
 from bridge.plumbing.safe_pickle import safe_torch_load
 
@@ -37,11 +41,12 @@ def safe_load(path: Path) -> dict:
 class LegacyCheckpoint:
     """Rank files of one iteration, opened lazily; ``args`` and layout read from rank 0."""
 
-    run_config: dict | None = None  # Megatron-Bridge's run_config.yaml, set by megatron_source.open_megatron
+    format = "legacy"
+    run_config: dict | None = None  # Megatron-Bridge's run_config.yaml, set by engine.source.open_megatron
 
-    def __init__(self, path: Path, iteration: int | str | None = None):
+    def __init__(self, path: Path, iteration: int | str | None = None, iter_dir: Path | None = None):
         self.root = Path(path)
-        self.iter_dir = resolve_iteration_dir(self.root, iteration)
+        self.iter_dir = Path(iter_dir) if iter_dir is not None else resolve_iteration_dir(self.root, iteration)
         self.tp, self.pp, self._rank_dirs = self._scan_ranks()
         self._cache: dict[tuple[int, int], dict] = {}
         first = self._load(0, 0)
@@ -79,6 +84,9 @@ class LegacyCheckpoint:
     def rank_file(self, tp_rank: int, pp_rank: int) -> Path:
         return self._rank_dirs[(tp_rank, pp_rank)] / RANK_FILE
 
+    def saved_parallelism(self) -> tuple[int | None, int | None]:
+        return self.tp, self.pp
+
     def _load(self, tp_rank: int, pp_rank: int) -> dict:
         if (tp_rank, pp_rank) not in self._cache:
             path = self.rank_file(tp_rank, pp_rank)
@@ -115,3 +123,33 @@ def write_rank_file(path: Path, model: dict[str, torch.Tensor], args: argparse.N
 
 def write_tracker(root: Path, iteration: int | str) -> None:
     (root / TRACKER).write_text(str(iteration))
+
+
+def is_legacy(iter_dir: Path) -> bool:
+    """Megatron-LM's ``_get_checkpoint_format``: an entry starting with ``mp_rank_0``."""
+    return any(p.name.startswith("mp_rank_0") for p in Path(iter_dir).iterdir())
+
+
+def write(iter_dir: Path, source, plan: ParallelPlan, *, dtype: torch.dtype | None, args: argparse.Namespace,
+          iteration: int, objects: dict[str, object] | None = None, progress: bool = False) -> int:
+    """One rank file at a time, each holding only its shards (filled into buffers reused from rank to
+    rank), so memory is one output file. ``objects`` are not stored: legacy files keep none."""
+    pool = BufferPool()
+    count = 0
+    for tp_rank, pp_rank in tqdm(plan.ranks(), unit="rank", desc="→megatron", disable=not progress):
+        model = {}
+        for param, layer, local in plan.stage_entries(pp_rank):
+            hf = [source.get(hf_name(k, layer)) for k in param.hf]
+            pieces = param.rule.pieces(hf, plan.dims, plan.tp, tp_rank)
+            shape = torch.Size([sum(p.shape[0] for p in pieces), *pieces[0].shape[1:]])
+            tensor = fill(pool.tensor(shape, dtype or hf[0].dtype), pieces)
+            del hf, pieces
+            model.update((name, tensor) for name in plan.megatron_names(param, local))
+        write_rank_file(iter_dir / rank_dir_name(tp_rank, pp_rank, plan.pp) / RANK_FILE, model, args, iteration)
+        count += len(model)
+        del model, tensor
+        pool.recycle()
+    return count
+
+
+FORMAT = MegatronFormat("legacy", is_legacy, lambda root, iter_dir: LegacyCheckpoint(root, iter_dir=iter_dir), write)

@@ -13,13 +13,15 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
+from tqdm import tqdm
 
-from mappings import FALCON_H1
-
-from bridge.errors import InputError
-from bridge.formats.hf import LazyTensors
-from bridge.formats.detect import is_torch_dist
+from bridge.engine.hf_rewrite import materialize
 from bridge.engine.plan import ParallelPlan, hf_name
+from bridge.errors import InputError
+from bridge.formats.base import MegatronFormat
+from bridge.formats.detect import is_torch_dist
+from bridge.formats.hf import LazyTensors
+from mappings import FALCON_H1
 
 CONTENT_METADATA = {"singleton_local_shards": False, "chained_optim_avoid_prefix": True}
 
@@ -54,13 +56,29 @@ def global_tensors(source, plan: ParallelPlan, materialize) -> Iterator[tuple[st
                 yield key, materialize(full)
 
 
-def write_checkpoint(iter_dir: Path, tensors: Iterator[tuple[str, torch.Tensor]], args, iteration: int = 0,
-                     objects: dict[str, object] | None = None) -> None:
-    """``objects``: ShardedObject payloads by key (Transformer Engine ``_extra_state``)."""
-    from bridge.formats.torch_dist_io import write_torch_dist  # DCP costs ~1 s of imports; only torch_dist pays it
+def write(iter_dir: Path, source, plan: ParallelPlan, *, dtype: torch.dtype | None, args: Namespace,
+          iteration: int, objects: dict[str, object] | None = None, progress: bool = False) -> int:
+    """Global tensors streamed through DCP one batch at a time; ``objects``: ShardedObject payloads
+    by key (Transformer Engine ``_extra_state``)."""
+    from bridge.formats.torch_dist_io import (
+        write_torch_dist,  # DCP costs ~1 s of imports; only torch_dist pays it
+    )
+
+    whole = ParallelPlan(plan.hf_config, plan.tp, 1, plan.divisible_by, plan.layout, padded_vocab=plan.dims.padded_vocab)
+    count = 0
+
+    def counted():
+        nonlocal count
+        with tqdm(unit="tensor", desc="→torch_dist", disable=not progress) as bar:
+            for item in global_tensors(source, whole, lambda t: materialize(t, dtype)):
+                count += 1
+                bar.update()
+                yield item
+                del item
 
     common = {"args": args, "checkpoint_version": 3.0, "iteration": iteration, "content_metadata": CONTENT_METADATA}
-    write_torch_dist(iter_dir, tensors, common, objects=objects)
+    write_torch_dist(iter_dir, counted(), common, objects=objects)
+    return count
 
 
 class TorchDistCheckpoint:
@@ -70,6 +88,7 @@ class TorchDistCheckpoint:
     run_config: dict | None = None  # Megatron-Bridge's run_config.yaml, set by megatron_source.open_megatron
 
     tp = pp = 1
+    format = "torch_dist"
 
     def __init__(self, root: Path, iter_dir: Path):
         self.root, self.iter_dir = Path(root), Path(iter_dir)
@@ -119,35 +138,14 @@ class TorchDistCheckpoint:
     def rank_file(self, tp_rank: int, pp_rank: int) -> Path:
         return self.iter_dir
 
+    def saved_parallelism(self) -> tuple[int | None, int | None]:
+        """torch_dist stores global tensors: only ``args`` or ``run_config.yaml`` remember the TP/PP."""
+        fields = vars(self.args) if self.args is not None else (self.run_config or {}).get("model", {})
+        tp, pp = fields.get("tensor_model_parallel_size"), fields.get("pipeline_model_parallel_size")
+        return (tp if isinstance(tp, int) else None), (pp if isinstance(pp, int) else None)
+
     def release(self) -> None:
         """Nothing is mapped: tensors are read on request."""
 
 
-class SavedRanks:
-    """A torch_dist checkpoint seen as the TP x PP ranks that saved it, each rank's tensors sliced
-    from the global ones as megatron-core's sharded load hands them out (``Rule.saved_slice``) and
-    named with stage-local layer numbers, as in legacy rank files. ``plan``: the saved TP/PP."""
-
-    def __init__(self, meg: TorchDistCheckpoint, plan: ParallelPlan):
-        self.meg, self.plan = meg, plan
-        self.tp, self.pp, self.iter_dir = plan.tp, plan.pp, meg.iter_dir
-        self._global = ParallelPlan(plan.hf_config, plan.tp, 1, plan.divisible_by, plan.layout,
-                                    padded_vocab=plan.dims.padded_vocab)
-        self._stored = set(meg._names())
-
-    def _global_name(self, param, layer: int | None) -> str:
-        name = self._global.megatron_name(param, layer)
-        if name not in self._stored and param.when == "tied_pp":  # tied head: stored once, as the embedding
-            return "embedding.word_embeddings.weight"
-        return name
-
-    def model(self, tp_rank: int, pp_rank: int) -> dict[str, torch.Tensor]:
-        out = {}
-        for param, layer, local in self.plan.stage_entries(pp_rank):
-            full = self.meg.model(0, 0)[self._global_name(param, layer)]
-            shard = param.rule.saved_slice(full, self.plan.dims, self.tp, tp_rank)
-            out.update((name, shard) for name in self.plan.megatron_names(param, local))
-        return out
-
-    def rank_file(self, tp_rank: int, pp_rank: int) -> Path:
-        return self.iter_dir
+FORMAT = MegatronFormat("torch_dist", is_torch_dist, TorchDistCheckpoint, write, takes_objects=True)
