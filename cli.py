@@ -297,11 +297,13 @@ def inspect(path, as_json, options):
 
 
 @main.command()
+@click.option("--family", type=click.Choice(api.FAMILY_CHOICES), default="falcon_h1", show_default=True,
+              help="Model family (HF model_type) whose table to print.")
 @click.option("--layout", type=click.Choice(api.LAYOUT_CHOICES), default="bridge", show_default=True)
 @json_option
-def mappings(layout, as_json):
-    """Print the Falcon-H1 mapping table: Megatron key, HF key(s), TP rule, condition."""
-    rows = api.mapping_rows(layout)
+def mappings(family, layout, as_json):
+    """Print a model family's mapping table: Megatron key, HF key(s), TP rule, condition."""
+    rows = api.mapping_rows(layout, family)
     if as_json:
         _emit(rows, True, "")
         return

@@ -9,17 +9,19 @@ from bridge.engine.convert import Summary, hf_to_megatron, megatron_to_hf
 from bridge.engine.hf_rewrite import DTYPE_CHOICES
 from bridge.engine.reshard import reshard
 from bridge.engine.targets import DEFAULT_TARGET, TARGETS
+from bridge.families import FAMILIES, family_for_model_type
 from bridge.features.bitnet import LINEAR_CLASSES as BITNET_LINEAR_CLASSES
 from bridge.features.bitnet import pack_checkpoint, unpack_checkpoint
 from bridge.features.mup import FoldReport, fold_mup, unfold_mup
 from bridge.formats.registry import FORMATS
 from bridge.hub import plan_push, push, validate_hf_folder
 from bridge.tiny import PRESETS, make_tiny
-from mappings import FALCON_H1, LAYOUTS, megatron_keys, megatron_layer
+from mappings import LAYOUTS, megatron_keys, megatron_layer
 
 LAYOUT_CHOICES = tuple(LAYOUTS)
 FORMAT_CHOICES = tuple(FORMATS)
 PRESET_CHOICES = tuple(PRESETS)
+FAMILY_CHOICES = tuple(FAMILIES)
 TARGET_CHOICES = TARGETS
 
 
@@ -29,11 +31,11 @@ def _layer_expr(param, layout: str) -> str:
     return "{" + (f"{stride}L" if stride > 1 else "L") + (f"+{sub}" if sub else "") + "}"
 
 
-def mapping_rows(layout: str = "bridge") -> list[dict]:
-    """The Falcon-H1 table as plain rows (what ``h1bridge mappings`` prints); ``copies``: further keys
+def mapping_rows(layout: str = "bridge", family: str = "falcon_h1") -> list[dict]:
+    """A family's table as plain rows (what ``h1bridge mappings`` prints); ``copies``: further keys
     holding the same tensor in this layout (fused norms)."""
     rows = []
-    for p in FALCON_H1:
+    for p in family_for_model_type(family, "--family").table:
         keys = [k.replace("{L}", _layer_expr(p, layout)) if p.is_layer else k for k in megatron_keys(p, layout)]
         rows.append({"megatron": keys[0], "copies": keys[1:], "hf": list(p.hf), "rule": p.rule.name, "when": p.when,
                      "stage": p.stage, "export": p.export})

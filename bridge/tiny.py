@@ -15,54 +15,12 @@ from transformers import FalconH1Config
 
 from bridge.engine.layout import expected_hf_shapes
 from bridge.errors import InputError
+from bridge.families.falcon_h1 import FALCON_H1_FAMILY
 from bridge.formats.hf import write_hf_weights
 from bridge.plumbing.atomic import atomic_output_dir
 
-FAMILY: dict[str, dict] = {
-    "0.5b": dict(num_hidden_layers=36, hidden_size=1024, intermediate_size=2048, num_attention_heads=8,
-                 num_key_value_heads=2, head_dim=64, mamba_n_heads=24, mamba_d_head=64, mamba_d_state=128,
-                 vocab_size=32784),
-    "1.5b": dict(num_hidden_layers=24, hidden_size=2048, intermediate_size=4096, num_attention_heads=8,
-                 num_key_value_heads=2, head_dim=128, mamba_n_heads=48, mamba_d_head=64, mamba_d_state=256,
-                 vocab_size=65537),
-    "1.5b-deep": dict(num_hidden_layers=66, hidden_size=1280, intermediate_size=3072, num_attention_heads=6,
-                      num_key_value_heads=2, head_dim=128, mamba_n_heads=24, mamba_d_head=64, mamba_d_state=256,
-                      vocab_size=65537),
-    "3b": dict(num_hidden_layers=32, hidden_size=2560, intermediate_size=6144, num_attention_heads=10,
-               num_key_value_heads=2, head_dim=128, mamba_n_heads=32, mamba_d_head=128, mamba_d_state=256,
-               vocab_size=65537),
-    "7b": dict(num_hidden_layers=44, hidden_size=3072, intermediate_size=12288, num_attention_heads=12,
-               num_key_value_heads=2, head_dim=128, mamba_n_heads=24, mamba_d_head=128, mamba_d_state=256,
-               vocab_size=130049),
-    "34b": dict(num_hidden_layers=72, hidden_size=5120, intermediate_size=21504, num_attention_heads=20,
-                num_key_value_heads=4, head_dim=128, mamba_n_heads=32, mamba_d_head=128, mamba_d_state=256,
-                vocab_size=261120),
-}
-COMMON = dict(mamba_n_groups=1, mamba_d_conv=4, mamba_rms_norm=False, mamba_norm_before_gate=False,
-              tie_word_embeddings=False, rope_parameters={"rope_type": "default", "rope_theta": 1e11},
-              max_position_embeddings=4096)
-
-
-def _scaled(shape: dict) -> dict:
-    """Same head/group counts, dims shrunk so the model has a few hundred thousand parameters."""
-    return dict(shape, num_hidden_layers=4, hidden_size=shape["hidden_size"] // 16,
-                intermediate_size=shape["intermediate_size"] // 16, head_dim=shape["head_dim"] // 8,
-                mamba_d_head=shape["mamba_d_head"] // 8, mamba_d_state=shape["mamba_d_state"] // 16,
-                vocab_size=317)
-
-
-_MUP = dict(embedding_multiplier=2.5, lm_head_multiplier=0.375, key_multiplier=1.75, attention_in_multiplier=0.5,
-            attention_out_multiplier=1.25, ssm_in_multiplier=0.75, ssm_out_multiplier=1.5,
-            mlp_multipliers=[0.625, 1.375], ssm_multipliers=[1.5, 0.5, 2.0, 0.25, 1.125])
-
-PRESETS: dict[str, dict] = {
-    **{name: _scaled(shape) for name, shape in FAMILY.items()},
-    # Default demo/test model: several groups so TP=2/4 is possible, gated RMSNorm on.
-    "tiny": dict(_scaled(FAMILY["0.5b"]), num_key_value_heads=4, mamba_n_groups=4, mamba_rms_norm=True),
-    "tiny-bias-tied": dict(_scaled(FAMILY["3b"]), mamba_n_groups=2, tie_word_embeddings=True, projectors_bias=True,
-                           attention_bias=True, mlp_bias=True, mamba_proj_bias=True, mamba_conv_bias=True),
-    "tiny-mup": dict(_scaled(FAMILY["1.5b"]), mamba_n_groups=4, mamba_conv_bias=False, **_MUP),
-}
+PRESETS = FALCON_H1_FAMILY.presets
+FAMILY = FALCON_H1_FAMILY.released
 
 
 def preset_config(name: str, full: bool = False, **overrides) -> FalconH1Config:
@@ -71,7 +29,7 @@ def preset_config(name: str, full: bool = False, **overrides) -> FalconH1Config:
         raise InputError(f"--full: preset {name!r} has no released full shape; choose one of {', '.join(FAMILY)}")
     if name not in PRESETS:
         raise InputError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
-    fields = {**COMMON, **(FAMILY[name] if full else PRESETS[name]), **overrides}
+    fields = {**(FAMILY[name] if full else PRESETS[name]), **overrides}
     fields["mamba_d_ssm"] = fields["mamba_n_heads"] * fields["mamba_d_head"]
     return FalconH1Config(**fields, architectures=["FalconH1ForCausalLM"])
 

@@ -32,9 +32,9 @@ from safetensors.torch import load_file, save_file
 
 import cli
 from bridge.checks.verify import verify
-from bridge.formats import legacy as legacy_format
 from bridge.engine.convert import hf_to_megatron
 from bridge.formats import hf as hf_format
+from bridge.formats import legacy as legacy_format
 from bridge.formats.hf import HFCheckpoint
 from bridge.plumbing.safe_pickle import safe_torch_load
 from bridge.tiny import make_tiny

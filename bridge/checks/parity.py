@@ -1,4 +1,4 @@
-"""Logits parity: transformers' FalconH1ForCausalLM on an HF folder vs ``megatron_forward`` on TP shards.
+"""Logits parity: transformers' model on an HF folder vs the family's forward on TP shards.
 
 A bit-exact round trip only shows the converter can undo itself; it cannot show the shards hold
 what Megatron needs where Megatron looks. Here the Megatron side is computed from the legacy rank
@@ -14,7 +14,6 @@ from pathlib import Path
 
 import torch
 
-from bridge.checks import megatron_forward
 from bridge.engine.gather import SavedRanks, megatron_plan
 from bridge.engine.info import megatron_info
 from bridge.engine.plan import ParallelPlan
@@ -86,7 +85,7 @@ def _canonical(name: str, pp_rank: int, plan: ParallelPlan) -> str:
     return f"decoder.layers.{layer}." + name[local.end():]
 
 
-def rank_weights(meg: MegatronCheckpoint, plan: ParallelPlan, tp_rank: int) -> megatron_forward.Rank:
+def rank_weights(meg: MegatronCheckpoint, plan: ParallelPlan, tp_rank: int) -> dict[str, torch.Tensor]:
     """One TP rank's tensors from all its pipeline stages, in fp32, as the forward expects them."""
     out = {}
     for pp_rank in range(plan.pp):
@@ -97,9 +96,11 @@ def rank_weights(meg: MegatronCheckpoint, plan: ParallelPlan, tp_rank: int) -> m
 
 @torch.no_grad()
 def _hf_logits(hf_dir: Path, ids: torch.Tensor) -> torch.Tensor:
-    from transformers import FalconH1ForCausalLM  # ~2 s of imports, paid only by parity
+    from transformers import (
+        AutoModelForCausalLM,  # ~2 s of imports, paid only by parity
+    )
 
-    model = FalconH1ForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
     return model(ids).logits
 
 
@@ -123,7 +124,7 @@ def parity(hf_dir: Path, megatron_dir: Path, tokens: int = 32, seed: int = 0, ba
     ids = torch.randint(cfg.vocab_size, (batch, tokens), generator=torch.Generator().manual_seed(seed))
     ref = _hf_logits(hf_dir, ids)
     # plan.hf_config is the model the shards hold, as Megatron runs it (e.g. with --expand-groups' groups)
-    got = megatron_forward.forward(ids, [rank_weights(ranks, plan, r) for r in range(plan.tp)], plan.hf_config)
+    got = plan.family.forward(ids, [rank_weights(ranks, plan, r) for r in range(plan.tp)], plan.hf_config)
     if ref.shape != got.shape:
         raise InputError(f"{megatron_dir}: logits {tuple(got.shape)} vs {tuple(ref.shape)} from {hf_dir}; "
                          "the checkpoints describe different models")

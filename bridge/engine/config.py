@@ -18,6 +18,7 @@ from huggingface_hub.errors import StrictDataclassError
 from transformers import FalconH1Config
 
 from bridge.errors import InputError
+from bridge.families import family_for_model_type
 
 _log = logging.getLogger(__name__)
 
@@ -59,28 +60,28 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 HF_DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
 
 
-def load_hf_config(folder: Path) -> FalconH1Config:
-    """Reads ``config.json`` strictly: it must parse and describe a Falcon-H1 model."""
+def load_hf_config(folder: Path):
+    """Reads ``config.json`` strictly: it must parse and describe a model of a registered family."""
     path = folder / "config.json"
     if not path.is_file():
         raise InputError(f"{path}: missing; expected a Hugging Face config.json")
     return hf_config_from_json(path.read_text(), str(path))
 
 
-def hf_config_from_json(text: str, where: str) -> FalconH1Config:
+def hf_config_from_json(text: str, where: str):
+    """A config.json parsed strictly into the config class of the family its model_type names."""
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
         raise InputError(f"{where}: invalid JSON ({e.msg} at line {e.lineno})") from None
-    if not isinstance(data, dict) or data.get("model_type") != "falcon_h1":
-        found = data.get("model_type") if isinstance(data, dict) else type(data).__name__
-        raise InputError(f"{where}: model_type is {found!r}, expected 'falcon_h1'")
+    found = data.get("model_type") if isinstance(data, dict) else type(data).__name__
+    config_class = family_for_model_type(found, where).config_class
     check_sizes(data, where)
     try:
-        return FalconH1Config.from_dict(FalconH1Config._decode_special_floats(data))
+        return config_class.from_dict(config_class._decode_special_floats(data))
     except (TypeError, ValueError, AttributeError, KeyError, StrictDataclassError) as e:
         detail = " ".join(line.strip() for line in str(e).splitlines())
-        raise InputError(f"{where}: not a valid FalconH1Config ({detail})") from None
+        raise InputError(f"{where}: not a valid {config_class.__name__} ({detail})") from None
 
 
 def check_sizes(fields: dict, where: str) -> None:

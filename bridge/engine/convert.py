@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from bridge.engine.config import config_dtype, megatron_args
+from bridge.engine.config import config_dtype
 from bridge.engine.gather import MegatronToHF, megatron_plan
 from bridge.engine.hf_rewrite import (
     ExportTransform,
@@ -158,7 +158,7 @@ def write_megatron(
     check_parallel_sizes(cfg, tp, pp)  # before the vocabulary is divided by TP
     plan = ParallelPlan(cfg, tp, pp, divisible_by, layout,
                         padded_vocab=stack.padded_vocab(cfg.vocab_size, divisible_by, tp))
-    args = megatron_args(cfg, tp=tp, pp=pp, padded_vocab=plan.dims.padded_vocab, divisible_by=divisible_by,
+    args = plan.family.to_args(cfg, tp=tp, pp=pp, padded_vocab=plan.dims.padded_vocab, divisible_by=divisible_by,
                          params_dtype=target or config_dtype(cfg), pattern=LAYOUTS[layout].pattern)
     vars(args).update(stack.extra_args(), **extra_args)
     step = 0 if stack.iteration == RELEASE else stack.iteration
@@ -166,7 +166,7 @@ def write_megatron(
                       iteration=stack.iteration)
     with atomic_output_dir(dst, force=force, inputs=inputs) as tmp:
         iter_dir = tmp / iteration_dir_name(stack.iteration)
-        objects = extra_state_objects(cfg.num_hidden_layers) if stack.is_bridge else None
+        objects = extra_state_objects(plan.family, cfg.num_hidden_layers) if stack.is_bridge else None
         summary.tensors = FORMATS[fmt].write(iter_dir, source, plan, dtype=target, args=args, iteration=step,
                                              objects=objects, progress=progress)
         if stack.is_bridge:

@@ -13,12 +13,14 @@ import torch
 
 from bridge.engine.plan import ParallelPlan, hf_name
 from bridge.errors import InputError
-from mappings import FalconH1Dims, Param, hf_shapes
+from bridge.families import family_of
+from mappings import Param
 
 
 def expected_hf_shapes(cfg) -> dict[str, torch.Size]:
     """HF key -> shape of what ``save_pretrained`` stores for this config (tied lm_head dropped)."""
-    return {k: torch.Size(s) for k, s in hf_shapes(cfg, FalconH1Dims.from_hf_config(cfg)).items()}
+    family = family_of(cfg)
+    return {k: torch.Size(s) for k, s in family.hf_shapes(cfg, family.dims(cfg, None)).items()}
 
 
 def hf_index(plan: ParallelPlan) -> dict[str, tuple[Param, int | None, int]]:

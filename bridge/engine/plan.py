@@ -9,18 +9,13 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from bridge.errors import UnsupportedError
-from mappings import (
-    FalconH1Dims,
-    Param,
-    megatron_keys,
-    megatron_layer,
-    padded_vocab_size,
-    params_for,
-)
+from bridge.families import ModelFamily, family_of
+from mappings import Param, megatron_keys, megatron_layer, padded_vocab_size
 
 
 @dataclass(frozen=True)
@@ -31,12 +26,16 @@ class ParallelPlan:
     divisible_by: int = 128
     layout: str = "bridge"
     padded_vocab: int | None = None  # as found in an existing checkpoint; computed when None
-    dims: FalconH1Dims = field(init=False)
+    dims: Any = field(init=False)  # the family's sizes (FalconH1Dims)
 
     def __post_init__(self):
         check_parallel_sizes(self.hf_config, self.tp, self.pp)
         padded = self.padded_vocab or padded_vocab_size(self.hf_config.vocab_size, self.divisible_by, self.tp)
-        object.__setattr__(self, "dims", FalconH1Dims.from_hf_config(self.hf_config, padded))
+        object.__setattr__(self, "dims", self.family.dims(self.hf_config, padded))
+
+    @property
+    def family(self) -> ModelFamily:
+        return family_of(self.hf_config)
 
     @property
     def num_layers(self) -> int:
@@ -48,7 +47,7 @@ class ParallelPlan:
 
     @property
     def params(self) -> list[Param]:
-        return params_for(self.hf_config, self.pp)
+        return self.family.params_for(self.hf_config, self.pp)
 
     def ranks(self) -> list[tuple[int, int]]:
         """(tp_rank, pp_rank) pairs, in the order files are written."""
@@ -92,7 +91,7 @@ class ParallelPlan:
 
 
 @functools.lru_cache(maxsize=None)
-def _shard_shape(rule, dims: FalconH1Dims, tp: int, hf_shapes: tuple[tuple[int, ...], ...]) -> torch.Size:
+def _shard_shape(rule, dims: Any, tp: int, hf_shapes: tuple[tuple[int, ...], ...]) -> torch.Size:
     """Cached: every layer asks the same few questions, and a meta-tensor run costs ~2 ms."""
     metas = [torch.empty(s, device="meta") for s in hf_shapes]
     return rule.shard(metas, dims, tp, 0).shape
@@ -103,33 +102,8 @@ def hf_name(param_key: str, layer: int | None) -> str:
 
 
 def check_parallel_sizes(cfg, tp: int, pp: int) -> None:
-    """Raises UnsupportedError, naming the constraint, when Megatron cannot run this TP/PP."""
+    """Raises UnsupportedError, naming the constraint, when Megatron cannot run this TP/PP (the
+    family's own asserts after the generic ones)."""
     if tp < 1 or pp < 1:
         raise UnsupportedError(f"TP and PP must be >= 1 (got TP={tp}, PP={pp})")
-    d_ssm = cfg.mamba_d_ssm if cfg.mamba_d_ssm is not None else cfg.mamba_expand * cfg.hidden_size
-    checks = [
-        (cfg.num_attention_heads, "num_attention_heads"),
-        (cfg.intermediate_size, "intermediate_size (ffn_hidden_size)"),
-        (cfg.mamba_n_heads, "mamba_n_heads"),
-        (d_ssm, "mamba_d_ssm"),
-    ]
-    for value, what in checks:
-        if value % tp:
-            raise UnsupportedError(f"TP={tp} does not divide {what}={value}; Megatron cannot shard this model")
-    if cfg.mamba_n_groups % tp:
-        raise UnsupportedError(
-            f"TP={tp} does not divide mamba_n_groups={cfg.mamba_n_groups} (megatron-core asserts ngroups % tp == 0); "
-            "--expand-groups replicates B/C groups, exact when mamba_rms_norm is off"
-        )
-    kv = cfg.num_key_value_heads
-    if kv % tp and tp % kv:
-        raise UnsupportedError(
-            f"TP={tp} and num_key_value_heads={kv}: megatron-core needs one to divide the other "
-            "(groups split across ranks, or ranks sharing a group)"
-        )
-    if cfg.mamba_n_heads % cfg.mamba_n_groups:
-        raise UnsupportedError(
-            f"mamba_n_heads={cfg.mamba_n_heads} is not divisible by mamba_n_groups={cfg.mamba_n_groups}"
-        )
-    if cfg.num_hidden_layers % pp:
-        raise UnsupportedError(f"PP={pp} does not divide num_hidden_layers={cfg.num_hidden_layers}")
+    family_of(cfg).check_parallel(cfg, tp, pp)

@@ -14,11 +14,11 @@ from pathlib import Path
 
 from bridge.engine.config import (
     COMPARED_FIELDS,
-    hf_config_from_args,
     hf_config_from_json,
     load_hf_config,
 )
 from bridge.errors import InputError
+from bridge.families import family_for_args, family_for_provider
 from bridge.formats.base import MegatronReader
 from bridge.formats.hf import NOT_ASSETS, WEIGHT_SUFFIXES
 from bridge.formats.iterations import is_iteration_dir, resolve_iteration_dir
@@ -62,17 +62,18 @@ def hf_assets_dir(meg: MegatronCheckpoint) -> Path:
 
 
 def _config_from_training(meg: MegatronCheckpoint):
-    """The HF config rebuilt from ``args``, else from ``run_config.yaml``; None when neither exists."""
+    """The HF config rebuilt from ``args``, else from ``run_config.yaml``, by the family they name;
+    (None, None) when neither exists."""
     if meg.args is not None:
-        cfg = hf_config_from_args(meg.args, "checkpoint args")
-        where = "args"
-        args = vars(meg.args)
+        args, where, label = vars(meg.args), "args", "checkpoint args"
+        family = family_for_args(args, label)
     elif meg.run_config is not None:
-        args = args_from_run_config(meg.run_config, str(meg.iter_dir / RUN_CONFIG))
-        cfg = hf_config_from_args(args, str(meg.iter_dir / RUN_CONFIG))
-        where = RUN_CONFIG
+        where, label = RUN_CONFIG, str(meg.iter_dir / RUN_CONFIG)
+        family = family_for_provider(str(meg.run_config["model"].get("_target_", "")), label)
+        args = args_from_run_config(meg.run_config)
     else:
         return None, None
+    cfg = family.from_args(args, label)
     cfg.mamba_n_groups = args.get("expanded_from_groups", cfg.mamba_n_groups)
     return cfg, where
 

@@ -20,10 +20,11 @@ from pathlib import Path
 import torch
 
 from bridge.errors import UnsupportedError
+from bridge.families import ModelFamily
 from bridge.formats.iterations import LATEST_TRAIN_STATE, RELEASE, TRAIN_STATE
 from bridge.formats.run_config import RUN_CONFIG, provider_fields, run_config_yaml
 from bridge.plumbing.atomic import torch_save
-from mappings import extra_state_modules, padded_vocab_size
+from mappings import padded_vocab_size
 
 MEGATRON_LM = "megatron-lm"
 MEGATRON_BRIDGE = "megatron-bridge"
@@ -79,10 +80,10 @@ def resolve_target(name: str, fmt: str | None, layout: str, iteration: int | str
     return Target(name, "torch_dist", 1 if iteration is None else iteration)
 
 
-def extra_state_objects(num_layers: int) -> dict[str, object]:
-    """The ``_extra_state`` ShardedObjects of Megatron-Bridge's Falcon-H1 model, as TE saves them when no
-    FP8 state exists (an empty uint8 tensor); megatron-core's own linear saves None."""
-    te, plain = extra_state_modules(num_layers)
+def extra_state_objects(family: ModelFamily, num_layers: int) -> dict[str, object]:
+    """The ``_extra_state`` ShardedObjects of the family's Megatron-Bridge model, as TE saves them when
+    no FP8 state exists (an empty uint8 tensor); megatron-core's own linear saves None."""
+    te, plain = family.extra_state_modules(num_layers)
     objects: dict[str, object] = {f"{m}._extra_state": torch.empty(0, dtype=torch.uint8) for m in te}
     objects.update((f"{m}._extra_state", None) for m in plain)
     return objects

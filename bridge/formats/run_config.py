@@ -5,7 +5,7 @@ Megatron-Bridge checkpoints carry no ``args``; their model config is the seriali
 fields; a torch dtype is ``{_target_: torch.bfloat16, _call_: false}``). The provider extends
 megatron-core's ``TransformerConfig``, so most fields already carry Megatron's names; the few that
 differ from Megatron-LM's argparse names are renamed here, and then one code path
-(``config.hf_config_from_args``) builds the HF config for both stacks.
+(the family's ``from_args``) builds the HF config for both stacks.
 """
 
 from __future__ import annotations
@@ -59,13 +59,10 @@ def _dtype(value: object, where: str) -> torch.dtype | None:
     return dtype
 
 
-def args_from_run_config(run_config: dict, where: str) -> dict:
-    """The ``model:`` section as Megatron-LM ``args`` names; refuses a non-Falcon-H1 provider."""
+def args_from_run_config(run_config: dict) -> dict:
+    """The ``model:`` section as Megatron-LM ``args`` names (the provider class picks the family)."""
     model = run_config["model"]
-    target = str(model.get("_target_", ""))
-    if not target.endswith("." + FALCON_H1_PROVIDER) and target != FALCON_H1_PROVIDER:
-        raise InputError(f"{where}: model._target_ is {target[:120]!r}; expected Megatron-Bridge's "
-                         f"{FALCON_H1_PROVIDER}")
+    where = "run_config.yaml"
     args = {_PROVIDER_TO_ARGS.get(k, k): v for k, v in model.items() if not k.startswith("_")}
     args["untie_embeddings_and_output_weights"] = not model.get("share_embeddings_and_output_weights", False)
     args["params_dtype"] = _dtype(model.get("params_dtype"), where)

@@ -18,26 +18,16 @@ from tqdm import tqdm
 from bridge.engine.hf_rewrite import materialize
 from bridge.engine.plan import ParallelPlan, hf_name
 from bridge.errors import InputError
+from bridge.families import all_block_keys, all_model_roots
 from bridge.formats.base import MegatronFormat
 from bridge.formats.detect import is_torch_dist
 from bridge.formats.hf import LazyTensors
-from mappings import FALCON_H1
 
 CONTENT_METADATA = {"singleton_local_shards": False, "chained_optim_avoid_prefix": True}
 
-# Megatron key suffix (after the layer prefix) -> names of the blocks torch_dist stores separately.
-_BLOCK_NAMES = {
-    p.megatron.split("{L}.", 1)[1]: p.rule.dist_keys for p in FALCON_H1 if getattr(p.rule, "dist_keys", ())
-}
-
-
-# First key component of every model tensor (``embedding``, ``decoder``, ``output_layer``): training
-# checkpoints also hold optimizer state, RNG state and the common state, which are never read.
-MODEL_ROOTS = frozenset(p.megatron.split(".", 1)[0] for p in FALCON_H1)
-
-
 def _block_names(key: str) -> tuple[str, ...]:
-    for suffix, names in _BLOCK_NAMES.items():
+    """The blocks torch_dist stores ``key`` as (``in_proj.weight.{z,x,B,C,dt}``), or () for a whole tensor."""
+    for suffix, names in all_block_keys().items():
         if key.endswith("." + suffix):
             return names
     return ()
@@ -83,7 +73,7 @@ def write(iter_dir: Path, source, plan: ParallelPlan, *, dtype: torch.dtype | No
 
 class TorchDistCheckpoint:
     """A torch_dist iteration, presented like ``LegacyCheckpoint`` with one TP=1, PP=1 rank. Only
-    model tensors are listed (``MODEL_ROOTS``); optimizer and RNG state stay unread on disk."""
+    model tensors are listed (the families' model roots); optimizer and RNG state stay unread on disk."""
 
     run_config: dict | None = None  # Megatron-Bridge's run_config.yaml, set by megatron_source.open_megatron
 
@@ -102,7 +92,7 @@ class TorchDistCheckpoint:
             raise InputError(f"{self.iter_dir}: common state 'args' is a {type(self.args).__name__}, "
                              "expected an argparse Namespace")
         self.iteration = self.reader.common.get("iteration", 0)
-        self.model_keys = [k for k in self.reader.keys() if k.split(".", 1)[0] in MODEL_ROOTS]
+        self.model_keys = [k for k in self.reader.keys() if k.split(".", 1)[0] in all_model_roots()]
         self._parts: dict[str, list[str]] = {}
         for key in self.model_keys:
             base, _, name = key.rpartition(".")
