@@ -94,3 +94,18 @@ def test_no_private_names_across_modules():
 
 def test_the_checks_can_fail():
     assert _cycles({"a": {"b"}, "b": {"a"}, "c": set()}) == [["a", "b"]]
+
+
+def test_engine_formats_and_checks_receive_the_family():
+    """They get a ``ModelFamily`` (``bridge.families``), never a family's own modules or tables."""
+    family_specific = ("bridge.families.", "mappings.falcon_h1", "mappings.dims")
+    falcon_names = {"FALCON_H1", "FalconH1Dims", "LAYOUTS", "params_for", "hf_shapes", "extra_state_modules",
+                    "FalconH1Config", "FalconH1ForCausalLM"}
+    offenders = sorted(
+        f"{m} imports {t}{'.' + n if n else ''}"
+        for m, edges in _imports(_modules()).items()
+        if m.startswith(("bridge.engine", "bridge.formats", "bridge.checks"))
+        for t, n in edges
+        if t.startswith(family_specific) or n in falcon_names
+    )
+    assert offenders == []

@@ -13,9 +13,13 @@ from test_roundtrip import assert_bit_exact, load_hf
 from transformers import FalconH1ForCausalLM
 
 import cli
-from bridge.engine.config import MUP_FIELDS, hf_config_from_args, megatron_args
 from bridge.engine.convert import hf_to_megatron, megatron_to_hf
 from bridge.errors import UnsupportedError
+from bridge.families.falcon_h1_args import (
+    MUP_FIELDS,
+    hf_config_from_args,
+    megatron_args,
+)
 from bridge.features.mup import FOLDED_KEY, fold_mup, unfold_mup
 from bridge.formats.legacy import HF_ASSETS
 from bridge.tiny import preset_config

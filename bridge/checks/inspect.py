@@ -5,11 +5,11 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
-from bridge.engine.config import MUP_FIELDS
 from bridge.engine.gather import megatron_plan
 from bridge.engine.info import megatron_info
 from bridge.engine.layout import expected_hf_shapes
 from bridge.engine.source import ReadOptions, megatron_hf_config, open_megatron
+from bridge.families import family_of
 from bridge.features.bitnet import describe as describe_bitnet
 from bridge.formats.detect import HF, detect_format
 from bridge.formats.hf import HFCheckpoint
@@ -27,7 +27,7 @@ def _bytes(folder: Path) -> int:
 
 def _config_info(cfg) -> tuple[dict, dict, int]:
     config = {k: getattr(cfg, k, None) for k in _CONFIG_FIELDS}
-    mup = {k: getattr(cfg, k) for k in MUP_FIELDS}
+    mup = {k: getattr(cfg, k) for k in family_of(cfg).mup_fields}
     params = sum(s.numel() for s in expected_hf_shapes(cfg).values())
     return config, mup, params
 

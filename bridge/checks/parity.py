@@ -25,7 +25,6 @@ from bridge.engine.source import (
 )
 from bridge.errors import InputError
 from bridge.formats.detect import HF, LEGACY, detect_format
-from mappings import LAYOUTS
 
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
 
@@ -73,7 +72,7 @@ class ParityReport:
 
 def _canonical(name: str, pp_rank: int, plan: ParallelPlan) -> str:
     """Bridge-layout name with the global layer number: stages merge by layer, layouts by renaming."""
-    spec = LAYOUTS[plan.layout]
+    spec = plan.family.layouts[plan.layout]
     for canonical, renamed in spec.renames.items():
         for alias in renamed:
             if name.endswith("." + alias):

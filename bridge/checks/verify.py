@@ -14,11 +14,11 @@ from typing import Callable
 
 import torch
 
-from bridge.engine.config import MUP_FIELDS
 from bridge.engine.gather import MegatronToHF, megatron_plan
 from bridge.engine.info import megatron_info
 from bridge.engine.source import ReadOptions, megatron_hf_config, open_megatron
 from bridge.errors import InputError, UnsupportedError
+from bridge.families import family_of
 from bridge.formats.detect import HF, detect_format
 from bridge.formats.hf import HFCheckpoint
 
@@ -214,7 +214,7 @@ def config_diffs(a, b) -> list[ConfigDiff]:
     """Fields of the two HF configs' ``to_dict()`` that differ (bookkeeping fields dropped)."""
     da, db = _plain(a.to_dict()), _plain(b.to_dict())
     names = sorted(k for k in set(da) | set(db) if k not in IGNORED_CONFIG and not k.startswith("_"))
-    return [ConfigDiff(k, da.get(k), db.get(k), k in MUP_FIELDS) for k in names if da.get(k) != db.get(k)]
+    return [ConfigDiff(k, da.get(k), db.get(k), k in family_of(a).mup_fields) for k in names if da.get(k) != db.get(k)]
 
 
 def verify(a: Path, b: Path, atol: float = 0.0, options: ReadOptions = ReadOptions()) -> VerifyReport:

@@ -1,60 +1,16 @@
-"""HF ``config.json`` <-> Megatron ``args`` translation.
-
-HF -> Megatron writes the fields Megatron-LM / Megatron-Bridge read (argparse names, Falcon-H1
-provider names for the Mamba and µP fields). The exact HF ``config.json`` also travels beside the
-checkpoint (``hf_assets/``) so a round trip reproduces it byte for byte; without that sidecar
-the HF config is rebuilt from ``args`` alone.
-"""
+"""Reading HF ``config.json`` strictly, for any registered family, and the dtype names both sides use.
+Each family translates its config to Megatron ``args`` and back itself (``bridge.families``)."""
 
 from __future__ import annotations
 
 import json
-import logging
-from argparse import Namespace
 from pathlib import Path
 
 import torch
 from huggingface_hub.errors import StrictDataclassError
-from transformers import FalconH1Config
 
 from bridge.errors import InputError
 from bridge.families import family_for_model_type
-
-_log = logging.getLogger(__name__)
-
-MUP_SCALARS = (
-    "embedding_multiplier",
-    "lm_head_multiplier",
-    "key_multiplier",
-    "attention_in_multiplier",
-    "attention_out_multiplier",
-    "ssm_in_multiplier",
-    "ssm_out_multiplier",
-)
-MUP_LISTS = ("mlp_multipliers", "ssm_multipliers")
-MUP_FIELDS = MUP_SCALARS + MUP_LISTS
-
-# HF field -> Megatron-Bridge FalconH1ModelProvider field (falconh1_bridge.py CONFIG_MAPPING).
-HF_TO_PROVIDER = {
-    "mamba_d_state": "mamba_state_dim",
-    "mamba_d_head": "mamba_head_dim",
-    "mamba_n_heads": "mamba_num_heads",
-    "mamba_n_groups": "mamba_num_groups",
-    "mamba_expand": "expand",
-    "mamba_d_conv": "d_conv",
-    "mamba_conv_bias": "conv_bias",
-    "mamba_chunk_size": "chunk_size",
-    "mamba_rms_norm": "rmsnorm",
-    "mamba_norm_before_gate": "norm_before_gate",
-    **{name: name for name in MUP_FIELDS},
-}
-
-# Sizes that must be positive integers (None allowed for the derived ones): transformers would build a
-# model from a negative or zero size, or fail deep inside with an unrelated error.
-POSITIVE_SIZES = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-                  "vocab_size", "max_position_embeddings", "mamba_n_heads", "mamba_d_head", "mamba_d_state",
-                  "mamba_n_groups", "mamba_d_conv", "mamba_expand", "mamba_chunk_size")
-OPTIONAL_SIZES = ("head_dim", "mamba_d_ssm")
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 HF_DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
@@ -75,8 +31,9 @@ def hf_config_from_json(text: str, where: str):
     except json.JSONDecodeError as e:
         raise InputError(f"{where}: invalid JSON ({e.msg} at line {e.lineno})") from None
     found = data.get("model_type") if isinstance(data, dict) else type(data).__name__
-    config_class = family_for_model_type(found, where).config_class
-    check_sizes(data, where)
+    family = family_for_model_type(found, where)
+    config_class = family.config_class
+    check_sizes(data, where, family.positive_sizes, family.optional_sizes)
     try:
         return config_class.from_dict(config_class._decode_special_floats(data))
     except (TypeError, ValueError, AttributeError, KeyError, StrictDataclassError) as e:
@@ -84,131 +41,23 @@ def hf_config_from_json(text: str, where: str):
         raise InputError(f"{where}: not a valid {config_class.__name__} ({detail})") from None
 
 
-def check_sizes(fields: dict, where: str) -> None:
-    """One-line error for the first size field that is not a positive integer."""
-    for name in POSITIVE_SIZES + OPTIONAL_SIZES:
-        if name not in fields or (fields[name] is None and name in OPTIONAL_SIZES):
+def check_sizes(fields: dict, where: str, positive: tuple[str, ...], optional: tuple[str, ...] = ()) -> None:
+    """One-line error for the first size field that is not a positive integer (``optional`` ones may be
+    None): transformers would build a model from a negative or zero size, or fail deep inside."""
+    for name in positive + optional:
+        if name not in fields or (fields[name] is None and name in optional):
             continue
         value = fields[name]
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise InputError(f"{where}: {name} is {value!r}; expected a positive integer")
 
 
-def rope_theta(cfg: FalconH1Config) -> float:
+def rope_theta(cfg) -> float:
     return float((cfg.rope_parameters or {}).get("rope_theta", 1e11))
 
 
-def config_dtype(cfg: FalconH1Config) -> torch.dtype:
+def config_dtype(cfg) -> torch.dtype:
     dtype = getattr(cfg, "dtype", None) or getattr(cfg, "torch_dtype", None) or torch.float32
     return getattr(torch, dtype) if isinstance(dtype, str) else dtype
 
 
-def megatron_args(
-    cfg: FalconH1Config, *, tp: int, pp: int, padded_vocab: int, divisible_by: int, params_dtype: torch.dtype,
-    pattern: str = "P",
-) -> Namespace:
-    """The ``args`` Namespace stored in legacy checkpoints (plain values and torch dtypes only).
-    ``pattern``: the hybrid layer symbols one HF layer becomes (see ``mappings.Layout``); Megatron
-    counts every symbol as a layer."""
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    args = dict(
-        num_layers=cfg.num_hidden_layers * len(pattern),
-        hybrid_override_pattern=pattern * cfg.num_hidden_layers,
-        hidden_size=cfg.hidden_size,
-        ffn_hidden_size=cfg.intermediate_size,
-        num_attention_heads=cfg.num_attention_heads,
-        group_query_attention=cfg.num_key_value_heads != cfg.num_attention_heads,
-        num_query_groups=cfg.num_key_value_heads,
-        kv_channels=head_dim,
-        max_position_embeddings=cfg.max_position_embeddings,
-        seq_length=cfg.max_position_embeddings,
-        position_embedding_type="rope",
-        rotary_base=rope_theta(cfg),
-        rotary_percent=1.0,
-        normalization="RMSNorm",
-        norm_epsilon=cfg.rms_norm_eps,
-        swiglu=True,
-        add_position_embedding=False,
-        untie_embeddings_and_output_weights=not cfg.tie_word_embeddings,
-        vocab_size=cfg.vocab_size,
-        padded_vocab_size=padded_vocab,
-        make_vocab_size_divisible_by=divisible_by,
-        tensor_model_parallel_size=tp,
-        pipeline_model_parallel_size=pp,
-        params_dtype=params_dtype,
-        bf16=params_dtype == torch.bfloat16,
-        fp16=params_dtype == torch.float16,
-        add_bias_linear=bool(cfg.projectors_bias),
-        add_qkv_bias=bool(cfg.attention_bias),
-        mamba_proj_bias=bool(cfg.mamba_proj_bias),
-        mlp_bias=bool(cfg.mlp_bias),
-        mamba_d_ssm=cfg.mamba_d_ssm,
-        hidden_dropout=0.0,
-        attention_dropout=float(cfg.attention_dropout or 0.0),
-        model_type="falcon_h1",
-    )
-    for hf_name, provider_name in HF_TO_PROVIDER.items():
-        value = getattr(cfg, hf_name)
-        args[provider_name] = list(value) if isinstance(value, (list, tuple)) else value
-    return Namespace(**args)
-
-
-def _hf_layers(pattern: str | None, num_layers: int) -> int:
-    """One HF layer per parallel-hybrid ``P`` symbol (an MLP-only ``-`` after it belongs to it)."""
-    return pattern.count("P") if isinstance(pattern, str) and "P" in pattern else num_layers
-
-
-# Fields a sidecar config.json and the checkpoint's args / run_config must agree on: every shape,
-# the tied head and the µP factors the table or Megatron's forward depends on.
-COMPARED_FIELDS = ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads",
-                   "num_key_value_heads", "head_dim", "vocab_size", "mamba_d_ssm", "mamba_n_heads", "mamba_d_head",
-                   "mamba_n_groups", "mamba_d_state", "mamba_d_conv", "mamba_conv_bias", "mamba_rms_norm",
-                   "tie_word_embeddings", "projectors_bias", "attention_bias")
-
-
-def hf_config_from_args(args: Namespace | dict, where: str = "checkpoint args") -> FalconH1Config:
-    """Rebuilds the HF config from Megatron args (or Megatron-Bridge provider fields translated to
-    args names) when no ``hf_assets/config.json`` sidecar exists; ``where`` names them in errors."""
-    a = vars(args) if isinstance(args, Namespace) else args
-
-    def need(name):
-        if name not in a:
-            raise InputError(f"{where}: missing {name!r}; cannot rebuild the Falcon-H1 config")
-        return a[name]
-
-    fields = dict(
-        num_hidden_layers=_hf_layers(a.get("hybrid_override_pattern"), need("num_layers")),
-        hidden_size=need("hidden_size"),
-        intermediate_size=need("ffn_hidden_size"),
-        num_attention_heads=need("num_attention_heads"),
-        num_key_value_heads=a.get("num_query_groups") or need("num_attention_heads"),
-        head_dim=a.get("kv_channels") or need("hidden_size") // need("num_attention_heads"),
-        max_position_embeddings=a.get("max_position_embeddings", 8192),
-        rope_parameters={"rope_type": "default", "rope_theta": float(a.get("rotary_base", 1e11))},
-        rms_norm_eps=a.get("norm_epsilon", 1e-5),
-        tie_word_embeddings=not a.get("untie_embeddings_and_output_weights", True),
-        vocab_size=a.get("vocab_size") or need("padded_vocab_size"),
-        projectors_bias=a.get("add_bias_linear", False),
-        attention_bias=a.get("add_qkv_bias", False),
-        mamba_proj_bias=a.get("mamba_proj_bias", False),
-        mlp_bias=a.get("mlp_bias", False),
-        mamba_d_ssm=a.get("mamba_d_ssm") or need("mamba_num_heads") * need("mamba_head_dim"),
-    )
-    for hf_name, provider_name in HF_TO_PROVIDER.items():
-        if provider_name in a:
-            fields[hf_name] = a[provider_name]
-    missing = [name for name in MUP_FIELDS if HF_TO_PROVIDER[name] not in a]
-    if missing:
-        which = "all" if len(missing) == len(MUP_FIELDS) else ", ".join(missing)
-        _log.warning("%s: µP multipliers missing (%s); treating them as 1.0", where, which)
-    params_dtype = a.get("params_dtype")
-    if isinstance(params_dtype, torch.dtype):
-        fields["dtype"] = HF_DTYPE_NAMES.get(params_dtype, "float32")
-    check_sizes(fields, where)
-    try:
-        cfg = FalconH1Config(**fields)
-    except (TypeError, ValueError, AttributeError, KeyError, StrictDataclassError) as e:
-        detail = " ".join(line.strip() for line in str(e).splitlines())
-        raise InputError(f"{where}: do not describe a valid Falcon-H1 model ({detail})") from None
-    cfg.architectures = ["FalconH1ForCausalLM"]
-    return cfg

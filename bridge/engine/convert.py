@@ -46,6 +46,7 @@ from bridge.engine.targets import (
     write_bridge_files,
 )
 from bridge.errors import InputError, UnsupportedError
+from bridge.families import family_of
 from bridge.features.groups import ExpandedSource, expanded_config, expansion_factor
 from bridge.formats.hf import (
     CheckedSource,
@@ -61,7 +62,6 @@ from bridge.formats.legacy import (
 )
 from bridge.formats.registry import FORMATS
 from bridge.plumbing.atomic import atomic_output_dir
-from mappings import LAYOUTS, FalconH1Dims
 
 
 @dataclass
@@ -145,21 +145,22 @@ def write_megatron(
     extra_args = dict(extra_args or {})
     factor = expansion_factor(cfg, tp) if expand_groups else 1
     if factor > 1:
-        source = ExpandedSource(source, FalconH1Dims.from_hf_config(cfg), factor)
+        source = ExpandedSource(source, family_of(cfg).dims(cfg, None), factor)
         extra_args["expanded_from_groups"] = cfg.mamba_n_groups
         cfg = expanded_config(cfg, factor)
-    if layout not in LAYOUTS:
-        raise InputError(f"--layout {layout!r}: expected one of {', '.join(LAYOUTS)}")
+    layouts = family_of(cfg).layouts
+    if layout not in layouts:
+        raise InputError(f"--layout {layout!r}: expected one of {', '.join(layouts)}")
     if fmt not in FORMATS:
         raise InputError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}")
-    if fmt != "legacy" and LAYOUTS[layout].legacy_only:
+    if fmt != "legacy" and layouts[layout].legacy_only:
         raise UnsupportedError(f"--layout {layout} exists only in legacy files (torch_dist keeps conv1d.weight "
                                "through megatron-core's conv_checkpoint_key_map)")
     check_parallel_sizes(cfg, tp, pp)  # before the vocabulary is divided by TP
     plan = ParallelPlan(cfg, tp, pp, divisible_by, layout,
                         padded_vocab=stack.padded_vocab(cfg.vocab_size, divisible_by, tp))
     args = plan.family.to_args(cfg, tp=tp, pp=pp, padded_vocab=plan.dims.padded_vocab, divisible_by=divisible_by,
-                         params_dtype=target or config_dtype(cfg), pattern=LAYOUTS[layout].pattern)
+                         params_dtype=target or config_dtype(cfg), pattern=layouts[layout].pattern)
     vars(args).update(stack.extra_args(), **extra_args)
     step = 0 if stack.iteration == RELEASE else stack.iteration
     summary = Summary("", str(dst), "", tp, pp, layout=layout, dtype=dtype, format=fmt, target=stack.name,
@@ -170,7 +171,7 @@ def write_megatron(
         summary.tensors = FORMATS[fmt].write(iter_dir, source, plan, dtype=target, args=args, iteration=step,
                                              objects=objects, progress=progress)
         if stack.is_bridge:
-            write_bridge_files(tmp, iter_dir, args, save=str(dst), init_method_std=cfg.initializer_range,
+            write_bridge_files(plan.family, tmp, iter_dir, args, save=str(dst), init_method_std=cfg.initializer_range,
                                iteration=step, assets=assets)
         write_tracker(tmp, stack.iteration)
         hf_assets = tmp / HF_ASSETS

@@ -19,9 +19,9 @@ from bridge.engine.layout import (
 from bridge.engine.plan import ParallelPlan
 from bridge.engine.source import MegatronCheckpoint
 from bridge.errors import InputError
+from bridge.families import family_of
 from bridge.features.groups import collapse, expanded_config
 from bridge.formats.hf import LazyTensors
-from mappings import LAYOUTS
 
 
 def _groups_factor(meg: MegatronCheckpoint, cfg) -> int:
@@ -34,7 +34,7 @@ def _groups_factor(meg: MegatronCheckpoint, cfg) -> int:
 def _detect_layout(meg: MegatronCheckpoint, cfg, hf_shapes, divisible_by: int, padded: int) -> ParallelPlan:
     """The layout whose key names match rank 0 of the first stage; then every rank is checked fully."""
     found = set(meg.model(0, 0))
-    for name in LAYOUTS:
+    for name in family_of(cfg).layouts:
         plan = ParallelPlan(cfg, meg.tp, meg.pp, divisible_by, name, padded_vocab=padded)
         if set(expected_rank_shapes(plan, hf_shapes, 0)) == found:
             return plan

@@ -12,13 +12,9 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from bridge.engine.config import (
-    COMPARED_FIELDS,
-    hf_config_from_json,
-    load_hf_config,
-)
+from bridge.engine.config import hf_config_from_json, load_hf_config
 from bridge.errors import InputError
-from bridge.families import family_for_args, family_for_provider
+from bridge.families import family_for_args, family_for_provider, family_of
 from bridge.formats.base import MegatronReader
 from bridge.formats.hf import NOT_ASSETS, WEIGHT_SUFFIXES
 from bridge.formats.iterations import is_iteration_dir, resolve_iteration_dir
@@ -87,7 +83,7 @@ def megatron_hf_config(meg: MegatronCheckpoint, options: ReadOptions = ReadOptio
     if sidecar.is_file():
         cfg = hf_config_from_json(sidecar.read_text(), str(sidecar))
         if rebuilt is not None:
-            for name in COMPARED_FIELDS:
+            for name in family_of(cfg).compared_fields:
                 if getattr(cfg, name, None) != getattr(rebuilt, name, None):
                     raise InputError(f"{sidecar}: {name}={getattr(cfg, name, None)!r} but the checkpoint's {where} "
                                      f"has {getattr(rebuilt, name, None)!r}; pass --hf-config DIR to choose")

@@ -22,7 +22,7 @@ import torch
 from bridge.errors import UnsupportedError
 from bridge.families import ModelFamily
 from bridge.formats.iterations import LATEST_TRAIN_STATE, RELEASE, TRAIN_STATE
-from bridge.formats.run_config import RUN_CONFIG, provider_fields, run_config_yaml
+from bridge.formats.run_config import RUN_CONFIG, run_config_yaml
 from bridge.plumbing.atomic import torch_save
 from mappings import padded_vocab_size
 
@@ -103,10 +103,10 @@ def train_state(step: int) -> dict[str, torch.Tensor]:
     }
 
 
-def write_bridge_files(root: Path, iter_dir: Path, args: Namespace, *, save: str, init_method_std: float,
-                       iteration: int, assets: list[Path]) -> None:
+def write_bridge_files(family: ModelFamily, root: Path, iter_dir: Path, args: Namespace, *, save: str,
+                       init_method_std: float, iteration: int, assets: list[Path]) -> None:
     """run_config.yaml, train_state.pt and tokenizer/ in the iteration; latest_train_state.pt at the root."""
-    model = provider_fields(vars(args), init_method_std=init_method_std)
+    model = family.provider_fields(vars(args), init_method_std=init_method_std)
     tokenizer = [p for p in assets if p.name in _TOKENIZER_FILES]
     (iter_dir / RUN_CONFIG).write_text(run_config_yaml(model, save=save, with_tokenizer=bool(tokenizer)))
     torch_save(train_state(iteration), iter_dir / TRAIN_STATE)

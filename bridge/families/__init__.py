@@ -29,11 +29,15 @@ class ModelFamily:
     to_args: Callable[..., Namespace]  # HF config -> Megatron-LM args
     from_args: Callable[..., Any]  # Megatron-LM args (dict or Namespace) -> HF config
     provider: str  # Megatron-Bridge provider class (run_config.yaml model._target_)
+    provider_fields: Callable[..., dict]  # (Megatron-LM args dict, init_method_std=) -> run_config.yaml model:
     extra_state_modules: Callable[[int], tuple[list[str], list[str]]]  # TE modules, modules with None
     forward: Callable[..., Any]  # parity: logits computed from TP rank shards (bridge.checks)
     presets: Mapping[str, dict] = field(default_factory=dict)  # make-tiny presets (config fields)
     released: Mapping[str, dict] = field(default_factory=dict)  # the released shapes (make-tiny --full)
     mup_fields: tuple[str, ...] = ()  # config fields that are µP multipliers
+    positive_sizes: tuple[str, ...] = ()  # config fields that must be positive integers
+    optional_sizes: tuple[str, ...] = ()  # the same, or None (derived when absent)
+    compared_fields: tuple[str, ...] = ()  # fields a sidecar config and args / run_config must agree on
 
     @property
     def model_roots(self) -> frozenset[str]:

@@ -6,11 +6,18 @@ from __future__ import annotations
 
 from transformers import FalconH1Config
 
-from bridge.checks import megatron_forward
-from bridge.engine.config import MUP_FIELDS, hf_config_from_args, megatron_args
 from bridge.errors import UnsupportedError
-from bridge.families import ModelFamily, register
-from bridge.formats.run_config import MB_PROVIDER_TARGET
+from bridge.families import ModelFamily, falcon_h1_forward, register
+from bridge.families.falcon_h1_args import (
+    COMPARED_FIELDS,
+    MB_PROVIDER_TARGET,
+    MUP_FIELDS,
+    OPTIONAL_SIZES,
+    POSITIVE_SIZES,
+    hf_config_from_args,
+    megatron_args,
+    provider_fields,
+)
 from mappings import (
     FALCON_H1,
     LAYOUTS,
@@ -116,9 +123,13 @@ FALCON_H1_FAMILY = register(ModelFamily(
     to_args=megatron_args,
     from_args=hf_config_from_args,
     provider=MB_PROVIDER_TARGET,
+    provider_fields=provider_fields,
     extra_state_modules=extra_state_modules,
-    forward=megatron_forward.forward,
+    forward=falcon_h1_forward.forward,
     presets=PRESETS,
     released=RELEASED,
     mup_fields=MUP_FIELDS,
+    positive_sizes=POSITIVE_SIZES,
+    optional_sizes=OPTIONAL_SIZES,
+    compared_fields=COMPARED_FIELDS + MUP_FIELDS,
 ))

@@ -21,10 +21,10 @@ from typing import Callable, Mapping
 
 import torch
 
-from bridge.engine.config import MUP_FIELDS, MUP_LISTS, MUP_SCALARS
 from bridge.engine.hf_rewrite import rewrite_hf, target_dtype
 from bridge.engine.layout import check_tensor_set, expected_hf_shapes
 from bridge.errors import InputError, UnsupportedError
+from bridge.families.falcon_h1_args import MUP_FIELDS, MUP_LISTS, MUP_SCALARS
 from bridge.formats.hf import HFCheckpoint
 from mappings import FalconH1Dims
 

@@ -19,7 +19,6 @@ from bridge.errors import InputError
 
 RUN_CONFIG = "run_config.yaml"
 MAX_RUN_CONFIG_BYTES = 4 * 2**20  # a real one is ~30 kB; anything far larger is not a run config
-FALCON_H1_PROVIDER = "FalconH1ModelProvider"
 # TransformerConfig / provider field -> Megatron-LM argparse name, where they differ.
 _PROVIDER_TO_ARGS = {
     "seq_length": "max_position_embeddings",
@@ -71,44 +70,6 @@ def args_from_run_config(run_config: dict) -> dict:
     if not model.get("should_pad_vocab", False):
         args["padded_vocab_size"] = args.get("vocab_size")  # the provider builds the embedding unpadded
     return args
-
-
-MB_PROVIDER_TARGET = f"megatron.bridge.models.falcon_h1.falconh1_provider.{FALCON_H1_PROVIDER}"
-# Megatron-LM args copied unchanged into the provider (TransformerConfig / FalconH1Config names).
-_SAME_NAME = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups", "kv_channels",
-              "vocab_size", "make_vocab_size_divisible_by", "rotary_percent", "position_embedding_type",
-              "normalization", "add_bias_linear", "add_qkv_bias", "hidden_dropout", "attention_dropout",
-              "mamba_state_dim", "mamba_head_dim", "mamba_num_heads", "mamba_num_groups", "expand", "d_conv",
-              "conv_bias", "chunk_size", "rmsnorm", "norm_before_gate", "bf16", "fp16",
-              "tensor_model_parallel_size", "pipeline_model_parallel_size", "embedding_multiplier",
-              "lm_head_multiplier", "key_multiplier", "attention_in_multiplier", "attention_out_multiplier",
-              "ssm_in_multiplier", "ssm_out_multiplier", "mlp_multipliers", "ssm_multipliers")
-
-
-def provider_fields(args: dict, *, init_method_std: float) -> dict:
-    """The ``model:`` section Megatron-Bridge writes for this model: what ``FalconH1Bridge.provider_bridge``
-    sets (base ``CONFIG_MAPPING`` plus Falcon-H1's, Megatron-Bridge 067f987df03b), serialized the way
-    ``ConfigContainer.to_yaml`` does (dtypes and functions as ``_target_`` dicts, tuples as lists)."""
-    fields = {name: args[name] for name in _SAME_NAME}
-    fields.update(
-        _target_=MB_PROVIDER_TARGET,
-        seq_length=args["max_position_embeddings"],
-        layernorm_epsilon=args["norm_epsilon"],
-        rotary_base=int(args["rotary_base"]),
-        share_embeddings_and_output_weights=not args["untie_embeddings_and_output_weights"],
-        should_pad_vocab=args["padded_vocab_size"] != args["vocab_size"],
-        params_dtype={"_target_": str(args["params_dtype"]), "_call_": False},
-        gated_linear_unit=True,
-        activation_func={"_target_": "torch.nn.functional.silu", "_call_": False},
-        init_method_std=init_method_std,
-        perform_initialization=False,
-        falconh1_ratio=1.0,
-        hybrid_override_pattern=None,
-        use_mamba=True,
-        use_attention=True,
-        use_mlp=True,
-    )
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in fields.items()}
 
 
 def run_config_yaml(model: dict, *, save: str, with_tokenizer: bool) -> str:
