@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 H1 := $(VENV)/bin/h1bridge
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench clean
+.PHONY: demo test lint bench clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -31,7 +31,12 @@ MCORE019 := .mcore019/.version
 $(MCORE019): tools/mcore019.sh $(STAMP)
 	bash tools/mcore019.sh
 
-test: $(STAMP) $(MCORE019)
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+test: $(STAMP) $(MCORE019) lint
 	$(PY) -m pytest
 	PYTHONPATH=$(CURDIR)/.mcore019:$(CURDIR) $(PY) -m pytest $(MCORE_TESTS)
 

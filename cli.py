@@ -65,21 +65,31 @@ def _parse_override(text: str) -> tuple[str, object]:
 json_option = click.option("--json", "as_json", is_flag=True, help="Print a machine-readable JSON report.")
 force_option = click.option("--force", is_flag=True, help="Replace DST if it exists.")
 format_option = click.option(
-    "--format", "fmt", type=click.Choice(api.FORMAT_CHOICES), default=None,
+    "--format",
+    "fmt",
+    type=click.Choice(api.FORMAT_CHOICES),
+    default=None,
     help="Megatron checkpoint format: legacy per-rank files or megatron-core torch_dist "
     "[default: legacy for megatron-lm, torch_dist for megatron-bridge].",
 )
 target_option = click.option(
-    "--target", type=click.Choice(api.TARGET_CHOICES), default=api.DEFAULT_TARGET, show_default=True,
-    help="The stack that will load DST: what its loader needs beside the weights (see README \"Train the output\").",
+    "--target",
+    type=click.Choice(api.TARGET_CHOICES),
+    default=api.DEFAULT_TARGET,
+    show_default=True,
+    help='The stack that will load DST: what its loader needs beside the weights (see README "Train the output").',
 )
 expand_groups_option = click.option(
-    "--expand-groups", is_flag=True,
+    "--expand-groups",
+    is_flag=True,
     help="Replicate Mamba B/C groups when TP exceeds mamba_n_groups (exact without mamba_rms_norm); "
     "collapsed back on export.",
 )
 dtype_option = click.option(
-    "--dtype", type=click.Choice(api.DTYPE_CHOICES), default="keep", show_default=True,
+    "--dtype",
+    type=click.Choice(api.DTYPE_CHOICES),
+    default="keep",
+    show_default=True,
     help="Storage dtype of the output tensors.",
 )
 
@@ -97,22 +107,33 @@ def _parse_iteration(ctx, param, value):
 
 def _read_options(fn):
     """--iteration / --hf-config / --hf-reference, handed to the command as one ``options`` value."""
+
     @functools.wraps(fn)
     def wrapper(*args, iteration, hf_config, hf_reference, **kwargs):
         from bridge.engine.source import ReadOptions
 
         return fn(*args, options=ReadOptions(iteration, hf_config, hf_reference), **kwargs)
 
-    for decorator in reversed((
-        click.option("--iteration", callback=_parse_iteration, metavar="N",
-                     help="Read iter_N (or 'release') instead of the newest / tracked iteration."),
-        click.option("--hf-config", type=click.Path(path_type=Path, file_okay=False, exists=True),
-                     help="Folder whose config.json describes the model; overrides the sidecar, args and "
-                     "run_config.yaml."),
-        click.option("--hf-reference", type=click.Path(path_type=Path, file_okay=False, exists=True),
-                     help="HF folder to take tokenizer, generation config and model card from when the "
-                     "checkpoint has none."),
-    )):
+    for decorator in reversed(
+        (
+            click.option(
+                "--iteration",
+                callback=_parse_iteration,
+                metavar="N",
+                help="Read iter_N (or 'release') instead of the newest / tracked iteration.",
+            ),
+            click.option(
+                "--hf-config",
+                type=click.Path(path_type=Path, file_okay=False, exists=True),
+                help="Folder whose config.json describes the model; overrides the sidecar, args and run_config.yaml.",
+            ),
+            click.option(
+                "--hf-reference",
+                type=click.Path(path_type=Path, file_okay=False, exists=True),
+                help="HF folder to take tokenizer, generation config and model card from when the checkpoint has none.",
+            ),
+        )
+    ):
         wrapper = decorator(wrapper)
     return wrapper
 
@@ -138,9 +159,15 @@ _push_options = _stack(
 
 def _push_report(result) -> tuple[dict, str]:
     plan = result.plan
-    info = {"repo_id": plan.repo_id, "revision": plan.revision, "dry_run": result.dry_run,
-            "files": [{"path": f.path, "bytes": f.size} for f in plan.files], "warnings": plan.warnings,
-            "commit_url": result.commit_url, "pr_url": result.pr_url}
+    info = {
+        "repo_id": plan.repo_id,
+        "revision": plan.revision,
+        "dry_run": result.dry_run,
+        "files": [{"path": f.path, "bytes": f.size} for f in plan.files],
+        "warnings": plan.warnings,
+        "commit_url": result.commit_url,
+        "pr_url": result.pr_url,
+    }
     lines = [*(f"warning: {w}" for w in plan.warnings), *plan.lines()]
     if result.dry_run:
         lines += ["", "--- model card (README.md) ---", plan.card_text]
@@ -192,22 +219,41 @@ _megatron_target = _stack(
     click.argument("dst", type=PathArg),
     click.option("--tp", default=1, show_default=True, help="Tensor-parallel size to write."),
     click.option("--pp", default=1, show_default=True, help="Pipeline-parallel size to write."),
-    click.option("--layout", type=click.Choice(api.LAYOUT_CHOICES), default="bridge", show_default=True,
-                 help="Megatron key layout to write."),
-    target_option, format_option, expand_groups_option, dtype_option, force_option, json_option,
+    click.option(
+        "--layout",
+        type=click.Choice(api.LAYOUT_CHOICES),
+        default="bridge",
+        show_default=True,
+        help="Megatron key layout to write.",
+    ),
+    target_option,
+    format_option,
+    expand_groups_option,
+    dtype_option,
+    force_option,
+    json_option,
 )
 
 
 @main.command("hf-to-megatron")
 @_megatron_target
-@click.option("--vocab-divisible-by", default=128, show_default=True,
-              help="Megatron make_vocab_size_divisible_by (vocab padded to a multiple of this x TP; megatron-bridge "
-              "keeps the vocabulary unpadded when TP divides it).")
-@click.option("--iteration", callback=_parse_iteration, metavar="N",
-              help="Write iter_N (N >= 1) [default: release for megatron-lm, 1 for megatron-bridge].")
+@click.option(
+    "--vocab-divisible-by",
+    default=128,
+    show_default=True,
+    help="Megatron make_vocab_size_divisible_by (vocab padded to a multiple of this x TP; megatron-bridge "
+    "keeps the vocabulary unpadded when TP divides it).",
+)
+@click.option(
+    "--iteration",
+    callback=_parse_iteration,
+    metavar="N",
+    help="Write iter_N (N >= 1) [default: release for megatron-lm, 1 for megatron-bridge].",
+)
 @_friendly
-def hf_to_megatron(src, dst, tp, pp, layout, target, vocab_divisible_by, iteration, fmt, expand_groups, dtype,
-                   force, as_json):
+def hf_to_megatron(
+    src, dst, tp, pp, layout, target, vocab_divisible_by, iteration, fmt, expand_groups, dtype, force, as_json
+):
     """Convert an HF Falcon-H1 folder SRC into a Megatron checkpoint DST.
 
     \b
@@ -216,9 +262,21 @@ def hf_to_megatron(src, dst, tp, pp, layout, target, vocab_divisible_by, iterati
       h1bridge hf-to-megatron Falcon-H1-7B meg-7b-dist --tp 2 --format torch_dist
       h1bridge hf-to-megatron Falcon-H1-7B mb-7b --target megatron-bridge --dtype bf16
     """
-    s = api.hf_to_megatron(src, dst, tp=tp, pp=pp, dtype=dtype, force=force, divisible_by=vocab_divisible_by,
-                           layout=layout, fmt=fmt, expand_groups=expand_groups, progress=not as_json,
-                           target=target, iteration=iteration).to_dict()
+    s = api.hf_to_megatron(
+        src,
+        dst,
+        tp=tp,
+        pp=pp,
+        dtype=dtype,
+        force=force,
+        divisible_by=vocab_divisible_by,
+        layout=layout,
+        fmt=fmt,
+        expand_groups=expand_groups,
+        progress=not as_json,
+        target=target,
+        iteration=iteration,
+    ).to_dict()
     _emit(s, as_json, _summary_text(s))
 
 
@@ -234,8 +292,20 @@ def reshard(src, dst, tp, pp, layout, target, fmt, expand_groups, dtype, force, 
       h1bridge reshard meg-tp2 meg-tp4-pp2 --tp 4 --pp 2
       h1bridge reshard meg-tp2 meg-dist --tp 2 --format torch_dist
     """
-    s = api.reshard(src, dst, tp=tp, pp=pp, fmt=fmt, layout=layout, dtype=dtype, force=force,
-                    expand_groups=expand_groups, progress=not as_json, options=options, target=target).to_dict()
+    s = api.reshard(
+        src,
+        dst,
+        tp=tp,
+        pp=pp,
+        fmt=fmt,
+        layout=layout,
+        dtype=dtype,
+        force=force,
+        expand_groups=expand_groups,
+        progress=not as_json,
+        options=options,
+        target=target,
+    ).to_dict()
     _emit(s, as_json, _summary_text(s))
 
 
@@ -251,8 +321,21 @@ def reshard(src, dst, tp, pp, layout, target, fmt, expand_groups, dtype, force, 
 @force_option
 @json_option
 @_friendly
-def megatron_to_hf(src, dst, max_shard_size, push_to, private, revision, commit_message, create_pr, fold_mup, dtype,
-                   force, as_json, options):
+def megatron_to_hf(
+    src,
+    dst,
+    max_shard_size,
+    push_to,
+    private,
+    revision,
+    commit_message,
+    create_pr,
+    fold_mup,
+    dtype,
+    force,
+    as_json,
+    options,
+):
     """Convert a Megatron checkpoint SRC (any TP/PP) into an HF folder DST.
 
     SRC may be the checkpoint root (tracker or latest_train_state.pt) or an iter_* directory, written by
@@ -264,17 +347,40 @@ def megatron_to_hf(src, dst, max_shard_size, push_to, private, revision, commit_
       h1bridge megatron-to-hf mb-run/checkpoints ft-hf --iteration 1000 --hf-reference Falcon-H1-0.5B
       h1bridge megatron-to-hf meg-0.5b Falcon-H1-0.5B-ft --push-to my-org/Falcon-H1-0.5B-ft --private
     """
-    s = api.megatron_to_hf(src, dst, dtype=dtype, force=force, max_shard_size=max_shard_size,
-                           progress=not as_json, fold_mup=fold_mup, options=options).to_dict()
+    s = api.megatron_to_hf(
+        src,
+        dst,
+        dtype=dtype,
+        force=force,
+        max_shard_size=max_shard_size,
+        progress=not as_json,
+        fold_mup=fold_mup,
+        options=options,
+    ).to_dict()
     text = _summary_text(s)
     if push_to:
         source = s["source_info"]
-        provenance = {"source_format": source["format"], "source": str(src), "tp": source["tp"], "pp": source["pp"],
-                      "iteration": source["iteration"], "source_writer": source["writer"],
-                      "dtype": s["dtype"], "mup_policy": "fold (originals in config.json mup_folded)" if fold_mup
-                      else "keep (multipliers in config.json)"}
-        result = api.push(dst, push_to, private=private, revision=revision, commit_message=commit_message,
-                          create_pr=create_pr, provenance=provenance)
+        provenance = {
+            "source_format": source["format"],
+            "source": str(src),
+            "tp": source["tp"],
+            "pp": source["pp"],
+            "iteration": source["iteration"],
+            "source_writer": source["writer"],
+            "dtype": s["dtype"],
+            "mup_policy": "fold (originals in config.json mup_folded)"
+            if fold_mup
+            else "keep (multipliers in config.json)",
+        }
+        result = api.push(
+            dst,
+            push_to,
+            private=private,
+            revision=revision,
+            commit_message=commit_message,
+            create_pr=create_pr,
+            provenance=provenance,
+        )
         s["push"], push_text = _push_report(result)
         text += "\n" + push_text
     _emit(s, as_json, text)
@@ -297,8 +403,13 @@ def inspect(path, as_json, options):
 
 
 @main.command()
-@click.option("--family", type=click.Choice(api.FAMILY_CHOICES), default="falcon_h1", show_default=True,
-              help="Model family (HF model_type) whose table to print.")
+@click.option(
+    "--family",
+    type=click.Choice(api.FAMILY_CHOICES),
+    default="falcon_h1",
+    show_default=True,
+    help="Model family (HF model_type) whose table to print.",
+)
 @click.option("--layout", type=click.Choice(api.LAYOUT_CHOICES), default="bridge", show_default=True)
 @json_option
 def mappings(family, layout, as_json):
@@ -320,8 +431,13 @@ def mappings(family, layout, as_json):
 @click.option("--seed", default=0, show_default=True)
 @click.option("--full", is_flag=True, help="Released full shape (family presets; streamed random weights).")
 @click.option("--dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True)
-@click.option("--set", "overrides", multiple=True, metavar="FIELD=VALUE",
-              help="Override a FalconH1Config field (JSON value), e.g. --set mamba_n_groups=2.")
+@click.option(
+    "--set",
+    "overrides",
+    multiple=True,
+    metavar="FIELD=VALUE",
+    help="Override a FalconH1Config field (JSON value), e.g. --set mamba_n_groups=2.",
+)
 @force_option
 @json_option
 @_friendly
@@ -334,8 +450,9 @@ def make_tiny(dst, preset, seed, full, dtype, overrides, force, as_json):
       h1bridge make-tiny h1-3b --preset 3b --full --dtype bf16 --set mamba_n_groups=2
     """
     fields = dict(_parse_override(o) for o in overrides)
-    cfg = api.make_tiny(dst, preset, seed=seed, full=full, dtype=dtype, force=force,
-                        max_shard_size="2GB" if full else "200KB", **fields)
+    cfg = api.make_tiny(
+        dst, preset, seed=seed, full=full, dtype=dtype, force=force, max_shard_size="2GB" if full else "200KB", **fields
+    )
     info = {"destination": str(dst), "preset": preset, "full": full, "config": cfg.to_diff_dict()}
     _emit(info, as_json, f"wrote {preset}{' (full shape)' if full else ''} Falcon-H1 to {dst}")
 
@@ -358,15 +475,25 @@ def push(hf_dir, repo_id, private, revision, commit_message, create_pr, dry_run,
       h1bridge push Falcon-H1-0.5B-ft my-org/Falcon-H1-0.5B-ft --private --dry-run
       h1bridge push Falcon-H1-0.5B-ft my-org/Falcon-H1-0.5B-ft --revision megatron-step-1000
     """
-    result = api.push(hf_dir, repo_id, private=private, revision=revision, commit_message=commit_message,
-                      create_pr=create_pr, dry_run=dry_run)
+    result = api.push(
+        hf_dir,
+        repo_id,
+        private=private,
+        revision=revision,
+        commit_message=commit_message,
+        create_pr=create_pr,
+        dry_run=dry_run,
+    )
     info, text = _push_report(result)
     _emit(info, as_json, text)
 
 
 def _fold_text(r: dict) -> str:
-    after = ("multipliers now 1.0, originals in config.json mup_folded" if r["direction"] == "fold"
-             else "multipliers restored from mup_folded")
+    after = (
+        "multipliers now 1.0, originals in config.json mup_folded"
+        if r["direction"] == "fold"
+        else "multipliers restored from mup_folded"
+    )
     lines = [
         f"mup {r['direction']}: {r['source']} -> {r['destination']}",
         f"  dtype={r['dtype']}, {r['scaled']} of {r['tensors']} tensors scaled; {after}",
@@ -394,14 +521,16 @@ def mup():
 
 
 def _mup_options(fn):
-    for option in reversed([
-        click.argument("src", type=PathArg),
-        click.argument("dst", type=PathArg),
-        click.option("--max-shard-size", default="5GB", show_default=True, help="Largest safetensors shard."),
-        dtype_option,
-        force_option,
-        json_option,
-    ]):
+    for option in reversed(
+        [
+            click.argument("src", type=PathArg),
+            click.argument("dst", type=PathArg),
+            click.option("--max-shard-size", default="5GB", show_default=True, help="Largest safetensors shard."),
+            dtype_option,
+            force_option,
+            json_option,
+        ]
+    ):
         fn = option(fn)
     return fn
 
@@ -419,8 +548,7 @@ def mup_fold(src, dst, max_shard_size, dtype, force, as_json):
     Example:
       h1bridge mup fold Falcon-H1-0.5B Falcon-H1-0.5B-folded --dtype bf16
     """
-    r = api.fold_mup(src, dst, dtype=dtype, force=force, max_shard_size=max_shard_size,
-                     progress=not as_json).to_dict()
+    r = api.fold_mup(src, dst, dtype=dtype, force=force, max_shard_size=max_shard_size, progress=not as_json).to_dict()
     _emit(r, as_json, _fold_text(r))
 
 
@@ -434,8 +562,9 @@ def mup_unfold(src, dst, max_shard_size, dtype, force, as_json):
     Example:
       h1bridge mup unfold Falcon-H1-0.5B-folded Falcon-H1-0.5B-mup
     """
-    r = api.unfold_mup(src, dst, dtype=dtype, force=force, max_shard_size=max_shard_size,
-                       progress=not as_json).to_dict()
+    r = api.unfold_mup(
+        src, dst, dtype=dtype, force=force, max_shard_size=max_shard_size, progress=not as_json
+    ).to_dict()
     _emit(r, as_json, _fold_text(r))
 
 
@@ -491,8 +620,9 @@ def parity(hf_dir, megatron_dir, tokens, seed, batch, atol, as_json, options):
 
     hf_logging.set_verbosity_error()  # loading bars and kernel-fallback notes would bury the report
     hf_logging.disable_progress_bar()
-    _report_exit(api.parity(hf_dir, megatron_dir, tokens=tokens, seed=seed, batch=batch, atol=atol,
-                            options=options), as_json)
+    _report_exit(
+        api.parity(hf_dir, megatron_dir, tokens=tokens, seed=seed, batch=batch, atol=atol, options=options), as_json
+    )
 
 
 @main.group()
@@ -519,9 +649,13 @@ def _bitnet_text(r: dict) -> str:
 @bitnet.command("pack")
 @click.argument("src", type=PathArg)
 @click.argument("dst", type=PathArg)
-@click.option("--linear-class", type=click.Choice(api.BITNET_LINEAR_CLASSES), default=None,
-              help="transformers layer: bitlinear stores weight_scale = 1/mean|W|, autobitlinear mean|W| "
-                   "[default: the one an unpacked SRC records, else bitlinear].")
+@click.option(
+    "--linear-class",
+    type=click.Choice(api.BITNET_LINEAR_CLASSES),
+    default=None,
+    help="transformers layer: bitlinear stores weight_scale = 1/mean|W|, autobitlinear mean|W| "
+    "[default: the one an unpacked SRC records, else bitlinear].",
+)
 @dtype_option
 @force_option
 @json_option
@@ -536,7 +670,9 @@ def bitnet_pack(src, dst, linear_class, dtype, force, as_json):
     Example:
       h1bridge bitnet pack Falcon-H1-ft Falcon-H1-ft-1.58bit --linear-class autobitlinear
     """
-    r = api.pack_checkpoint(src, dst, linear_class=linear_class, dtype=dtype, force=force, progress=not as_json).to_dict()
+    r = api.pack_checkpoint(
+        src, dst, linear_class=linear_class, dtype=dtype, force=force, progress=not as_json
+    ).to_dict()
     _emit(r, as_json, _bitnet_text(r))
 
 

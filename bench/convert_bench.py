@@ -123,15 +123,30 @@ def rss_budget(kind: str, largest_file: int, two_tensors: int) -> int | None:
 
 
 def bench_preset(preset: str, root: Path, cold: bool, keep: bool) -> dict:
-    tree = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True,
-                          check=False).stdout.strip()
+    tree = subprocess.run(
+        ["git", "describe", "--always", "--dirty"], capture_output=True, text=True, check=False
+    ).stdout.strip()
     tp_max, tp_reshard = tp_sizes(preset)
     work = root / preset
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     src, legacy = work / "hf", work / "legacy-tp2"
-    gen_s, _ = run_child([H1, "make-tiny", str(src), "--preset", preset, "--full", "--dtype", "bf16",
-                          "--set", f"mamba_n_groups={tp_max}", "--json"], cold=False)
+    gen_s, _ = run_child(
+        [
+            H1,
+            "make-tiny",
+            str(src),
+            "--preset",
+            preset,
+            "--full",
+            "--dtype",
+            "bf16",
+            "--set",
+            f"mamba_n_groups={tp_max}",
+            "--json",
+        ],
+        cold=False,
+    )
     two_tensors = largest_tensors(src)
     if not cold:
         for p in files_of(src):
@@ -141,25 +156,59 @@ def bench_preset(preset: str, root: Path, cold: bool, keep: bool) -> dict:
     ops = [  # (op, output kind, argv, output dir, keep it for later ops)
         ("cp -r", "copy", ["cp", "-r", src, work / "cp"], work / "cp", False),
         (REFERENCE, "copy", ["sh", "-c", 'cp -r "$0" "$1" && sync "$1"/*', src, work / "cp"], work / "cp", False),
-        ("hf-to-megatron torch_dist TP=2", "torch_dist",
-         [H1, "hf-to-megatron", src, work / "dist", "--tp", "2", "--format", "torch_dist"], work / "dist", False),
-        *([(f"hf-to-megatron legacy TP={tp_max}", "legacy",
-            [H1, "hf-to-megatron", src, work / "legacy-max", "--tp", str(tp_max)], work / "legacy-max", False)]
-          if tp_max != 2 else []),
+        (
+            "hf-to-megatron torch_dist TP=2",
+            "torch_dist",
+            [H1, "hf-to-megatron", src, work / "dist", "--tp", "2", "--format", "torch_dist"],
+            work / "dist",
+            False,
+        ),
+        *(
+            [
+                (
+                    f"hf-to-megatron legacy TP={tp_max}",
+                    "legacy",
+                    [H1, "hf-to-megatron", src, work / "legacy-max", "--tp", str(tp_max)],
+                    work / "legacy-max",
+                    False,
+                )
+            ]
+            if tp_max != 2
+            else []
+        ),
         ("hf-to-megatron legacy TP=2", "legacy", [H1, "hf-to-megatron", src, legacy, "--tp", "2"], legacy, True),
-        ("megatron-to-hf (legacy TP=2)", "safetensors", [H1, "megatron-to-hf", legacy, work / "hf-out"],
-         work / "hf-out", False),
-        (f"reshard legacy TP=2 -> TP={tp_reshard}", "legacy",
-         [H1, "reshard", legacy, work / "reshard", "--tp", str(tp_reshard)], work / "reshard", False),
+        (
+            "megatron-to-hf (legacy TP=2)",
+            "safetensors",
+            [H1, "megatron-to-hf", legacy, work / "hf-out"],
+            work / "hf-out",
+            False,
+        ),
+        (
+            f"reshard legacy TP=2 -> TP={tp_reshard}",
+            "legacy",
+            [H1, "reshard", legacy, work / "reshard", "--tp", str(tp_reshard)],
+            work / "reshard",
+            False,
+        ),
     ]
     rows = []
     for op, kind, argv, out, keep_out in ops:
         argv = [str(a) for a in argv] + (["--json"] if argv[0] == H1 else [])
         seconds, rss = run_child(argv, cold)
         sizes = [p.stat().st_size for p in files_of(out)]
-        rows.append(dict(op=op, kind=kind, seconds=round(seconds, 2), output_bytes=sum(sizes),
-                         largest_file=max(sizes), peak_rss=rss, load_1min=round(os.getloadavg()[0], 2),
-                         rss_budget=rss_budget(kind, max(sizes), two_tensors)))
+        rows.append(
+            dict(
+                op=op,
+                kind=kind,
+                seconds=round(seconds, 2),
+                output_bytes=sum(sizes),
+                largest_file=max(sizes),
+                peak_rss=rss,
+                load_1min=round(os.getloadavg()[0], 2),
+                rss_budget=rss_budget(kind, max(sizes), two_tensors),
+            )
+        )
         if not (keep or keep_out):
             shutil.rmtree(out)
         if out == legacy and not keep:
@@ -171,8 +220,15 @@ def bench_preset(preset: str, root: Path, cold: bool, keep: bool) -> dict:
         r["gb_per_s"] = round(r["output_bytes"] / r["seconds"] / 1e9, 3)
         r["ratio_to_cp"] = round(ref / r["seconds"], 3)
         r["rss_per_largest_file"] = round(r["peak_rss"] / r["largest_file"], 2)
-    return dict(preset=preset, tree=tree, mamba_n_groups=tp_max, tp_max=tp_max, make_tiny_seconds=round(gen_s, 1),
-                two_largest_tensors=two_tensors, rows=rows)
+    return dict(
+        preset=preset,
+        tree=tree,
+        mamba_n_groups=tp_max,
+        tp_max=tp_max,
+        make_tiny_seconds=round(gen_s, 1),
+        two_largest_tensors=two_tensors,
+        rows=rows,
+    )
 
 
 def targets(results: list[dict]) -> list[str]:
@@ -180,40 +236,75 @@ def targets(results: list[dict]) -> list[str]:
     lines = []
     big = results[-1]
     slow = [r for r in big["rows"] if r["kind"] != "copy" and r["ratio_to_cp"] < 0.8]
-    lines.append(f"throughput >= 0.8x `{REFERENCE}` on {big['preset']}: "
-                 + ("met" if not slow else "MISSED by " + ", ".join(f"{r['op']} ({r['ratio_to_cp']}x)" for r in slow)))
+    lines.append(
+        f"throughput >= 0.8x `{REFERENCE}` on {big['preset']}: "
+        + ("met" if not slow else "MISSED by " + ", ".join(f"{r['op']} ({r['ratio_to_cp']}x)" for r in slow))
+    )
     over = [(p["preset"], r) for p in results for r in p["rows"] if r["rss_budget"] and r["peak_rss"] > r["rss_budget"]]
-    lines.append("peak RSS within budget: " + ("met" if not over else "MISSED by " + ", ".join(
-        f"{p} {r['op']} ({r['peak_rss'] / GiB:.2f} > {r['rss_budget'] / GiB:.2f} GiB)" for p, r in over)))
+    lines.append(
+        "peak RSS within budget: "
+        + (
+            "met"
+            if not over
+            else "MISSED by "
+            + ", ".join(f"{p} {r['op']} ({r['peak_rss'] / GiB:.2f} > {r['rss_budget'] / GiB:.2f} GiB)" for p, r in over)
+        )
+    )
     tp8 = [(p["preset"], r) for p in results for r in p["rows"] if r["op"] == "hf-to-megatron legacy TP=8"]
     if len(tp8) < 2:
         lines.append("RSS flat (<= 1.2x) across presets at TP=8: not measurable (fewer than two presets allow TP=8)")
     else:
         low, high = min(r["peak_rss"] for _, r in tp8), max(r["peak_rss"] for _, r in tp8)
-        each = ", ".join(f"{p}: {r['peak_rss'] / GiB:.2f} GiB (rank file {r['largest_file'] / GiB:.2f})" for p, r in tp8)
-        lines.append(f"RSS flat (<= 1.2x) across presets at TP=8 ({each}): "
-                     + ("met" if high <= 1.2 * low else f"MISSED ({high / low:.2f}x)"))
+        each = ", ".join(
+            f"{p}: {r['peak_rss'] / GiB:.2f} GiB (rank file {r['largest_file'] / GiB:.2f})" for p, r in tp8
+        )
+        lines.append(
+            f"RSS flat (<= 1.2x) across presets at TP=8 ({each}): "
+            + ("met" if high <= 1.2 * low else f"MISSED ({high / low:.2f}x)")
+        )
     return lines
 
 
 def markdown(results: list[dict], cold: bool) -> str:
-    cache = (f"cold: page cache dropped before every operation, which starts {SETTLE_S} s later" if cold
-             else "warm: drop_caches not permitted; the source was read once before timing")
-    out = [(f"# h1bridge conversion benchmark\n\nPage cache {cache}. One run per operation; bf16; "
+    cache = (
+        f"cold: page cache dropped before every operation, which starts {SETTLE_S} s later"
+        if cold
+        else "warm: drop_caches not permitted; the source was read once before timing"
+    )
+    out = [
+        (
+            f"# h1bridge conversion benchmark\n\nPage cache {cache}. One run per operation; bf16; "
             f"GB/s = output bytes (1e9) / s; x cp = `{REFERENCE}` seconds / op seconds; RSS in GiB; "
-            "load = 1-minute load average after the op (the machine is shared).\n"),
-           ("| preset | op | s | GB/s | x cp | out GB | largest file GB | peak RSS | RSS / largest file "
-            "| RSS budget | load |"), "|" + "---|" * 11]
+            "load = 1-minute load average after the op (the machine is shared).\n"
+        ),
+        (
+            "| preset | op | s | GB/s | x cp | out GB | largest file GB | peak RSS | RSS / largest file "
+            "| RSS budget | load |"
+        ),
+        "|" + "---|" * 11,
+    ]
     for p in results:
         for r in p["rows"]:
-            budget = "" if r["rss_budget"] is None else (
-                f"{r['rss_budget'] / GiB:.2f} {'ok' if r['peak_rss'] <= r['rss_budget'] else 'OVER'}")
-            out.append(f"| {p['preset']} | {r['op']} | {r['seconds']:.1f} | {r['gb_per_s']:.3f} "
-                       f"| {r['ratio_to_cp']:.2f} | {r['output_bytes'] / 1e9:.2f} | {r['largest_file'] / 1e9:.2f} | {r['peak_rss'] / GiB:.2f} "
-                       f"| {r['rss_per_largest_file']:.2f} | {budget} | {r['load_1min']} |")
-    out.append("\nSources: " + "; ".join(
-        f"{p['preset']} (tree `{p['tree']}`) mamba_n_groups={p['mamba_n_groups']}, two largest tensors "
-        f"{p['two_largest_tensors'] / GiB:.2f} GiB, make-tiny {p['make_tiny_seconds']} s" for p in results) + ".\n")
+            budget = (
+                ""
+                if r["rss_budget"] is None
+                else (f"{r['rss_budget'] / GiB:.2f} {'ok' if r['peak_rss'] <= r['rss_budget'] else 'OVER'}")
+            )
+            out.append(
+                f"| {p['preset']} | {r['op']} | {r['seconds']:.1f} | {r['gb_per_s']:.3f} "
+                f"| {r['ratio_to_cp']:.2f} | {r['output_bytes'] / 1e9:.2f} | {r['largest_file'] / 1e9:.2f} "
+                f"| {r['peak_rss'] / GiB:.2f} "
+                f"| {r['rss_per_largest_file']:.2f} | {budget} | {r['load_1min']} |"
+            )
+    out.append(
+        "\nSources: "
+        + "; ".join(
+            f"{p['preset']} (tree `{p['tree']}`) mamba_n_groups={p['mamba_n_groups']}, two largest tensors "
+            f"{p['two_largest_tensors'] / GiB:.2f} GiB, make-tiny {p['make_tiny_seconds']} s"
+            for p in results
+        )
+        + ".\n"
+    )
     out += ["## Targets\n", *(f"- {line}" for line in targets(results))]
     return "\n".join(out) + "\n"
 
@@ -234,8 +325,9 @@ def main() -> None:
     for preset in presets:
         results.append(bench_preset(preset, args.out, cold, args.keep))
         print(f"{preset} done at {time.perf_counter() - start:.0f} s", file=sys.stderr)
-    report = dict(cold_cache=cold, total_seconds=round(time.perf_counter() - start, 1), presets=results,
-                  targets=targets(results))
+    report = dict(
+        cold_cache=cold, total_seconds=round(time.perf_counter() - start, 1), presets=results, targets=targets(results)
+    )
     (args.out / "results.json").write_text(json.dumps(report, indent=2) + "\n")
     (args.out / "results.md").write_text(markdown(results, cold) + f"\nTotal: {report['total_seconds']} s.\n")
     print(json.dumps(report, indent=2) if args.json else (args.out / "results.md").read_text())

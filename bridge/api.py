@@ -37,14 +37,46 @@ def mapping_rows(layout: str = "bridge", family: str = "falcon_h1") -> list[dict
     rows = []
     for p in family_for_model_type(family, "--family").table:
         keys = [k.replace("{L}", _layer_expr(p, layout)) if p.is_layer else k for k in megatron_keys(p, layout)]
-        rows.append({"megatron": keys[0], "copies": keys[1:], "hf": list(p.hf), "rule": p.rule.name, "when": p.when,
-                     "stage": p.stage, "export": p.export})
+        rows.append(
+            {
+                "megatron": keys[0],
+                "copies": keys[1:],
+                "hf": list(p.hf),
+                "rule": p.rule.name,
+                "when": p.when,
+                "stage": p.stage,
+                "export": p.export,
+            }
+        )
     return rows
 
 
 __all__ = [
-    "BITNET_LINEAR_CLASSES", "pack_checkpoint", "unpack_checkpoint",
-    "DEFAULT_TARGET", "TARGET_CHOICES", "DTYPE_CHOICES", "FORMAT_CHOICES", "reshard", "LAYOUT_CHOICES", "PRESET_CHOICES", "FoldReport", "Summary", "fold_mup", "format_inspect",
-    "hf_to_megatron", "inspect_checkpoint", "make_tiny", "mapping_rows", "megatron_to_hf", "plan_push", "push",
-    "unfold_mup", "validate_hf_folder", "ParityReport", "parity", "VerifyReport", "verify",
+    "BITNET_LINEAR_CLASSES",
+    "pack_checkpoint",
+    "unpack_checkpoint",
+    "DEFAULT_TARGET",
+    "TARGET_CHOICES",
+    "DTYPE_CHOICES",
+    "FORMAT_CHOICES",
+    "reshard",
+    "LAYOUT_CHOICES",
+    "PRESET_CHOICES",
+    "FoldReport",
+    "Summary",
+    "fold_mup",
+    "format_inspect",
+    "hf_to_megatron",
+    "inspect_checkpoint",
+    "make_tiny",
+    "mapping_rows",
+    "megatron_to_hf",
+    "plan_push",
+    "push",
+    "unfold_mup",
+    "validate_hf_folder",
+    "ParityReport",
+    "parity",
+    "VerifyReport",
+    "verify",
 ]

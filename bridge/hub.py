@@ -293,9 +293,7 @@ def push(
     server is not asked); for a Hub-compatible server without Xet, start with ``HF_HUB_DISABLE_XET=1``
     to get plain LFS.
     """
-    plan = plan_push(
-        folder, repo_id, revision=revision, create_pr=create_pr, private=private, provenance=provenance
-    )
+    plan = plan_push(folder, repo_id, revision=revision, create_pr=create_pr, private=private, provenance=provenance)
     if dry_run:
         return PushResult(plan=plan, dry_run=True)
     token = token or get_token()
@@ -304,8 +302,7 @@ def push(
     if len(token) >= 8 and token in plan.card_text:  # real tokens are ~37 characters
         raise HubValidationError("provenance: holds the Hub token; refusing to publish it in the model card")
     operations = [
-        CommitOperationAdd(f.path, f.local_path if f.local_path else plan.card_text.encode("utf-8"))
-        for f in plan.files
+        CommitOperationAdd(f.path, f.local_path if f.local_path else plan.card_text.encode("utf-8")) for f in plan.files
     ]
     api = HfApi(endpoint=endpoint or os.environ.get("HF_ENDPOINT") or None, token=token)
     step = "create_repo"
@@ -347,7 +344,7 @@ def _folder_files(folder: Path) -> dict[str, Path]:
 
 def _describe(exc: BaseException) -> str:
     """First line of an exception and of its causes (an LFS failure wraps the HTTP error)."""
-    parts = []
+    parts: list[str] = []
     current: BaseException | None = exc
     while current is not None and len(parts) < 3:
         line = _first_line(current)
@@ -369,7 +366,7 @@ def _first_line(e: object) -> str:
     return lines[0] if lines else type(e).__name__
 
 
-def _human(n: int) -> str:
+def _human(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":
             return f"{n} {unit}" if unit == "B" else f"{n:.1f} {unit}"

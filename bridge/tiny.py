@@ -64,8 +64,12 @@ def make_tiny(
             gen = torch.Generator().manual_seed(seed)
             shapes = expected_hf_shapes(cfg)
             layout = {k: (s, torch_dtype) for k, s in shapes.items()}
-            write_hf_weights(tmp, layout, lambda keys: {k: _random_tensor(k, shapes[k], torch_dtype, gen) for k in keys},
-                             max_shard_size=max_shard_size)
+            write_hf_weights(
+                tmp,
+                layout,
+                lambda keys: {k: _random_tensor(k, shapes[k], torch_dtype, gen) for k in keys},
+                max_shard_size=max_shard_size,
+            )
             cfg.save_pretrained(tmp)
         else:
             from transformers import (
@@ -73,6 +77,7 @@ def make_tiny(
             )
 
             torch.manual_seed(seed)
-            model = FalconH1ForCausalLM(cfg).to(torch_dtype)
+            # transformers wraps PreTrainedModel.to in functools.wraps(nn.Module.to): mypy then sees an unbound _Wrapped
+            model = FalconH1ForCausalLM(cfg).to(torch_dtype)  # type: ignore[arg-type]
             model.save_pretrained(tmp, max_shard_size=max_shard_size)
     return cfg

@@ -61,23 +61,38 @@ import torch.distributed as dist
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--case", action="append", required=True, metavar="NAME=HF_DIR,MEGATRON_DIR",
-                   help="a checkpoint pair to check (repeatable)")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--case",
+        action="append",
+        required=True,
+        metavar="NAME=HF_DIR,MEGATRON_DIR",
+        help="a checkpoint pair to check (repeatable)",
+    )
     p.add_argument("--backend", default="nccl", choices=["nccl", "gloo"])
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
-    p.add_argument("--seq", type=int, default=320, help="tokens per sequence (> mamba_chunk_size "
-                   "exercises the inter-chunk state passing)")
+    p.add_argument(
+        "--seq",
+        type=int,
+        default=320,
+        help="tokens per sequence (> mamba_chunk_size exercises the inter-chunk state passing)",
+    )
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--input-scale", type=float, default=4.0,
-                   help="std of the random hidden states; the tiny models' 0.02-std weights need ~4 "
-                        "for O(1) projections, so the SSM state term is not drowned by D*x")
+    p.add_argument(
+        "--input-scale",
+        type=float,
+        default=4.0,
+        help="std of the random hidden states; the tiny models' 0.02-std weights need ~4 "
+        "for O(1) projections, so the SSM state term is not drowned by D*x",
+    )
     p.add_argument("--wrong", action="store_true", help="also check deliberately wrong layouts")
     p.add_argument("--rtol", type=float, default=1e-3, help="pass bound on max|Δ| / max|ref|")
-    p.add_argument("--wrong-min-rel", type=float, default=1e-2,
-                   help="a wrong layout must be off by more than this (relative)")
+    p.add_argument(
+        "--wrong-min-rel", type=float, default=1e-2, help="a wrong layout must be off by more than this (relative)"
+    )
     p.add_argument("--json", type=Path, help="rank 0 appends one JSON line per result here")
     return p.parse_args(argv)
 
@@ -85,6 +100,7 @@ def parse_args(argv=None):
 # ---------------------------------------------------------------------------------------------
 # Checkpoint reading (self-contained: the GPU machine does not install the project)
 # ---------------------------------------------------------------------------------------------
+
 
 def load_rank_file(meg_dir: Path, tp_rank: int) -> dict:
     """The rank's ``model_optim_rng.pt`` of the tracked iteration, tensors only (weights_only)."""
@@ -103,12 +119,19 @@ def count_tp(meg_dir: Path) -> int:
 
 
 def sub_state_dict(model_sd: dict, prefix: str) -> dict:
-    return {k[len(prefix):]: v for k, v in model_sd.items() if k.startswith(prefix)}
+    return {k[len(prefix) :]: v for k, v in model_sd.items() if k.startswith(prefix)}
 
 
 def check_multipliers(cfg) -> None:
-    names = ["embedding_multiplier", "lm_head_multiplier", "key_multiplier", "attention_in_multiplier",
-             "attention_out_multiplier", "ssm_in_multiplier", "ssm_out_multiplier"]
+    names = [
+        "embedding_multiplier",
+        "lm_head_multiplier",
+        "key_multiplier",
+        "attention_in_multiplier",
+        "attention_out_multiplier",
+        "ssm_in_multiplier",
+        "ssm_out_multiplier",
+    ]
     bad = {n: getattr(cfg, n) for n in names if float(getattr(cfg, n, 1.0)) != 1.0}
     for n in ("mlp_multipliers", "ssm_multipliers"):
         if any(float(v) != 1.0 for v in getattr(cfg, n, []) or []):
@@ -122,8 +145,13 @@ def check_multipliers(cfg) -> None:
 # ---------------------------------------------------------------------------------------------
 
 _KERNEL_PACKAGES = ("mamba_ssm", "causal_conv1d")
-_KERNEL_FUNCS = ("mamba2_chunk_scan", "mamba2_split_conv1d_scan_combined", "mamba2_selective_state_update",
-                 "causal_conv1d_fn", "causal_conv1d_update")
+_KERNEL_FUNCS = (
+    "mamba2_chunk_scan",
+    "mamba2_split_conv1d_scan_combined",
+    "mamba2_selective_state_update",
+    "causal_conv1d_fn",
+    "causal_conv1d_update",
+)
 
 
 def import_transformers_reference():
@@ -135,6 +163,7 @@ def import_transformers_reference():
     modeling module and, per function, the module its implementation comes from.
     """
     import inspect
+
     for pkg in _KERNEL_PACKAGES:
         if sys.modules.get(pkg) is not None:
             raise RuntimeError(f"{pkg} imported before transformers' reference; import order broken")
@@ -164,8 +193,10 @@ def import_transformers_reference():
 # megatron-core modules
 # ---------------------------------------------------------------------------------------------
 
+
 def megatron_config(cfg, tp: int, device: str):
     from megatron.core.transformer import TransformerConfig
+
     return TransformerConfig(
         num_layers=cfg.num_hidden_layers,
         hidden_size=cfg.hidden_size,
@@ -199,6 +230,7 @@ def megatron_config(cfg, tp: int, device: str):
 def build_mamba(mcfg, cfg, layer: int, pgc):
     from megatron.core.ssm.mamba_mixer import MambaMixer, MambaMixerSubmodules
     from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+
     if cfg.mamba_proj_bias:
         raise SystemExit("megatron-core's MambaMixer has no in_proj bias; use a preset without mamba_proj_bias")
     if cfg.mamba_norm_before_gate:
@@ -221,6 +253,7 @@ def build_mamba(mcfg, cfg, layer: int, pgc):
 def build_attention(mcfg, layer: int, pgc):
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.transformer.spec_utils import build_module
+
     spec = get_gpt_layer_local_spec(normalization="RMSNorm").submodules.self_attention
     return build_module(spec, config=mcfg, layer_number=layer + 1, pg_collection=pgc)
 
@@ -240,6 +273,7 @@ def load_into(module, sd: dict, what: str) -> None:
 # Deliberately wrong layouts, built from the HF weights
 # ---------------------------------------------------------------------------------------------
 
+
 def wrong_in_proj(hf_mixer, tp: int, rank: int) -> torch.Tensor:
     """The packed z|x|B|C|dt in_proj split as ONE tensor (rows chunked in TP equal parts)."""
     return hf_mixer.in_proj.weight.detach().cpu().chunk(tp, dim=0)[rank].clone()
@@ -252,6 +286,7 @@ def wrong_qkv(hf_attn, tp: int, rank: int) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------
+
 
 def stats(out: torch.Tensor, ref: torch.Tensor) -> dict:
     d = (out.double() - ref.double()).abs()
@@ -289,6 +324,7 @@ def main(argv=None) -> int:
     )
     from megatron.core.process_groups_config import ProcessGroupCollection
     from transformers import FalconH1Config
+
     FalconH1ForCausalLM = hf_modeling.FalconH1ForCausalLM
 
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=world)
@@ -300,9 +336,11 @@ def main(argv=None) -> int:
         class _NoFork:
             def fork(self, *a, **k):
                 return contextlib.nullcontext()
+
         tensor_parallel.get_cuda_rng_tracker = lambda *a, **k: _NoFork()
         try:
             import megatron.core.ssm.mamba_mixer as _mm
+
             _mm.get_cuda_rng_tracker = tensor_parallel.get_cuda_rng_tracker
         except ImportError:
             pass
@@ -310,6 +348,7 @@ def main(argv=None) -> int:
     # stand-in mamba_ssm is importable.
     try:
         from megatron.core.ssm import mamba_mixer
+
         run_mamba = mamba_mixer.HAVE_MAMBA_SSM
     except ImportError as e:
         print(f"rank {rank}: megatron.core.ssm.mamba_mixer not importable: {e}", flush=True)
@@ -322,15 +361,23 @@ def main(argv=None) -> int:
     if rank == 0:
         import megatron.core
         import transformers
-        print(f"world={world} backend={dist.get_backend()} device={device} torch={torch.__version__} "
-              f"megatron-core={megatron.core.__version__} transformers={transformers.__version__}", flush=True)
+
+        print(
+            f"world={world} backend={dist.get_backend()} device={device} torch={torch.__version__} "
+            f"megatron-core={megatron.core.__version__} transformers={transformers.__version__}",
+            flush=True,
+        )
         print(f"transformers FalconH1 kernels bound to: {sorted(set(hf_bound.values()))}", flush=True)
         if run_mamba:
             from megatron.core.ssm import mamba_mixer as _mx
-            print(f"megatron MambaMixer: mamba_chunk_scan_combined from "
-                  f"{getattr(_mx.mamba_chunk_scan_combined, '__module__', '?')}, causal_conv1d_fn="
-                  f"{'nn.Conv1d fallback' if _mx.causal_conv1d_fn is None else _mx.causal_conv1d_fn.__module__}, "
-                  f"RMSNormGated from {getattr(_mx.RMSNormGated, '__module__', '?')}", flush=True)
+
+            print(
+                f"megatron MambaMixer: mamba_chunk_scan_combined from "
+                f"{getattr(_mx.mamba_chunk_scan_combined, '__module__', '?')}, causal_conv1d_fn="
+                f"{'nn.Conv1d fallback' if _mx.causal_conv1d_fn is None else _mx.causal_conv1d_fn.__module__}, "
+                f"RMSNormGated from {getattr(_mx.RMSNormGated, '__module__', '?')}",
+                flush=True,
+            )
 
     results, ok = [], True
     for case in args.case:
@@ -346,13 +393,20 @@ def main(argv=None) -> int:
         hf = hf.to(device).eval()
         shard = load_rank_file(meg_dir, tp_rank)["model"]
         mcfg = megatron_config(cfg, tp, args.device)
-        rope = RotaryEmbedding(kv_channels=cfg.head_dim, rotary_percent=1.0, rotary_base=theta,
-                               use_cpu_initialization=(args.device == "cpu"))
+        rope = RotaryEmbedding(
+            kv_channels=cfg.head_dim,
+            rotary_percent=1.0,
+            rotary_base=theta,
+            use_cpu_initialization=(args.device == "cpu"),
+        )
         if rank == 0:
-            print(f"[{name}] TP={tp} layers={cfg.num_hidden_layers} hidden={cfg.hidden_size} "
-                  f"mamba heads={cfg.mamba_n_heads} groups={cfg.mamba_n_groups} d_state={cfg.mamba_d_state} "
-                  f"rms_norm={cfg.mamba_rms_norm} attn heads={cfg.num_attention_heads} kv={cfg.num_key_value_heads} "
-                  f"rope_theta={theta:g} seq={args.seq} batch={args.batch}", flush=True)
+            print(
+                f"[{name}] TP={tp} layers={cfg.num_hidden_layers} hidden={cfg.hidden_size} "
+                f"mamba heads={cfg.mamba_n_heads} groups={cfg.mamba_n_groups} d_state={cfg.mamba_d_state} "
+                f"rms_norm={cfg.mamba_rms_norm} attn heads={cfg.num_attention_heads} kv={cfg.num_key_value_heads} "
+                f"rope_theta={theta:g} seq={args.seq} batch={args.batch}",
+                flush=True,
+            )
 
         per_module: dict[tuple[str, str], list[dict]] = {}
         for layer in range(cfg.num_hidden_layers):
@@ -368,23 +422,32 @@ def main(argv=None) -> int:
                 cos, sin = hf.model.rotary_emb(x, pos)
                 mask = torch.full((args.seq, args.seq), torch.finfo(torch.float32).min, device=device).triu(1)
                 mask = mask[None, None].expand(args.batch, 1, -1, -1)
-                ref_attn = hf_layer.self_attn(hidden_states=x, position_embeddings=(cos, sin),
-                                              attention_mask=mask)[0]
+                ref_attn = hf_layer.self_attn(hidden_states=x, position_embeddings=(cos, sin), attention_mask=mask)[0]
                 attn_sd = sub_state_dict(shard, pfx + "self_attention.")
                 todo.append(("attention", "right", attn_sd, ref_attn))
                 if args.wrong:
-                    todo.append(("attention", "wrong:qkv-one-tensor",
-                                 dict(attn_sd, **{"linear_qkv.weight": wrong_qkv(hf_layer.self_attn, tp, tp_rank)}),
-                                 ref_attn))
+                    todo.append(
+                        (
+                            "attention",
+                            "wrong:qkv-one-tensor",
+                            dict(attn_sd, **{"linear_qkv.weight": wrong_qkv(hf_layer.self_attn, tp, tp_rank)}),
+                            ref_attn,
+                        )
+                    )
                 # --- mamba ---
                 if run_mamba:
                     ref_mamba = hf_layer.mamba(hidden_states=x, cache_params=None, attention_mask=None)
                     mamba_sd = sub_state_dict(shard, pfx + "mamba_mixer.")
                     todo.append(("mamba", "right", mamba_sd, ref_mamba))
                     if args.wrong and tp > 1:
-                        todo.append(("mamba", "wrong:in_proj-one-tensor",
-                                     dict(mamba_sd, **{"in_proj.weight": wrong_in_proj(hf_layer.mamba, tp, tp_rank)}),
-                                     ref_mamba))
+                        todo.append(
+                            (
+                                "mamba",
+                                "wrong:in_proj-one-tensor",
+                                dict(mamba_sd, **{"in_proj.weight": wrong_in_proj(hf_layer.mamba, tp, tp_rank)}),
+                                ref_mamba,
+                            )
+                        )
 
                 for module, layout, sd, ref in todo:
                     if module == "attention":
@@ -393,8 +456,11 @@ def main(argv=None) -> int:
                         m = m.to(device).eval()
                         # On CUDA megatron-core builds its own causal mask (attn_mask_type=causal, mask
                         # None); its default mask lives on "cuda", so the CPU debug path passes it.
-                        mc_mask = None if args.device == "cuda" else torch.ones(
-                            args.seq, args.seq, dtype=torch.bool).triu(1)[None, None]
+                        mc_mask = (
+                            None
+                            if args.device == "cuda"
+                            else torch.ones(args.seq, args.seq, dtype=torch.bool).triu(1)[None, None]
+                        )
                         out, bias = m(x_sbh, attention_mask=mc_mask, rotary_pos_emb=rope(args.seq))
                     else:
                         m = build_mamba(mcfg, cfg, layer, pgc)
@@ -406,21 +472,34 @@ def main(argv=None) -> int:
                     out = out.transpose(0, 1).float()
                     s = stats(out, ref.float())
                     s["max_abs"], s["mean_abs"], s["ref_max"] = reduce_max(
-                        [s["max_abs"], s["mean_abs"], s["ref_max"]], device)
+                        [s["max_abs"], s["mean_abs"], s["ref_max"]], device
+                    )
                     per_module.setdefault((module, layout), []).append(s)
 
         for (module, layout), rows in per_module.items():
             max_abs = max(r["max_abs"] for r in rows)
             rel = max(r["max_abs"] / r["ref_max"] for r in rows)
-            res = {"case": name, "tp": tp, "backend": dist.get_backend(), "module": module, "layout": layout,
-                   "layers": len(rows), "max_abs": max_abs, "max_rel": rel,
-                   "mean_abs": max(r["mean_abs"] for r in rows), "ref_max": max(r["ref_max"] for r in rows)}
+            res = {
+                "case": name,
+                "tp": tp,
+                "backend": dist.get_backend(),
+                "module": module,
+                "layout": layout,
+                "layers": len(rows),
+                "max_abs": max_abs,
+                "max_rel": rel,
+                "mean_abs": max(r["mean_abs"] for r in rows),
+                "ref_max": max(r["ref_max"] for r in rows),
+            }
             res["pass"] = rel <= args.rtol if layout == "right" else rel > args.wrong_min_rel
             ok &= res["pass"]
             results.append(res)
             if rank == 0:
-                print(f"  {module:9s} {layout:26s} TP={tp} max|Δ|={max_abs:.3e} rel={rel:.3e} "
-                      f"max|ref|={res['ref_max']:.3e} -> {'OK' if res['pass'] else 'FAIL'}", flush=True)
+                print(
+                    f"  {module:9s} {layout:26s} TP={tp} max|Δ|={max_abs:.3e} rel={rel:.3e} "
+                    f"max|ref|={res['ref_max']:.3e} -> {'OK' if res['pass'] else 'FAIL'}",
+                    flush=True,
+                )
         del hf, shard
 
     if rank == 0 and args.json:

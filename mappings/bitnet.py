@@ -16,9 +16,15 @@ from .falcon_h1 import LAYER
 BITNET_LINEARS: tuple[str, ...] = tuple(
     f"model.layers.{LAYER}.{module}"
     for module in (
-        "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-        "mamba.in_proj", "mamba.out_proj",
-        "feed_forward.gate_proj", "feed_forward.up_proj", "feed_forward.down_proj",
+        "self_attn.q_proj",
+        "self_attn.k_proj",
+        "self_attn.v_proj",
+        "self_attn.o_proj",
+        "mamba.in_proj",
+        "mamba.out_proj",
+        "feed_forward.gate_proj",
+        "feed_forward.up_proj",
+        "feed_forward.down_proj",
     )
 )
 # What a packed checkpoint's quantization_config lists as modules_to_not_convert.

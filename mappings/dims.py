@@ -32,7 +32,7 @@ class FalconH1Dims:
     d_conv: int = 4
 
     @classmethod
-    def from_hf_config(cls, cfg, padded_vocab: int | None = None) -> "FalconH1Dims":
+    def from_hf_config(cls, cfg, padded_vocab: int | None = None) -> FalconH1Dims:
         d_ssm = cfg.mamba_d_ssm if cfg.mamba_d_ssm is not None else cfg.mamba_expand * cfg.hidden_size
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         return cls(

@@ -14,8 +14,9 @@ Other Megatron key layouts are data too (``LAYOUTS``): renames and a layer patte
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any
 
 from .dims import FalconH1Dims
 from .rules import (
@@ -125,7 +126,7 @@ HF_SHAPES: dict[str, Callable[[FalconH1Dims], tuple[int, ...]]] = {  # in transf
 
 
 # A condition sees the HF config and the pipeline size.
-CONDITIONS: dict[str, Callable[[object, int], bool]] = {
+CONDITIONS: dict[str, Callable[[Any, int], bool]] = {
     "mamba_proj_bias": lambda c, pp: bool(c.mamba_proj_bias),
     "mamba_conv_bias": lambda c, pp: bool(c.mamba_conv_bias),
     "mamba_rms_norm": lambda c, pp: bool(c.mamba_rms_norm),
@@ -136,6 +137,7 @@ CONDITIONS: dict[str, Callable[[object, int], bool]] = {
     "tied_pp": lambda c, pp: bool(c.tie_word_embeddings) and pp > 1,
 }
 
+
 @dataclass(frozen=True)
 class Layout:
     """One Megatron key layout: renames of the canonical (Megatron-Bridge) layer-key suffixes (a rename
@@ -144,7 +146,7 @@ class Layout:
     block; ``"P-"`` is a parallel Mamba‖attention layer followed by an MLP-only layer, so HF layer i
     is Megatron layers 2i and 2i+1 and the ``mlp.*`` keys live in the second."""
 
-    renames: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    renames: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     pattern: str = "P"
     legacy_only: bool = False  # key names only legacy state_dict() files use
 
@@ -159,10 +161,13 @@ LAYOUTS: dict[str, Layout] = {
     "bridge": Layout(),
     # Megatron-LM main stores conv1d as direct parameters (legacy state_dict keys only; torch_dist
     # keeps conv1d.weight through megatron-core's conv_checkpoint_key_map).
-    "mlm-conv1d": Layout({
-        "mamba_mixer.conv1d.weight": ("mamba_mixer.conv1d_weight",),
-        "mamba_mixer.conv1d.bias": ("mamba_mixer.conv1d_bias",),
-    }, legacy_only=True),
+    "mlm-conv1d": Layout(
+        {
+            "mamba_mixer.conv1d.weight": ("mamba_mixer.conv1d_weight",),
+            "mamba_mixer.conv1d.bias": ("mamba_mixer.conv1d_bias",),
+        },
+        legacy_only=True,
+    ),
     # Megatron-Bridge before 50ccc9774: the shared input norm fused into both branches' first linear.
     "bridge-fused-norm": Layout(_FUSED_NORM),
     # Megatron-LM's parallel hybrid (PR #1785, ParallelHybridLayer, hybrid_override_pattern "P-P-..."):
@@ -179,9 +184,16 @@ DEFAULT_LAYOUT = "bridge"
 # ``linear_proj`` / ``linear_fc2``, TEDotProductAttention ``core_attention``, TELayerNormColumnParallelLinear
 # ``linear_fc1``; the stack's TENorm ``final_norm``. ``output_layer`` is megatron-core's own
 # ColumnParallelLinear, whose ``get_extra_state()`` is None, and FalconH1Model does not drop it.
-TE_LAYER_MODULES = ("norm", "mamba_mixer.in_proj", "mamba_mixer.out_proj", "self_attention.linear_qkv",
-                    "self_attention.core_attention", "self_attention.linear_proj", "mlp.linear_fc1",
-                    "mlp.linear_fc2")
+TE_LAYER_MODULES = (
+    "norm",
+    "mamba_mixer.in_proj",
+    "mamba_mixer.out_proj",
+    "self_attention.linear_qkv",
+    "self_attention.core_attention",
+    "self_attention.linear_proj",
+    "mlp.linear_fc1",
+    "mlp.linear_fc2",
+)
 TE_MODEL_MODULES = ("decoder.final_norm",)
 NONE_EXTRA_STATE_MODULES = ("output_layer",)
 

@@ -15,8 +15,8 @@ Returned shards may be views of the input; callers that persist them must ``clon
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import torch
 
@@ -119,7 +119,7 @@ class VocabSplit(Rule):
             raise ShardError(f"vocab: padded size {dims.padded_vocab} is not divisible by TP={tp}")
         rows = dims.padded_vocab // tp
         begin, end = rank * rows, (rank + 1) * rows
-        real = t[min(begin, t.shape[0]): min(end, t.shape[0])]
+        real = t[min(begin, t.shape[0]) : min(end, t.shape[0])]
         pad = rows - real.shape[0]  # only the rank(s) past the real vocabulary hold zero rows
         return [real] if not pad else [p for p in (real, t.new_zeros((pad, *t.shape[1:]))) if p.shape[0]]
 

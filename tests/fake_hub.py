@@ -87,7 +87,7 @@ class FakeHub:
         self.url = ""
 
     # -- lifecycle -------------------------------------------------------------------------
-    def __enter__(self) -> "FakeHub":
+    def __enter__(self) -> FakeHub:
         hub = self
 
         class Handler(_Handler):
@@ -113,8 +113,15 @@ class FakeHub:
         return [f"{r.method} {r.path}" for r in self.requests]
 
     # -- state changes (called by the handler, under the lock) ------------------------------
-    def _new_commit(self, repo: Repo, parent: str | None, message: str, description: str,
-                    files: dict[str, bytes], lfs_paths: set[str]) -> Commit:
+    def _new_commit(
+        self,
+        repo: Repo,
+        parent: str | None,
+        message: str,
+        description: str,
+        files: dict[str, bytes],
+        lfs_paths: set[str],
+    ) -> Commit:
         self._commit_counter += 1
         oid = hashlib.sha1(f"{repo.repo_id}:{self._commit_counter}:{message}".encode()).hexdigest()
         commit = Commit(oid, parent, message, description, files, lfs_paths)
@@ -199,7 +206,7 @@ class _Handler(BaseHTTPRequestHandler):
                     fake._failures.remove(rule)
                     headers = {"X-Error-Message": "injected failure"}
                     return self._send(rule[2], {"error": "injected failure"}, headers=headers)
-            for route_method, pattern, name in ROUTES:
+            for route_method, pattern, name in ROUTES:  # noqa: B007  (name is used after the break)
                 match = pattern.fullmatch(split.path)
                 if route_method == method and match:
                     break
@@ -333,12 +340,16 @@ class _Handler(BaseHTTPRequestHandler):
         )
         r.refs[target_ref] = commit.oid
         pr_url = f"{self.fake.url}/{repo}/discussions/{target_ref.split('/')[-1]}" if target_ref != rev else None
-        return 200, {
-            "success": True,
-            "commitOid": commit.oid,
-            "commitUrl": f"{self.fake.url}/{repo}/commit/{commit.oid}",
-            "pullRequestUrl": pr_url,
-        }, {}
+        return (
+            200,
+            {
+                "success": True,
+                "commitOid": commit.oid,
+                "commitUrl": f"{self.fake.url}/{repo}/commit/{commit.oid}",
+                "pullRequestUrl": pr_url,
+            },
+            {},
+        )
 
     def _resolve(self, body, query, repo, rev, path):
         r = self._repo(repo)

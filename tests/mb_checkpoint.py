@@ -56,10 +56,13 @@ def provider_fields(cfg, *, tp: int, pp: int) -> dict:
         "normalization": "RMSNorm",
         "gated_linear_unit": True,
         "activation_func": {"_target_": "torch.nn.functional.silu", "_call_": False},
-        "attention_backend": {"_target_": "megatron.core.transformer.enums.AttnBackend", "_call_": True,
-                              "_args_": [3], "_name_": "unfused"},
-        "init_method": {"_target_": "torch.nn.init.normal_", "_partial_": True, "_args_": [], "mean": 0.0,
-                        "std": 0.02},
+        "attention_backend": {
+            "_target_": "megatron.core.transformer.enums.AttnBackend",
+            "_call_": True,
+            "_args_": [3],
+            "_name_": "unfused",
+        },
+        "init_method": {"_target_": "torch.nn.init.normal_", "_partial_": True, "_args_": [], "mean": 0.0, "std": 0.02},
         "mamba_state_dim": cfg.mamba_d_state,
         "mamba_head_dim": cfg.mamba_d_head,
         "mamba_num_heads": cfg.mamba_n_heads,
@@ -94,13 +97,25 @@ def run_config_text(model: dict, save: Path) -> str:
     container = {
         "_target_": "megatron.bridge.training.config.ConfigContainer",
         "model": model,
-        "checkpoint": {"_target_": "megatron.bridge.training.config.CheckpointConfig", "save": str(save),
-                       "ckpt_format": "torch_dist", "save_optim": True, "save_rng": True},
-        "tokenizer": {"_target_": "megatron.bridge.training.tokenizers.config.TokenizerConfig",
-                      "tokenizer_type": "HuggingFaceTokenizer", "tokenizer_model": "tiiuae/Falcon-H1-0.5B-Base",
-                      "hf_tokenizer_kwargs": {}},
-        "train": {"_target_": "megatron.bridge.training.config.TrainingConfig", "train_iters": 1000,
-                  "global_batch_size": 8, "micro_batch_size": 1},
+        "checkpoint": {
+            "_target_": "megatron.bridge.training.config.CheckpointConfig",
+            "save": str(save),
+            "ckpt_format": "torch_dist",
+            "save_optim": True,
+            "save_rng": True,
+        },
+        "tokenizer": {
+            "_target_": "megatron.bridge.training.tokenizers.config.TokenizerConfig",
+            "tokenizer_type": "HuggingFaceTokenizer",
+            "tokenizer_model": "tiiuae/Falcon-H1-0.5B-Base",
+            "hf_tokenizer_kwargs": {},
+        },
+        "train": {
+            "_target_": "megatron.bridge.training.config.TrainingConfig",
+            "train_iters": 1000,
+            "global_batch_size": 8,
+            "micro_batch_size": 1,
+        },
         "dataset": None,
         "dist": None,
         "env_vars": {},
@@ -124,10 +139,20 @@ def train_state(step: int) -> dict[str, torch.Tensor]:
 
 def te_modules(num_layers: int) -> list[str]:
     """Every module of MB's Falcon-H1 spec that keeps Transformer Engine ``_extra_state``."""
-    per_layer = ("norm", "mamba_mixer.in_proj", "mamba_mixer.out_proj", "self_attention.linear_qkv",
-                 "self_attention.core_attention", "self_attention.linear_proj", "mlp.linear_fc1", "mlp.linear_fc2")
+    per_layer = (
+        "norm",
+        "mamba_mixer.in_proj",
+        "mamba_mixer.out_proj",
+        "self_attention.linear_qkv",
+        "self_attention.core_attention",
+        "self_attention.linear_proj",
+        "mlp.linear_fc1",
+        "mlp.linear_fc2",
+    )
     return [f"decoder.layers.{i}.{m}" for i in range(num_layers) for m in per_layer] + [
-        "decoder.final_norm", "output_layer"]
+        "decoder.final_norm",
+        "output_layer",
+    ]
 
 
 def finish_mb_checkpoint(root: Path, iteration: int, cfg, *, tp: int, pp: int, tokenizer_from: Path) -> None:

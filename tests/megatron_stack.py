@@ -131,7 +131,8 @@ def save_training_checkpoint(
     for prefix in extra_state_prefixes:  # TE modules: one object per TP rank, main replica at tp 0
         for r in range(tp):
             model_sd[f"{prefix}._extra_state#{r}"] = make_sharded_object_for_checkpoint(
-                torch.empty(0, dtype=torch.uint8), f"{prefix}._extra_state", replica_id=(0, r, 0))
+                torch.empty(0, dtype=torch.uint8), f"{prefix}._extra_state", replica_id=(0, r, 0)
+            )
 
     state_dict: dict[str, Any] = {"checkpoint_version": 3.0, "iteration": iteration, "model": model_sd}
     kinds = OPTIMIZER_KINDS[:optimizer_copies]
@@ -139,8 +140,10 @@ def save_training_checkpoint(
         state: dict[Any, Any] = {}  # param id (here: one per fragment) -> {kind: ShardedTensor}
         fp32_params: list[Any] = []
         for key, shards in sharded.items():
-            glob = {k: model[key].float() if k == "fp32_param" else torch.randn(model[key].shape, generator=gen)
-                    for k in kinds}
+            glob = {
+                k: model[key].float() if k == "fp32_param" else torch.randn(model[key].shape, generator=gen)
+                for k in kinds
+            }
             if "exp_avg_sq" in glob:
                 glob["exp_avg_sq"] = glob["exp_avg_sq"].square()
             frags = {k: [f[0].contiguous() for f in _fragments(key, g, tp)] for k, g in glob.items()}
@@ -149,8 +152,13 @@ def save_training_checkpoint(
                 if "fp32_param" in opt:
                     fp32_params.append(opt.pop("fp32_param"))
                 state[len(state)] = opt
-        group = {"lr": 1e-4, "betas": (0.9, 0.95), "eps": 1e-8, "weight_decay": 0.1,
-                 "params": LocalNonpersistentObject(list(range(len(state))))}
+        group = {
+            "lr": 1e-4,
+            "betas": (0.9, 0.95),
+            "eps": 1e-8,
+            "weight_decay": 0.1,
+            "params": LocalNonpersistentObject(list(range(len(state)))),
+        }
         state["common_step"] = iteration
         state_dict["optimizer"] = {"optimizer": {"state": state, "param_groups": [group]}}
         if fp32_params:
@@ -158,7 +166,9 @@ def save_training_checkpoint(
         state_dict["opt_param_scheduler"] = {"max_lr": 1e-4, "num_steps": iteration}
     state_dict["rng_state"] = [  # get_rng_state(ckpt_format="torch_dist") of every (pp, tp) rank
         ShardedObject("rng_state", [_rng_state(seed + p * tp + r)], (pp, tp), (p, r), replica_id=0)
-        for p in range(pp) for r in range(tp)]
+        for p in range(pp)
+        for r in range(tp)
+    ]
     extra = dict(common or {})
     content_metadata = extra.pop("content_metadata", CONTENT_METADATA)
     state_dict.update(extra)

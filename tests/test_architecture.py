@@ -81,14 +81,20 @@ def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 def test_no_import_cycles():
     modules = _modules()
     # A package's __init__ re-exporting its modules is not a dependency of those modules on it.
-    graph = {m: {t for t, _ in edges if not (m.startswith(t + ".") and modules[t].name == "__init__.py")}
-             for m, edges in _imports(modules).items()}
+    graph = {
+        m: {t for t, _ in edges if not (m.startswith(t + ".") and modules[t].name == "__init__.py")}
+        for m, edges in _imports(modules).items()
+    }
     assert _cycles(graph) == []
 
 
 def test_no_private_names_across_modules():
-    offenders = sorted(f"{m} imports {t}.{n}" for m, edges in _imports(_modules()).items()
-                       for t, n in edges if n and n.startswith("_") and not n.startswith("__"))
+    offenders = sorted(
+        f"{m} imports {t}.{n}"
+        for m, edges in _imports(_modules()).items()
+        for t, n in edges
+        if n and n.startswith("_") and not n.startswith("__")
+    )
     assert offenders == []
 
 
@@ -99,8 +105,16 @@ def test_the_checks_can_fail():
 def test_engine_formats_and_checks_receive_the_family():
     """They get a ``ModelFamily`` (``bridge.families``), never a family's own modules or tables."""
     family_specific = ("bridge.families.", "mappings.falcon_h1", "mappings.dims")
-    falcon_names = {"FALCON_H1", "FalconH1Dims", "LAYOUTS", "params_for", "hf_shapes", "extra_state_modules",
-                    "FalconH1Config", "FalconH1ForCausalLM"}
+    falcon_names = {
+        "FALCON_H1",
+        "FalconH1Dims",
+        "LAYOUTS",
+        "params_for",
+        "hf_shapes",
+        "extra_state_modules",
+        "FalconH1Config",
+        "FalconH1ForCausalLM",
+    }
     offenders = sorted(
         f"{m} imports {t}{'.' + n if n else ''}"
         for m, edges in _imports(_modules()).items()

@@ -71,18 +71,31 @@ def drop_key(hf):
 
 HF_CASES = {
     "missing shard": (lambda hf: first_shard(hf).unlink(), 3, "does not exist"),
-    "shard outside folder": (lambda hf: edit_index(hf, lambda m: m.update({k: "../x.safetensors" for k in list(m)[:1]})),
-                             3, "outside the checkpoint folder"),
+    "shard outside folder": (
+        lambda hf: edit_index(hf, lambda m: m.update({k: "../x.safetensors" for k in list(m)[:1]})),
+        3,
+        "outside the checkpoint folder",
+    ),
     "corrupt header": (lambda hf: first_shard(hf).write_bytes(b"\xff" * 64), 3, "not a readable safetensors"),
-    "truncated shard": (lambda hf: first_shard(hf).write_bytes(first_shard(hf).read_bytes()[:-100]), 3,
-                        "not a readable safetensors"),
-    "other model type": (lambda hf: (hf / "config.json").write_text('{"model_type": "llama"}'), 3,
-                         "model_type is 'llama', expected 'falcon_h1'"),
+    "truncated shard": (
+        lambda hf: first_shard(hf).write_bytes(first_shard(hf).read_bytes()[:-100]),
+        3,
+        "not a readable safetensors",
+    ),
+    "other model type": (
+        lambda hf: (hf / "config.json").write_text('{"model_type": "llama"}'),
+        3,
+        "model_type is 'llama', expected 'falcon_h1'",
+    ),
     "invalid config json": (lambda hf: (hf / "config.json").write_text("{nope"), 3, "invalid JSON"),
     "missing key": (drop_key, 3, "missing tensor"),
-    "shape vs config": (lambda hf: (hf / "config.json").write_text(
-        (hf / "config.json").read_text().replace('"intermediate_size": 128', '"intermediate_size": 64')), 3,
-        "config expects"),
+    "shape vs config": (
+        lambda hf: (hf / "config.json").write_text(
+            (hf / "config.json").read_text().replace('"intermediate_size": 128', '"intermediate_size": 64')
+        ),
+        3,
+        "config expects",
+    ),
     "empty dir": (lambda hf: [p.unlink() for p in hf.iterdir()], 3, "empty directory"),
 }
 
@@ -101,20 +114,41 @@ def test_bad_hf_inputs(hf, tmp_path, case):
 
 MEG_CASES = {
     "missing rank dir": (lambda m: shutil.rmtree(m / "release/mp_rank_01_001"), 3, "missing rank directory"),
-    "missing rank file": (lambda m: (m / "release/mp_rank_01_000/model_optim_rng.pt").unlink(), 3,
-                          "missing rank file"),
-    "tracker nowhere": (lambda m: (m / "latest_checkpointed_iteration.txt").write_text("500"), 3,
-                        "points to iter_0000500"),
-    "tracker garbage": (lambda m: (m / "latest_checkpointed_iteration.txt").write_text("soon"), 3,
-                        "expected an iteration number"),
-    "inconsistent rank shapes": (lambda m: rewrite_rank(m, "mp_rank_01_000", lambda s: s["model"].update(
-        {"decoder.layers.0.mamba_mixer.D": torch.ones(3)})), 3, "mp_rank_01_000"),
-    "disallowed pickle global": (lambda m: rewrite_rank(m, "mp_rank_00_001", lambda s: s.update(evil=Evil())), 3,
-                                 "refused to load"),
-    "args disagree with dirs": (lambda m: rewrite_rank(m, "mp_rank_00_000", lambda s: setattr(
-        s["args"], "tensor_model_parallel_size", 4)), 3, "tensor_model_parallel_size=4"),
-    "diverging replicas": (lambda m: rewrite_rank(m, "mp_rank_01_000", lambda s: s["model"].update(
-        {"decoder.layers.0.norm.weight": torch.zeros(64)})), 3, "differs between TP ranks"),
+    "missing rank file": (lambda m: (m / "release/mp_rank_01_000/model_optim_rng.pt").unlink(), 3, "missing rank file"),
+    "tracker nowhere": (
+        lambda m: (m / "latest_checkpointed_iteration.txt").write_text("500"),
+        3,
+        "points to iter_0000500",
+    ),
+    "tracker garbage": (
+        lambda m: (m / "latest_checkpointed_iteration.txt").write_text("soon"),
+        3,
+        "expected an iteration number",
+    ),
+    "inconsistent rank shapes": (
+        lambda m: rewrite_rank(
+            m, "mp_rank_01_000", lambda s: s["model"].update({"decoder.layers.0.mamba_mixer.D": torch.ones(3)})
+        ),
+        3,
+        "mp_rank_01_000",
+    ),
+    "disallowed pickle global": (
+        lambda m: rewrite_rank(m, "mp_rank_00_001", lambda s: s.update(evil=Evil())),
+        3,
+        "refused to load",
+    ),
+    "args disagree with dirs": (
+        lambda m: rewrite_rank(m, "mp_rank_00_000", lambda s: setattr(s["args"], "tensor_model_parallel_size", 4)),
+        3,
+        "tensor_model_parallel_size=4",
+    ),
+    "diverging replicas": (
+        lambda m: rewrite_rank(
+            m, "mp_rank_01_000", lambda s: s["model"].update({"decoder.layers.0.norm.weight": torch.zeros(64)})
+        ),
+        3,
+        "differs between TP ranks",
+    ),
 }
 
 

@@ -126,8 +126,15 @@ def test_bitnet_linears_are_the_models_linears(preset):
     assert {f"{m}.weight" for m in BITNET_LINEARS} <= table_keys
     packed = {k for k in model.state_dict() if is_bitnet_weight(k)}
     assert len(packed) == 9 * cfg.num_hidden_layers
-    assert not any(is_bitnet_weight(k) for k in ("lm_head.weight", "model.layers.0.mamba.in_proj.bias",
-                                                 "model.layers.0.mamba.conv1d.weight", "model.layers.0.mamba.D"))
+    assert not any(
+        is_bitnet_weight(k)
+        for k in (
+            "lm_head.weight",
+            "model.layers.0.mamba.in_proj.bias",
+            "model.layers.0.mamba.conv1d.weight",
+            "model.layers.0.mamba.D",
+        )
+    )
 
 
 # --- the scale design --------------------------------------------------------------------------------
@@ -290,15 +297,24 @@ def set_field_3(tensors):
 
 
 BAD_PACKED = {
-    "shape vs config": (lambda f: (f / "config.json").write_text((f / "config.json").read_text().replace(
-        '"intermediate_size": 128', '"intermediate_size": 64')),
-        "'model.layers.0.feed_forward.gate_proj.weight' has shape (32, 64), config expects (16, 64)"),
-    "missing weight_scale": (lambda f: edit_tensors(f, lambda t: t.pop("model.layers.1.mamba.out_proj.weight_scale")),
-                             "missing tensor 'model.layers.1.mamba.out_proj.weight_scale'"),
-    "field value 3": (lambda f: edit_tensors(f, set_field_3),
-                      "'model.layers.2.self_attn.o_proj.weight': packed byte (3, 5) holds the unused field value 3"),
-    "zero scale": (lambda f: edit_tensors(f, lambda t: t["model.layers.0.self_attn.q_proj.weight_scale"].zero_()),
-                   "'model.layers.0.self_attn.q_proj.weight_scale' = [0.0]"),
+    "shape vs config": (
+        lambda f: (f / "config.json").write_text(
+            (f / "config.json").read_text().replace('"intermediate_size": 128', '"intermediate_size": 64')
+        ),
+        "'model.layers.0.feed_forward.gate_proj.weight' has shape (32, 64), config expects (16, 64)",
+    ),
+    "missing weight_scale": (
+        lambda f: edit_tensors(f, lambda t: t.pop("model.layers.1.mamba.out_proj.weight_scale")),
+        "missing tensor 'model.layers.1.mamba.out_proj.weight_scale'",
+    ),
+    "field value 3": (
+        lambda f: edit_tensors(f, set_field_3),
+        "'model.layers.2.self_attn.o_proj.weight': packed byte (3, 5) holds the unused field value 3",
+    ),
+    "zero scale": (
+        lambda f: edit_tensors(f, lambda t: t["model.layers.0.self_attn.q_proj.weight_scale"].zero_()),
+        "'model.layers.0.self_attn.q_proj.weight_scale' = [0.0]",
+    ),
 }
 
 
@@ -328,10 +344,14 @@ def test_unsupported_quantization_configs(packed_bf16, tmp_path):
     src = tmp_path / "packed"
     shutil.copytree(packed_bf16, src)
     config = json.loads((src / "config.json").read_text())
-    for quant, message in [({"modules_to_not_convert": ["lm_head", "in_proj"]}, "leaves 'model.layers.0.mamba.in_proj'"),
-                           ({"use_rms_norm": True}, "use_rms_norm"), ({"quant_method": "fp8"}, "only 'bitnet'")]:
-        (src / "config.json").write_text(json.dumps({**config, "quantization_config": {**config["quantization_config"],
-                                                                                       **quant}}))
+    for quant, message in [
+        ({"modules_to_not_convert": ["lm_head", "in_proj"]}, "leaves 'model.layers.0.mamba.in_proj'"),
+        ({"use_rms_norm": True}, "use_rms_norm"),
+        ({"quant_method": "fp8"}, "only 'bitnet'"),
+    ]:
+        (src / "config.json").write_text(
+            json.dumps({**config, "quantization_config": {**config["quantization_config"], **quant}})
+        )
         with pytest.raises(UnsupportedError, match=message):
             unpack_checkpoint(src, tmp_path / "out")
     with pytest.raises(InputError, match="already BitNet-packed"):
@@ -339,7 +359,9 @@ def test_unsupported_quantization_configs(packed_bf16, tmp_path):
 
 
 def test_cli_pack_unpack_and_inspect(hf_bf16, tmp_path):
-    exit_code, err, out = run("bitnet", "pack", hf_bf16, tmp_path / "packed", "--linear-class", "autobitlinear", "--json")
+    exit_code, err, out = run(
+        "bitnet", "pack", hf_bf16, tmp_path / "packed", "--linear-class", "autobitlinear", "--json"
+    )
     assert exit_code == 0, err
     assert json.loads(out)["quantized"] == {"latent": 36}
     exit_code, _, out = run("inspect", tmp_path / "packed")
@@ -355,6 +377,9 @@ def test_reshard_keeps_the_bitnet_scales(packed_bf16, tmp_path):
 
     hf_to_megatron(packed_bf16, tmp_path / "meg", tp=2)
     reshard(tmp_path / "meg", tmp_path / "tp1", tp=1, pp=2)
-    assert LegacyCheckpoint(tmp_path / "tp1").args.bitnet_weight_scales == LegacyCheckpoint(tmp_path / "meg").args.bitnet_weight_scales
+    assert (
+        LegacyCheckpoint(tmp_path / "tp1").args.bitnet_weight_scales
+        == LegacyCheckpoint(tmp_path / "meg").args.bitnet_weight_scales
+    )
     megatron_to_hf(tmp_path / "tp1", tmp_path / "back")
     assert_bit_exact(load_hf(packed_bf16), load_hf(tmp_path / "back"))

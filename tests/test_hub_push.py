@@ -315,8 +315,19 @@ def test_cli_megatron_to_hf_push_to(hub, hf_preset, tmp_path, monkeypatch, capsy
     hf_to_megatron(hf_preset("tiny"), tmp_path / "meg", tp=4, pp=2, fmt="torch_dist")
     monkeypatch.setenv("HF_TOKEN", TOKEN)
     monkeypatch.setenv("HF_ENDPOINT", hub.url)
-    result = CliRunner().invoke(cli.main, ["megatron-to-hf", str(tmp_path / "meg"), str(tmp_path / "hf"),
-                                           "--push-to", REPO, "--revision", "converted", "--json"])
+    result = CliRunner().invoke(
+        cli.main,
+        [
+            "megatron-to-hf",
+            str(tmp_path / "meg"),
+            str(tmp_path / "hf"),
+            "--push-to",
+            REPO,
+            "--revision",
+            "converted",
+            "--json",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert TOKEN not in result.output
     files = hub.repos[REPO].files("converted")

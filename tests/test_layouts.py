@@ -20,13 +20,19 @@ from mappings import LAYOUTS
 KEYS = {
     "bridge": ["decoder.layers.1.norm.weight", "decoder.layers.1.mamba_mixer.conv1d.weight"],
     "mlm-conv1d": ["decoder.layers.1.norm.weight", "decoder.layers.1.mamba_mixer.conv1d_weight"],
-    "bridge-fused-norm": ["decoder.layers.1.mamba_mixer.in_proj.layer_norm_weight",
-                          "decoder.layers.1.self_attention.linear_qkv.layer_norm_weight"],
+    "bridge-fused-norm": [
+        "decoder.layers.1.mamba_mixer.in_proj.layer_norm_weight",
+        "decoder.layers.1.self_attention.linear_qkv.layer_norm_weight",
+    ],
     # HF layer 1 -> Megatron layers 2 (Mamba || attention) and 3 (MLP only), per Megatron-LM PR #1785.
-    "mlm-parallel-hybrid": ["decoder.layers.2.mamba_mixer.in_proj.layer_norm_weight",
-                            "decoder.layers.2.self_attention.linear_qkv.layer_norm_weight",
-                            "decoder.layers.2.mamba_mixer.in_proj.weight", "decoder.layers.3.mlp.linear_fc1.weight",
-                            "decoder.layers.3.mlp.linear_fc1.layer_norm_weight", "decoder.layers.3.mlp.linear_fc2.weight"],
+    "mlm-parallel-hybrid": [
+        "decoder.layers.2.mamba_mixer.in_proj.layer_norm_weight",
+        "decoder.layers.2.self_attention.linear_qkv.layer_norm_weight",
+        "decoder.layers.2.mamba_mixer.in_proj.weight",
+        "decoder.layers.3.mlp.linear_fc1.weight",
+        "decoder.layers.3.mlp.linear_fc1.layer_norm_weight",
+        "decoder.layers.3.mlp.linear_fc2.weight",
+    ],
 }
 
 

@@ -33,31 +33,114 @@ from bridge.formats.torch_dist_io import TorchDistReader
 # Fields of MB's FalconH1Config (modeling_falconh1/falconh1_model.py) and FalconH1ModelProvider
 # (falconh1_provider.py) beyond megatron-core's TransformerConfig, at 067f987df03b.
 MB_FALCON_H1_FIELDS = {
-    "mamba_state_dim", "mamba_head_dim", "mamba_num_groups", "mamba_num_heads", "use_mamba_mem_eff_path",
-    "A_init_dist", "d_conv", "conv_init", "expand", "A_init_range", "D_has_hdim", "rmsnorm", "norm_before_gate",
-    "dt_min", "dt_max", "dt_init", "dt_scale", "dt_init_floor", "conv_bias", "chunk_size", "use_mamba",
-    "use_attention", "use_mlp",
-    "seq_length", "fp16_lm_cross_entropy", "logit_dtype", "parallel_output", "share_embeddings_and_output_weights",
-    "hybrid_attention_ratio", "hybrid_mlp_ratio", "falconh1_ratio", "hybrid_override_pattern",
-    "position_embedding_type", "rotary_percent", "rotary_base", "seq_len_interpolation_factor", "apply_rope_fusion",
-    "make_vocab_size_divisible_by", "vocab_size", "should_pad_vocab", "embedding_multiplier", "lm_head_multiplier",
-    "key_multiplier", "attention_in_multiplier", "attention_out_multiplier", "ssm_in_multiplier",
-    "ssm_out_multiplier", "mlp_multipliers", "ssm_multipliers", "falconh1_stack_spec",
+    "mamba_state_dim",
+    "mamba_head_dim",
+    "mamba_num_groups",
+    "mamba_num_heads",
+    "use_mamba_mem_eff_path",
+    "A_init_dist",
+    "d_conv",
+    "conv_init",
+    "expand",
+    "A_init_range",
+    "D_has_hdim",
+    "rmsnorm",
+    "norm_before_gate",
+    "dt_min",
+    "dt_max",
+    "dt_init",
+    "dt_scale",
+    "dt_init_floor",
+    "conv_bias",
+    "chunk_size",
+    "use_mamba",
+    "use_attention",
+    "use_mlp",
+    "seq_length",
+    "fp16_lm_cross_entropy",
+    "logit_dtype",
+    "parallel_output",
+    "share_embeddings_and_output_weights",
+    "hybrid_attention_ratio",
+    "hybrid_mlp_ratio",
+    "falconh1_ratio",
+    "hybrid_override_pattern",
+    "position_embedding_type",
+    "rotary_percent",
+    "rotary_base",
+    "seq_len_interpolation_factor",
+    "apply_rope_fusion",
+    "make_vocab_size_divisible_by",
+    "vocab_size",
+    "should_pad_vocab",
+    "embedding_multiplier",
+    "lm_head_multiplier",
+    "key_multiplier",
+    "attention_in_multiplier",
+    "attention_out_multiplier",
+    "ssm_in_multiplier",
+    "ssm_out_multiplier",
+    "mlp_multipliers",
+    "ssm_multipliers",
+    "falconh1_stack_spec",
 }
 # What the provider needs to build this model (everything else keeps the dataclass default).
-MB_NEEDED = {"num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups", "kv_channels",
-             "vocab_size", "should_pad_vocab", "make_vocab_size_divisible_by", "seq_length", "layernorm_epsilon",
-             "share_embeddings_and_output_weights", "add_bias_linear", "add_qkv_bias", "rotary_base",
-             "gated_linear_unit", "activation_func", "mamba_state_dim", "mamba_head_dim", "mamba_num_heads",
-             "mamba_num_groups", "d_conv", "expand", "conv_bias", "chunk_size", "rmsnorm", "norm_before_gate",
-             "embedding_multiplier", "lm_head_multiplier", "key_multiplier", "attention_in_multiplier",
-             "attention_out_multiplier", "ssm_in_multiplier", "ssm_out_multiplier", "mlp_multipliers",
-             "ssm_multipliers", "params_dtype", "bf16", "tensor_model_parallel_size", "pipeline_model_parallel_size"}
-TRAIN_STATE_KEYS = ("step", "consumed_train_samples", "skipped_train_samples", "consumed_valid_samples",
-                    "floating_point_operations_so_far", "do_train", "do_valid", "do_test")
+MB_NEEDED = {
+    "num_layers",
+    "hidden_size",
+    "ffn_hidden_size",
+    "num_attention_heads",
+    "num_query_groups",
+    "kv_channels",
+    "vocab_size",
+    "should_pad_vocab",
+    "make_vocab_size_divisible_by",
+    "seq_length",
+    "layernorm_epsilon",
+    "share_embeddings_and_output_weights",
+    "add_bias_linear",
+    "add_qkv_bias",
+    "rotary_base",
+    "gated_linear_unit",
+    "activation_func",
+    "mamba_state_dim",
+    "mamba_head_dim",
+    "mamba_num_heads",
+    "mamba_num_groups",
+    "d_conv",
+    "expand",
+    "conv_bias",
+    "chunk_size",
+    "rmsnorm",
+    "norm_before_gate",
+    "embedding_multiplier",
+    "lm_head_multiplier",
+    "key_multiplier",
+    "attention_in_multiplier",
+    "attention_out_multiplier",
+    "ssm_in_multiplier",
+    "ssm_out_multiplier",
+    "mlp_multipliers",
+    "ssm_multipliers",
+    "params_dtype",
+    "bf16",
+    "tensor_model_parallel_size",
+    "pipeline_model_parallel_size",
+}
+TRAIN_STATE_KEYS = (
+    "step",
+    "consumed_train_samples",
+    "skipped_train_samples",
+    "consumed_valid_samples",
+    "floating_point_operations_so_far",
+    "do_train",
+    "do_valid",
+    "do_test",
+)
 
 
 # ---- Megatron-Bridge's checks, re-implemented line for line ---------------------------------------
+
 
 def mb_checkpoint_exists(path: Path) -> bool:
     markers = ("run_config.yaml", "train_state.pt", "metadata.json", ".metadata")
@@ -101,10 +184,14 @@ def mb_instantiate_leaf(value: dict):
 
 # ---- Megatron-LM's checks ---------------------------------------------------------------------------
 
+
 def mlm_check_checkpoint_args(checkpoint_args: Namespace, args: Namespace, checkpoint_version: float) -> None:
     def _compare(arg_name, old_arg_name=None, default=None):
-        checkpoint_value = (getattr(checkpoint_args, old_arg_name or arg_name, default) if default is not None
-                            else getattr(checkpoint_args, old_arg_name or arg_name))
+        checkpoint_value = (
+            getattr(checkpoint_args, old_arg_name or arg_name, default)
+            if default is not None
+            else getattr(checkpoint_args, old_arg_name or arg_name)
+        )
         args_value = getattr(args, arg_name)
         assert checkpoint_value == args_value, f"{arg_name}: {checkpoint_value} vs {args_value}"
 
@@ -126,12 +213,35 @@ def mlm_check_checkpoint_args(checkpoint_args: Namespace, args: Namespace, check
 
 
 # Arguments ``load_args_from_checkpoint`` copies with force=True and Falcon-H1 needs.
-MLM_FORCED = ("num_query_groups", "group_query_attention", "position_embedding_type", "add_position_embedding",
-              "rotary_base", "rotary_percent", "add_bias_linear", "add_qkv_bias", "swiglu",
-              "untie_embeddings_and_output_weights", "normalization", "mamba_state_dim", "mamba_head_dim",
-              "mamba_num_groups", "mamba_num_heads")
-MLM_SET = ("num_layers", "hidden_size", "ffn_hidden_size", "seq_length", "num_attention_heads", "kv_channels",
-           "max_position_embeddings", "padded_vocab_size", "ckpt_format", "hybrid_override_pattern")
+MLM_FORCED = (
+    "num_query_groups",
+    "group_query_attention",
+    "position_embedding_type",
+    "add_position_embedding",
+    "rotary_base",
+    "rotary_percent",
+    "add_bias_linear",
+    "add_qkv_bias",
+    "swiglu",
+    "untie_embeddings_and_output_weights",
+    "normalization",
+    "mamba_state_dim",
+    "mamba_head_dim",
+    "mamba_num_groups",
+    "mamba_num_heads",
+)
+MLM_SET = (
+    "num_layers",
+    "hidden_size",
+    "ffn_hidden_size",
+    "seq_length",
+    "num_attention_heads",
+    "kv_channels",
+    "max_position_embeddings",
+    "padded_vocab_size",
+    "ckpt_format",
+    "hybrid_override_pattern",
+)
 
 
 @pytest.fixture(scope="module")
@@ -155,15 +265,17 @@ def _request(reader: TorchDistReader, tp: int, rank: int, objects: list[str]) ->
             rows = shape[0] // (2 * tp)
             for i in range(2):
                 local = torch.empty((rows, *shape[1:]), dtype=dtype)
-                req[f"{key}#{i}"] = ShardedTensor.from_rank_offsets(key, local, (0, i * tp + rank, 2 * tp),
-                                                                    replica_id=(0, 0, 0))
+                req[f"{key}#{i}"] = ShardedTensor.from_rank_offsets(
+                    key, local, (0, i * tp + rank, 2 * tp), replica_id=(0, 0, 0)
+                )
         else:
             axis = 1 if key.endswith(("linear_proj.weight", "out_proj.weight", "linear_fc2.weight")) else 0
-            local = torch.empty(shape[:axis] + (shape[axis] // tp,) + shape[axis + 1:], dtype=dtype)
+            local = torch.empty(shape[:axis] + (shape[axis] // tp,) + shape[axis + 1 :], dtype=dtype)
             req[key] = ShardedTensor.from_rank_offsets(key, local, (axis, rank, tp), replica_id=(0, 0, 0))
     for module in objects:
         req[f"{module}._extra_state"] = make_sharded_object_for_checkpoint(
-            None, f"{module}._extra_state", replica_id=(0, rank, 0))
+            None, f"{module}._extra_state", replica_id=(0, rank, 0)
+        )
     return req
 
 
@@ -185,8 +297,9 @@ def test_bridge_target_loads_under_default_strictness(hf, tmp_path, dist_checkpo
     for rank in range(2):
         with cpu_writer(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            loaded = dist_checkpointing.load({"model": _request(reader, 2, rank, modules)}, str(iter_dir),
-                                             validate_access_integrity=False)["model"]
+            loaded = dist_checkpointing.load(
+                {"model": _request(reader, 2, rank, modules)}, str(iter_dir), validate_access_integrity=False
+            )["model"]
         for key in reader.keys():
             glob = reader.load([key])[key]
             if key.endswith("linear_fc1.weight"):
@@ -206,8 +319,9 @@ def test_a_missing_extra_state_fails_the_default_load(hf, tmp_path, dist_checkpo
     request = _request(reader, 2, 0, ["decoder.layers.0.mamba_mixer.in_proj"])
     with cpu_writer(), warnings.catch_warnings(), pytest.raises(BaseException, match="Missing key.*_extra_state"):
         warnings.simplefilter("ignore")
-        dist_checkpointing.load({"model": request}, str(tmp_path / "plain" / "release"),
-                                validate_access_integrity=False)
+        dist_checkpointing.load(
+            {"model": request}, str(tmp_path / "plain" / "release"), validate_access_integrity=False
+        )
 
 
 def test_bridge_target_passes_mb_checks(hf, tmp_path):
@@ -231,7 +345,10 @@ def test_bridge_target_passes_mb_checks(hf, tmp_path):
     assert mb_instantiate_leaf(model["activation_func"]) is torch.nn.functional.silu
     cfg = HFCheckpoint(hf).config
     assert (model["num_layers"], model["mamba_num_groups"], model["ssm_multipliers"]) == (
-        cfg.num_hidden_layers, cfg.mamba_n_groups, list(cfg.ssm_multipliers))
+        cfg.num_hidden_layers,
+        cfg.mamba_n_groups,
+        list(cfg.ssm_multipliers),
+    )
     assert model["vocab_size"] == cfg.vocab_size and model["should_pad_vocab"] is True  # 317: TP=2 cannot split it
     assert mb_instantiate_leaf(run_config["tokenizer"]["tokenizer_model"]) == Path()  # -> <ckpt>/tokenizer
     assert (iter_dir / "tokenizer" / "tokenizer.json").read_bytes() == (hf / "tokenizer.json").read_bytes()
@@ -277,12 +394,26 @@ def test_megatron_lm_target_passes_its_checks(hf, tmp_path, fmt):
     ckpt_args = state["args"]
     assert state["checkpoint_version"] == 3.0 and "iteration" in state
     use_dist = fmt == "torch_dist"
-    user = Namespace(**{k: getattr(ckpt_args, k) for k in ("num_layers", "hidden_size", "num_attention_heads",
-                                                            "max_position_embeddings", "make_vocab_size_divisible_by",
-                                                            "padded_vocab_size")},
-                     add_position_embedding=False, tokenizer_type="HuggingFaceTokenizer", vocab_file="vocab.json",
-                     use_dist_ckpt=use_dist, data_parallel_random_init=False, tensor_model_parallel_size=2,
-                     pipeline_model_parallel_size=2)
+    user = Namespace(
+        **{
+            k: getattr(ckpt_args, k)
+            for k in (
+                "num_layers",
+                "hidden_size",
+                "num_attention_heads",
+                "max_position_embeddings",
+                "make_vocab_size_divisible_by",
+                "padded_vocab_size",
+            )
+        },
+        add_position_embedding=False,
+        tokenizer_type="HuggingFaceTokenizer",
+        vocab_file="vocab.json",
+        use_dist_ckpt=use_dist,
+        data_parallel_random_init=False,
+        tensor_model_parallel_size=2,
+        pipeline_model_parallel_size=2,
+    )
     mlm_check_checkpoint_args(ckpt_args, user, state["checkpoint_version"])
     with pytest.raises(AssertionError, match="hidden_size"):
         mlm_check_checkpoint_args(ckpt_args, Namespace(**{**vars(user), "hidden_size": 1}), 3.0)
@@ -294,12 +425,17 @@ def test_megatron_lm_target_passes_its_checks(hf, tmp_path, fmt):
 def test_iteration_option(hf, tmp_path):
     hf_to_megatron(hf, tmp_path / "n5", iteration=5)
     assert (tmp_path / "n5" / "latest_checkpointed_iteration.txt").read_text() == "5"
-    assert torch.load(tmp_path / "n5" / "iter_0000005" / "mp_rank_00" / "model_optim_rng.pt",
-                      weights_only=False)["iteration"] == 5
+    assert (
+        torch.load(tmp_path / "n5" / "iter_0000005" / "mp_rank_00" / "model_optim_rng.pt", weights_only=False)[
+            "iteration"
+        ]
+        == 5
+    )
     run = CliRunner().invoke
     result = run(cli.main, ["hf-to-megatron", str(hf), str(tmp_path / "zero"), "--iteration", "0"])
     assert result.exit_code == 5 and "expected N >= 1 or 'release'" in result.stderr
-    result = run(cli.main, ["hf-to-megatron", str(hf), str(tmp_path / "x"), "--target", "megatron-bridge",
-                            "--format", "legacy"])
+    result = run(
+        cli.main, ["hf-to-megatron", str(hf), str(tmp_path / "x"), "--target", "megatron-bridge", "--format", "legacy"]
+    )
     assert result.exit_code == 5 and "loads only torch_dist" in result.stderr
     assert not (tmp_path / "zero").exists() and not (tmp_path / "x").exists()

@@ -31,9 +31,14 @@ def random_multipliers(seed: int, draw=lambda rng: rng.uniform(0.3, 3.0)) -> dic
     """All 14 factors non-default (nine config fields)."""
     rng = random.Random(seed)
     return dict(
-        embedding_multiplier=draw(rng), lm_head_multiplier=draw(rng), key_multiplier=draw(rng),
-        attention_in_multiplier=draw(rng), attention_out_multiplier=draw(rng), ssm_in_multiplier=draw(rng),
-        ssm_out_multiplier=draw(rng), mlp_multipliers=[draw(rng) for _ in range(2)],
+        embedding_multiplier=draw(rng),
+        lm_head_multiplier=draw(rng),
+        key_multiplier=draw(rng),
+        attention_in_multiplier=draw(rng),
+        attention_out_multiplier=draw(rng),
+        ssm_in_multiplier=draw(rng),
+        ssm_out_multiplier=draw(rng),
+        mlp_multipliers=[draw(rng) for _ in range(2)],
         ssm_multipliers=[draw(rng) for _ in range(5)],
     )
 
@@ -94,15 +99,18 @@ def strip_mup_args(meg: Path) -> None:
 
 @pytest.mark.parametrize("removed", [(), ("key_multiplier", "ssm_multipliers")])
 def test_args_warning_names_the_missing_multipliers(caplog, removed):
-    args = megatron_args(preset_config("tiny-mup"), tp=1, pp=1, padded_vocab=384, divisible_by=128,
-                         params_dtype=torch.float32)
+    args = megatron_args(
+        preset_config("tiny-mup"), tp=1, pp=1, padded_vocab=384, divisible_by=128, params_dtype=torch.float32
+    )
     for name in removed:
         delattr(args, name)
     with caplog.at_level(logging.WARNING, logger="bridge.engine.config"):
         cfg = hf_config_from_args(args)
     assert [r.getMessage() for r in caplog.records] == (
         ["checkpoint args: µP multipliers missing (key_multiplier, ssm_multipliers); treating them as 1.0"]
-        if removed else [])
+        if removed
+        else []
+    )
     assert cfg.key_multiplier == (1.0 if removed else 1.75)
     assert cfg.ssm_multipliers == ([1.0] * 5 if removed else [1.5, 0.5, 2.0, 0.25, 1.125])
 
@@ -197,14 +205,17 @@ def edit_config(folder: Path, **fields) -> None:
     (folder / "config.json").write_text(json.dumps(cfg))
 
 
-@pytest.mark.parametrize("action,setup,match", [
-    ("fold", dict(preset="tiny-bias-tied"), "one shared tensor cannot carry two factors"),
-    ("fold", dict(config={FOLDED_KEY: {"key_multiplier": 2.0}}), "folded before"),
-    ("unfold", dict(), "not folded"),
-    ("fold", dict(config={"quantization_config": {"quant_method": "bitnet"}}), "ternary"),
-    ("fold", dict(config={"ssm_in_multiplier": 0.0}), "cannot be divided back out"),
-    ("unfold", dict(config={FOLDED_KEY: {"key_multiplier": 2.0}, "key_multiplier": 3.0}), "edited after folding"),
-])
+@pytest.mark.parametrize(
+    "action,setup,match",
+    [
+        ("fold", dict(preset="tiny-bias-tied"), "one shared tensor cannot carry two factors"),
+        ("fold", dict(config={FOLDED_KEY: {"key_multiplier": 2.0}}), "folded before"),
+        ("unfold", dict(), "not folded"),
+        ("fold", dict(config={"quantization_config": {"quant_method": "bitnet"}}), "ternary"),
+        ("fold", dict(config={"ssm_in_multiplier": 0.0}), "cannot be divided back out"),
+        ("unfold", dict(config={FOLDED_KEY: {"key_multiplier": 2.0}, "key_multiplier": 3.0}), "edited after folding"),
+    ],
+)
 def test_refusals(tmp_path, action, setup, match):
     src = write_model(tmp_path / "hf", setup.get("preset", "tiny"), **random_multipliers(1))
     edit_config(src, **setup.get("config", {}))

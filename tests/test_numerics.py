@@ -35,8 +35,15 @@ def test_projections_from_shards_match_transformers(hf_preset, tmp_path, preset,
     layer = model.model.layers[1]
     with torch.no_grad():
         hf_parts = layer.mamba.in_proj(h).split(
-            [cfg.mamba_d_ssm, cfg.mamba_d_ssm, cfg.mamba_n_groups * cfg.mamba_d_state,
-             cfg.mamba_n_groups * cfg.mamba_d_state, cfg.mamba_n_heads], -1)
+            [
+                cfg.mamba_d_ssm,
+                cfg.mamba_d_ssm,
+                cfg.mamba_n_groups * cfg.mamba_d_state,
+                cfg.mamba_n_groups * cfg.mamba_d_state,
+                cfg.mamba_n_heads,
+            ],
+            -1,
+        )
         hf_qkv = [layer.self_attn.q_proj(h), layer.self_attn.k_proj(h), layer.self_attn.v_proj(h)]
         hf_gate, hf_up = layer.feed_forward.gate_proj(h), layer.feed_forward.up_proj(h)
         ranks = [meg.model(r, 0) for r in range(tp)]

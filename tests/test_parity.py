@@ -18,8 +18,16 @@ from bridge.tiny import make_tiny
 from mappings import FalconH1Dims
 
 TOL = 1e-5
-CASES = [("tiny", 1, 1), ("tiny", 2, 1), ("tiny", 4, 2), ("tiny-bias-tied", 1, 2), ("tiny-bias-tied", 2, 1),
-         ("tiny-mup", 1, 1), ("tiny-mup", 2, 2), ("tiny-mup", 4, 1)]
+CASES = [
+    ("tiny", 1, 1),
+    ("tiny", 2, 1),
+    ("tiny", 4, 2),
+    ("tiny-bias-tied", 1, 2),
+    ("tiny-bias-tied", 2, 1),
+    ("tiny-mup", 1, 1),
+    ("tiny-mup", 2, 2),
+    ("tiny-mup", 4, 1),
+]
 
 
 def check(hf_dir, meg_dir):
@@ -52,8 +60,12 @@ def bc_groups_round_robin(prefix, hf, tp, rank, conv: bool):
     dims = FalconH1Dims.from_hf_config(hf.config)
     key, sizes, first_bc = ("conv1d", dims.conv_blocks, 1) if conv else ("in_proj", dims.in_proj_blocks, 2)
     blocks = hf.get(f"{prefix}mamba.{key}.weight").split(sizes)
-    out = [b.unflatten(0, (dims.mamba_groups, -1))[rank::tp].flatten(0, 1) if i in (first_bc, first_bc + 1)
-           else b.chunk(tp)[rank] for i, b in enumerate(blocks)]
+    out = [
+        b.unflatten(0, (dims.mamba_groups, -1))[rank::tp].flatten(0, 1)
+        if i in (first_bc, first_bc + 1)
+        else b.chunk(tp)[rank]
+        for i, b in enumerate(blocks)
+    ]
     return torch.cat(out)
 
 
@@ -66,8 +78,10 @@ def test_logits_match_transformers(hf_preset, tmp_path, preset, tp, pp):
     assert (report.tp, report.pp) == (tp, pp) and report.max_logit > 0.1
 
 
-@pytest.mark.parametrize("suffix,wrong", [("self_attention.linear_qkv.weight", qkv_not_interleaved),
-                                          ("mamba_mixer.in_proj.weight", in_proj_plain_chunk)])
+@pytest.mark.parametrize(
+    "suffix,wrong",
+    [("self_attention.linear_qkv.weight", qkv_not_interleaved), ("mamba_mixer.in_proj.weight", in_proj_plain_chunk)],
+)
 def test_wrong_layout_fails_loudly(hf_preset, tmp_path, suffix, wrong):
     src, meg = hf_preset("tiny"), tmp_path / "meg"
     hf_to_megatron(src, meg, tp=2)
@@ -91,10 +105,12 @@ def test_bc_group_placement_is_visible(ssm_heavy, tmp_path):
     hf_to_megatron(ssm_heavy, tmp_path / "good", tp=2)
     assert check(ssm_heavy, tmp_path / "good").ok
     hf_to_megatron(ssm_heavy, tmp_path / "bad", tp=2)
-    rewrite_layer_tensors(ssm_heavy, tmp_path / "bad", "mamba_mixer.in_proj.weight",
-                          lambda *a: bc_groups_round_robin(*a, conv=False))
-    rewrite_layer_tensors(ssm_heavy, tmp_path / "bad", "mamba_mixer.conv1d.weight",
-                          lambda *a: bc_groups_round_robin(*a, conv=True))
+    rewrite_layer_tensors(
+        ssm_heavy, tmp_path / "bad", "mamba_mixer.in_proj.weight", lambda *a: bc_groups_round_robin(*a, conv=False)
+    )
+    rewrite_layer_tensors(
+        ssm_heavy, tmp_path / "bad", "mamba_mixer.conv1d.weight", lambda *a: bc_groups_round_robin(*a, conv=True)
+    )
     report = check(ssm_heavy, tmp_path / "bad")
     assert not report.ok and report.max_abs > 10 * TOL, report.format()
 

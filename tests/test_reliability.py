@@ -170,31 +170,78 @@ EMBED = "model.embed_tokens.weight"
 
 # name -> (damage(ws), extra CLI args, exit code, fragments the error line must hold)
 HF_CASES = {
-    "duplicate key across shards": (lambda w: duplicate_across_shards(w.hf), [], 3,
-                                    ["model-00002-of-", f"tensor {EMBED!r} is also stored in model-00001-of-"]),
-    "unexpected (extra) key": (lambda w: extra_key(w.hf, listed=True), [], 3,
-                               ["unexpected tensor 'model.layers.0.bogus.weight'"]),
-    "key in a shard but not in the index": (lambda w: extra_key(w.hf, listed=False), [], 3,
-                                            ["'model.layers.0.bogus.weight' is not listed in " + INDEX]),
-    "index maps a key to the wrong shard": (lambda w: remap(w.hf), [], 3,
-                                            [INDEX, f"{EMBED!r} is mapped to", "that shard does not hold it"]),
-    "index names an absolute path": (lambda w: edit_json(w.hf / INDEX, lambda d: d["weight_map"].update(
-        {EMBED: "/etc/passwd"})), [], 3, [INDEX, "'/etc/passwd' is outside the checkpoint folder"]),
-    "index without weight_map": (lambda w: (w.hf / INDEX).write_text('{"metadata": {}}'), [], 3,
-                                 [INDEX, "expected JSON with a 'weight_map' object"]),
+    "duplicate key across shards": (
+        lambda w: duplicate_across_shards(w.hf),
+        [],
+        3,
+        ["model-00002-of-", f"tensor {EMBED!r} is also stored in model-00001-of-"],
+    ),
+    "unexpected (extra) key": (
+        lambda w: extra_key(w.hf, listed=True),
+        [],
+        3,
+        ["unexpected tensor 'model.layers.0.bogus.weight'"],
+    ),
+    "key in a shard but not in the index": (
+        lambda w: extra_key(w.hf, listed=False),
+        [],
+        3,
+        ["'model.layers.0.bogus.weight' is not listed in " + INDEX],
+    ),
+    "index maps a key to the wrong shard": (
+        lambda w: remap(w.hf),
+        [],
+        3,
+        [INDEX, f"{EMBED!r} is mapped to", "that shard does not hold it"],
+    ),
+    "index names an absolute path": (
+        lambda w: edit_json(w.hf / INDEX, lambda d: d["weight_map"].update({EMBED: "/etc/passwd"})),
+        [],
+        3,
+        [INDEX, "'/etc/passwd' is outside the checkpoint folder"],
+    ),
+    "index without weight_map": (
+        lambda w: (w.hf / INDEX).write_text('{"metadata": {}}'),
+        [],
+        3,
+        [INDEX, "expected JSON with a 'weight_map' object"],
+    ),
     "integer tensor where a float weight is expected": (
-        lambda w: edit_tensors(w.hf, EMBED, lambda t: t.update({EMBED: t[EMBED].to(torch.int32)})), [], 3,
-        [f"{EMBED!r} has dtype int32, expected a floating-point weight"]),
-    "config: negative size": (lambda w: set_config(w.hf, num_attention_heads=-8), [], 3,
-                              ["config.json: num_attention_heads is -8; expected a positive integer"]),
-    "config: zero vocab": (lambda w: set_config(w.hf, vocab_size=0), [], 3,
-                           ["config.json: vocab_size is 0; expected a positive integer"]),
-    "config: wrong type": (lambda w: set_config(w.hf, rms_norm_eps="tiny"), [], 3,
-                           ["config.json: not a valid FalconH1Config", "'rms_norm_eps' expected float, got str"]),
-    "config.json missing": (lambda w: (w.hf / "config.json").unlink(), [], 3,
-                            ["config.json: missing; expected a Hugging Face config.json"]),
-    "TP does not divide attention heads": (lambda w: w.hf, ["--tp", "3"], 5,
-                                           ["TP=3 does not divide num_attention_heads=8"]),
+        lambda w: edit_tensors(w.hf, EMBED, lambda t: t.update({EMBED: t[EMBED].to(torch.int32)})),
+        [],
+        3,
+        [f"{EMBED!r} has dtype int32, expected a floating-point weight"],
+    ),
+    "config: negative size": (
+        lambda w: set_config(w.hf, num_attention_heads=-8),
+        [],
+        3,
+        ["config.json: num_attention_heads is -8; expected a positive integer"],
+    ),
+    "config: zero vocab": (
+        lambda w: set_config(w.hf, vocab_size=0),
+        [],
+        3,
+        ["config.json: vocab_size is 0; expected a positive integer"],
+    ),
+    "config: wrong type": (
+        lambda w: set_config(w.hf, rms_norm_eps="tiny"),
+        [],
+        3,
+        ["config.json: not a valid FalconH1Config", "'rms_norm_eps' expected float, got str"],
+    ),
+    "config.json missing": (
+        lambda w: (w.hf / "config.json").unlink(),
+        [],
+        3,
+        ["config.json: missing; expected a Hugging Face config.json"],
+    ),
+    "TP does not divide attention heads": (
+        lambda w: w.hf,
+        ["--tp", "3"],
+        5,
+        ["TP=3 does not divide num_attention_heads=8"],
+    ),
     "PP does not divide layers": (lambda w: w.hf, ["--pp", "3"], 5, ["PP=3 does not divide num_hidden_layers=4"]),
     "TP=0": (lambda w: w.hf, ["--tp", "0"], 5, ["TP and PP must be >= 1"]),
 }
@@ -208,8 +255,9 @@ def test_bad_hf_input(ws, case):
 
 
 def test_source_is_a_file(ws):
-    refused(["hf-to-megatron", ws.hf / "config.json", ws.out, "--json"], ws.hf, ws.out, 3,
-            "config.json: not a directory")
+    refused(
+        ["hf-to-megatron", ws.hf / "config.json", ws.out, "--json"], ws.hf, ws.out, 3, "config.json: not a directory"
+    )
 
 
 # ------------------------------------------------------------------------- damage, Megatron side
@@ -238,8 +286,13 @@ def truncate(path: Path) -> None:
 
 def int_weight(meg: Path) -> None:
     for rank in ("mp_rank_00_000", "mp_rank_01_000"):
-        rewrite_rank(meg, rank, lambda s: s["model"].update(
-            {"decoder.layers.0.mamba_mixer.D": s["model"]["decoder.layers.0.mamba_mixer.D"].to(torch.int32)}))
+        rewrite_rank(
+            meg,
+            rank,
+            lambda s: s["model"].update(
+                {"decoder.layers.0.mamba_mixer.D": s["model"]["decoder.layers.0.mamba_mixer.D"].to(torch.int32)}
+            ),
+        )
 
 
 def drop_dist_block(dist: Path, key: str) -> None:
@@ -255,31 +308,73 @@ def virtual_pipeline(meg: Path) -> None:
 
 
 MEG_CASES = {
-    "legacy: no args and no hf_assets sidecar": (lambda w: drop_args_and_sidecar(w.meg), "meg", 3,
-                                                 ["release: no model config: no hf_assets/config.json, no "
-                                                  "'args' in the checkpoint and no run_config.yaml; pass "
-                                                  "--hf-config DIR"]),
-    "legacy: rank file is a truncated zip": (lambda w: truncate(rank_file(w.meg, "mp_rank_01_001")), "meg", 3,
-                                             ["mp_rank_01_001/model_optim_rng.pt: not a readable torch checkpoint"]),
-    "legacy: integer tensor in a rank file": (lambda w: int_weight(w.meg), "meg", 3,
-                                              ["mp_rank_00_000/model_optim_rng.pt: 'decoder.layers.0.mamba_mixer.D' "
-                                               "has dtype int32, expected a floating-point weight"]),
-    "legacy: sidecar config with invalid values": (lambda w: set_config(w.meg / "hf_assets", hidden_size=-1), "meg", 3,
-                                                   ["hf_assets/config.json: hidden_size is -1; expected a positive "
-                                                    "integer"]),
-    "legacy: expert-parallel rank directories": (lambda w: (w.meg / ITER / "mp_rank_00_000").rename(
-        w.meg / ITER / "mp_rank_00_000_001"), "meg", 5, ["mp_rank_00_000_001: expert-parallel rank directories"]),
-    "legacy: virtual pipeline model0": (lambda w: virtual_pipeline(w.meg), "meg", 3,
-                                        ["no 'model' state dict (virtual pipeline 'model0' is not supported)"]),
-    "torch_dist: .metadata missing": (lambda w: (w.dist / ITER / ".metadata").unlink(), "dist", 3,
-                                      [".metadata: missing; the DCP index is required"]),
-    "torch_dist: metadata.json missing": (lambda w: (w.dist / ITER / "metadata.json").unlink(), "dist", 3,
-                                          [f"{ITER}/metadata.json: missing"]),
-    "torch_dist: common.pt missing": (lambda w: (w.dist / ITER / "common.pt").unlink(), "dist", 3,
-                                      [f"{ITER}/common.pt: missing"]),
+    "legacy: no args and no hf_assets sidecar": (
+        lambda w: drop_args_and_sidecar(w.meg),
+        "meg",
+        3,
+        [
+            "release: no model config: no hf_assets/config.json, no "
+            "'args' in the checkpoint and no run_config.yaml; pass "
+            "--hf-config DIR"
+        ],
+    ),
+    "legacy: rank file is a truncated zip": (
+        lambda w: truncate(rank_file(w.meg, "mp_rank_01_001")),
+        "meg",
+        3,
+        ["mp_rank_01_001/model_optim_rng.pt: not a readable torch checkpoint"],
+    ),
+    "legacy: integer tensor in a rank file": (
+        lambda w: int_weight(w.meg),
+        "meg",
+        3,
+        [
+            "mp_rank_00_000/model_optim_rng.pt: 'decoder.layers.0.mamba_mixer.D' "
+            "has dtype int32, expected a floating-point weight"
+        ],
+    ),
+    "legacy: sidecar config with invalid values": (
+        lambda w: set_config(w.meg / "hf_assets", hidden_size=-1),
+        "meg",
+        3,
+        ["hf_assets/config.json: hidden_size is -1; expected a positive integer"],
+    ),
+    "legacy: expert-parallel rank directories": (
+        lambda w: (w.meg / ITER / "mp_rank_00_000").rename(w.meg / ITER / "mp_rank_00_000_001"),
+        "meg",
+        5,
+        ["mp_rank_00_000_001: expert-parallel rank directories"],
+    ),
+    "legacy: virtual pipeline model0": (
+        lambda w: virtual_pipeline(w.meg),
+        "meg",
+        3,
+        ["no 'model' state dict (virtual pipeline 'model0' is not supported)"],
+    ),
+    "torch_dist: .metadata missing": (
+        lambda w: (w.dist / ITER / ".metadata").unlink(),
+        "dist",
+        3,
+        [".metadata: missing; the DCP index is required"],
+    ),
+    "torch_dist: metadata.json missing": (
+        lambda w: (w.dist / ITER / "metadata.json").unlink(),
+        "dist",
+        3,
+        [f"{ITER}/metadata.json: missing"],
+    ),
+    "torch_dist: common.pt missing": (
+        lambda w: (w.dist / ITER / "common.pt").unlink(),
+        "dist",
+        3,
+        [f"{ITER}/common.pt: missing"],
+    ),
     "torch_dist: a Mamba block missing (in_proj.weight.dt)": (
-        lambda w: drop_dist_block(w.dist, "decoder.layers.0.mamba_mixer.in_proj.weight.dt"), "dist", 3,
-        ["decoder.layers.0.mamba_mixer.in_proj.weight must be stored as blocks z, x, B, C, dt"]),
+        lambda w: drop_dist_block(w.dist, "decoder.layers.0.mamba_mixer.in_proj.weight.dt"),
+        "dist",
+        3,
+        ["decoder.layers.0.mamba_mixer.in_proj.weight must be stored as blocks z, x, B, C, dt"],
+    ),
 }
 
 
@@ -292,8 +387,13 @@ def test_bad_megatron_input(ws, case):
 
 
 def test_reshard_pp_not_dividing_layers(ws):
-    refused(["reshard", ws.meg, ws.out, "--tp", "2", "--pp", "3", "--json"], ws.meg, ws.out, 5,
-            "PP=3 does not divide num_hidden_layers=4")
+    refused(
+        ["reshard", ws.meg, ws.out, "--tp", "2", "--pp", "3", "--json"],
+        ws.meg,
+        ws.out,
+        5,
+        "PP=3 does not divide num_hidden_layers=4",
+    )
 
 
 # ------------------------------------------------------------------- pickles that would run code
@@ -302,8 +402,13 @@ def test_reshard_pp_not_dividing_layers(ws):
 def test_legacy_args_with_code_are_refused_unrun(ws, tmp_path):
     marker = tmp_path / "pwned-args"
     rewrite_rank(ws.meg, "mp_rank_00_000", lambda s: setattr(s["args"], "hook", ExecPayload(marker)))
-    refused(["megatron-to-hf", ws.meg, ws.out, "--json"], ws.meg, ws.out, 3, "mp_rank_00_000/model_optim_rng.pt: "
-            "refused to load: pickle contains disallowed global exec")
+    refused(
+        ["megatron-to-hf", ws.meg, ws.out, "--json"],
+        ws.meg,
+        ws.out,
+        3,
+        "mp_rank_00_000/model_optim_rng.pt: refused to load: pickle contains disallowed global exec",
+    )
     assert not marker.exists()
     torch.load(rank_file(ws.meg, "mp_rank_00_000"), weights_only=False)  # control: the payload is live
     assert marker.exists()
@@ -313,8 +418,13 @@ def test_torch_dist_metadata_with_code_is_refused_unrun(ws, tmp_path):
     """torch's own DCP reader unpickles ``.metadata`` with plain pickle; ours allows metadata types only."""
     marker = tmp_path / "pwned-metadata"
     (ws.dist / ITER / ".metadata").write_bytes(pickle.dumps(ExecPayload(marker)))
-    refused(["megatron-to-hf", ws.dist, ws.out, "--json"], ws.dist, ws.out, 3,
-            ".metadata: refused to load: pickle contains disallowed global builtins.exec")
+    refused(
+        ["megatron-to-hf", ws.dist, ws.out, "--json"],
+        ws.dist,
+        ws.out,
+        3,
+        ".metadata: refused to load: pickle contains disallowed global builtins.exec",
+    )
     assert not marker.exists()
     pickle.loads((ws.dist / ITER / ".metadata").read_bytes())  # control: the payload is live
     assert marker.exists()
@@ -323,8 +433,13 @@ def test_torch_dist_metadata_with_code_is_refused_unrun(ws, tmp_path):
 def test_torch_dist_common_with_code_is_refused_unrun(ws, tmp_path):
     marker = tmp_path / "pwned-common"
     torch.save({"args": ExecPayload(marker), "iteration": 0}, ws.dist / ITER / "common.pt")
-    refused(["megatron-to-hf", ws.dist, ws.out, "--json"], ws.dist, ws.out, 3,
-            "common.pt: refused to load: pickle contains disallowed global exec")
+    refused(
+        ["megatron-to-hf", ws.dist, ws.out, "--json"],
+        ws.dist,
+        ws.out,
+        3,
+        "common.pt: refused to load: pickle contains disallowed global exec",
+    )
     assert not marker.exists()
 
 
@@ -362,8 +477,12 @@ def test_every_torch_load_is_weights_only_and_no_plain_unpickling():
 
 
 def test_no_trust_remote_code():
-    hits = [f"{p.relative_to(ROOT)}:{i}" for p in _source_files()
-            for i, line in enumerate(p.read_text().splitlines(), 1) if "trust_remote_code" in line]
+    hits = [
+        f"{p.relative_to(ROOT)}:{i}"
+        for p in _source_files()
+        for i, line in enumerate(p.read_text().splitlines(), 1)
+        if "trust_remote_code" in line
+    ]
     assert hits == []
 
 
@@ -380,14 +499,20 @@ def test_force_replaces_a_regular_file(ws):
 
 def test_output_through_a_symlink_into_the_input(ws, tmp_path):
     (tmp_path / "link").symlink_to(ws.hf)
-    refused(["hf-to-megatron", ws.hf, tmp_path / "link" / "meg", "--json"], ws.hf, ws.hf / "meg", 4,
-            "overlaps the input")
+    refused(
+        ["hf-to-megatron", ws.hf, tmp_path / "link" / "meg", "--json"], ws.hf, ws.hf / "meg", 4, "overlaps the input"
+    )
 
 
 def test_output_parent_is_a_file(ws, tmp_path):
     (tmp_path / "plain").write_text("x")
-    refused(["hf-to-megatron", ws.hf, tmp_path / "plain" / "out", "--json"], ws.hf, tmp_path / "plain" / "out", 4,
-            "plain: cannot create output here")
+    refused(
+        ["hf-to-megatron", ws.hf, tmp_path / "plain" / "out", "--json"],
+        ws.hf,
+        tmp_path / "plain" / "out",
+        4,
+        "plain: cannot create output here",
+    )
 
 
 def test_output_on_a_filesystem_that_takes_no_directories(ws):
@@ -420,8 +545,13 @@ def _enospc_after(good_files: int):
 
 def test_disk_full_legacy_writer(ws, monkeypatch):
     monkeypatch.setattr(legacy_format, "write_rank_file", _enospc_after(2))
-    refused(["hf-to-megatron", ws.hf, ws.out, "--tp", "2", "--pp", "2", "--json"], ws.hf, ws.out, 4,
-            f"{ws.out}: writing failed (No space left on device); nothing was left behind")
+    refused(
+        ["hf-to-megatron", ws.hf, ws.out, "--tp", "2", "--pp", "2", "--json"],
+        ws.hf,
+        ws.out,
+        4,
+        f"{ws.out}: writing failed (No space left on device); nothing was left behind",
+    )
 
 
 def test_disk_full_safetensors_writer(ws, monkeypatch):
@@ -446,8 +576,13 @@ def test_disk_full_safetensors_writer(ws, monkeypatch):
 
     real = hf_format.DirectFile
     monkeypatch.setattr(hf_format, "DirectFile", lambda *a, **k: FullDisk(real(*a, **k)))
-    refused(["megatron-to-hf", ws.meg, ws.out, "--max-shard-size", "100KB", "--json"], ws.meg, ws.out, 4,
-            f"{ws.out}: writing failed (No space left on device); nothing was left behind")
+    refused(
+        ["megatron-to-hf", ws.meg, ws.out, "--max-shard-size", "100KB", "--json"],
+        ws.meg,
+        ws.out,
+        4,
+        f"{ws.out}: writing failed (No space left on device); nothing was left behind",
+    )
 
 
 @pytest.fixture
@@ -488,8 +623,13 @@ def test_read_only_output_location(ws, mount_tmpfs, tmp_path):
     else:
         parent, reason = tmp_path / "locked", "Permission denied"
         parent.mkdir(mode=0o555)
-    refused(["hf-to-megatron", ws.hf, parent / "out", "--json"], ws.hf, parent / "out", 4,
-            f"{parent}: cannot create output here ({reason})")
+    refused(
+        ["hf-to-megatron", ws.hf, parent / "out", "--json"],
+        ws.hf,
+        parent / "out",
+        4,
+        f"{parent}: cannot create output here ({reason})",
+    )
 
 
 # --------------------------------------------------------------------------- positive controls
@@ -526,11 +666,11 @@ def test_nan_and_inf_warn_with_count_and_convert_as_is(ws, monkeypatch):
     bad = {EMBED: 5, layer3: 1}
     values = {EMBED: [float("nan"), float("inf"), float("-inf"), float("nan"), float("inf")], layer3: [float("nan")]}
     for key, vals in values.items():  # the two may live in different shards
-        edit_tensors(ws.hf, key, lambda t, k=key, v=vals: t[k].view(-1)[7:7 + len(v)].copy_(torch.tensor(v)))
+        edit_tensors(ws.hf, key, lambda t, k=key, v=vals: t[k].view(-1)[7 : 7 + len(v)].copy_(torch.tensor(v)))
     # As in the real CLI, where no logging handler is configured and logging's last resort prints to
     # stderr: keep pytest's capture handler (on the root logger) from taking the record instead.
     monkeypatch.setattr(logging.getLogger("bridge.formats.hf"), "propagate", False)
-    warning = (f"warning: 6 non-finite values (NaN/Inf) in 2 tensor(s), first {EMBED!r}; converted as they are")
+    warning = f"warning: 6 non-finite values (NaN/Inf) in 2 tensor(s), first {EMBED!r}; converted as they are"
 
     exit_code, err, _ = run("hf-to-megatron", ws.hf, ws.out, "--tp", "2", "--pp", "2", "--json")
     assert exit_code == 0 and err.splitlines() == [warning], err
@@ -618,9 +758,14 @@ class Zygote:
 
     def __init__(self, logs: Path):
         self.logs = logs
-        self.proc = subprocess.Popen([sys.executable, "-c", ZYGOTE], cwd=ROOT, stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, text=True,
-                                     env={**os.environ, "PYTHONPATH": str(ROOT)})
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", ZYGOTE],
+            cwd=ROOT,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )
         self.n = 0
         assert json.loads(self.proc.stdout.readline()) == {"ready": True}  # imports done: runs are timed alone
 
@@ -686,13 +831,24 @@ def test_sigkill_at_20_random_points_leaves_absent_or_complete(tmp_path):
 
     # A killed run leaves its .NAME.partial-PID behind; the next run on that destination (through the
     # real console script, no --force: the destination is absent) succeeds and removes it.
-    victim = next((out for out in (tmp_path / f"out{i:02d}" for i in range(20))
-                   if not out.exists() and any(".partial-" in name for name in leftovers(out))), None)
+    victim = next(
+        (
+            out
+            for out in (tmp_path / f"out{i:02d}" for i in range(20))
+            if not out.exists() and any(".partial-" in name for name in leftovers(out))
+        ),
+        None,
+    )
     assert victim is not None, f"no kill left a partial directory to clean up: {outcomes}"
     script = Path(sys.executable).with_name("h1bridge")
     command = [str(script)] if script.exists() else [sys.executable, "-m", "cli"]
-    done = subprocess.run([*command, *[str(a) for a in conv[:2]], str(victim), *conv[3:]], cwd=ROOT,
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [*command, *[str(a) for a in conv[:2]], str(victim), *conv[3:]],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr
     assert tree_digest(victim) == ref_digest
     assert leftovers(victim) == []

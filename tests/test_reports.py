@@ -50,8 +50,13 @@ def test_every_command_takes_an_iteration_folder(hf_preset, tmp_path, fmt):
     hf = hf_preset("tiny")
     hf_to_megatron(hf, tmp_path / "meg", tp=2, fmt=fmt, iteration=5)
     iter_dir = tmp_path / "meg" / "iter_0000005"
-    for args in (("inspect", iter_dir), ("verify", hf, iter_dir), ("parity", hf, iter_dir, "--tokens", "4"),
-                 ("megatron-to-hf", iter_dir, tmp_path / "hf"), ("reshard", iter_dir, tmp_path / "re", "--tp", "1")):
+    for args in (
+        ("inspect", iter_dir),
+        ("verify", hf, iter_dir),
+        ("parity", hf, iter_dir, "--tokens", "4"),
+        ("megatron-to-hf", iter_dir, tmp_path / "hf"),
+        ("reshard", iter_dir, tmp_path / "re", "--tp", "1"),
+    ):
         code, _, err = _run(*args)
         assert code == 0, (args, err)
     assert checkpoint_info(iter_dir).iteration == 5

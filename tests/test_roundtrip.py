@@ -27,9 +27,17 @@ def assert_bit_exact(a, b):
 
 
 CASES = [
-    ("tiny", 1, 1), ("tiny", 2, 1), ("tiny", 4, 1), ("tiny", 1, 2), ("tiny", 2, 2), ("tiny", 4, 2),
-    ("tiny-bias-tied", 1, 1), ("tiny-bias-tied", 2, 1), ("tiny-bias-tied", 2, 2),
-    ("tiny-mup", 2, 1), ("tiny-mup", 4, 2),
+    ("tiny", 1, 1),
+    ("tiny", 2, 1),
+    ("tiny", 4, 1),
+    ("tiny", 1, 2),
+    ("tiny", 2, 2),
+    ("tiny", 4, 2),
+    ("tiny-bias-tied", 1, 1),
+    ("tiny-bias-tied", 2, 1),
+    ("tiny-bias-tied", 2, 2),
+    ("tiny-mup", 2, 1),
+    ("tiny-mup", 4, 2),
 ]
 
 
@@ -73,8 +81,17 @@ def test_without_sidecar_config_is_rebuilt_from_args(hf_preset, tmp_path, preset
     assert_bit_exact(load_hf(src), load_hf(tmp_path / "back"))
     original = json.loads((src / "config.json").read_text())
     rebuilt = json.loads((tmp_path / "back" / "config.json").read_text())
-    skip = {"transformers_version", "time_step_limit", "bos_token_id", "eos_token_id", "pad_token_id",
-            "initializer_range", "use_cache", "num_logits_to_keep", "max_position_embeddings"}
+    skip = {
+        "transformers_version",
+        "time_step_limit",
+        "bos_token_id",
+        "eos_token_id",
+        "pad_token_id",
+        "initializer_range",
+        "use_cache",
+        "num_logits_to_keep",
+        "max_position_embeddings",
+    }
     for key, value in original.items():
         if key not in skip:
             assert rebuilt.get(key) == value, key

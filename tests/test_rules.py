@@ -17,8 +17,20 @@ from mappings.rules import (
 
 
 def dims(**kw):
-    base = dict(hidden=4, vocab=10, padded_vocab=16, ffn=6, n_heads=4, n_kv_heads=2, head_dim=2, d_ssm=8,
-                mamba_heads=4, mamba_head_dim=2, mamba_groups=4, d_state=3)
+    base = dict(
+        hidden=4,
+        vocab=10,
+        padded_vocab=16,
+        ffn=6,
+        n_heads=4,
+        n_kv_heads=2,
+        head_dim=2,
+        d_ssm=8,
+        mamba_heads=4,
+        mamba_head_dim=2,
+        mamba_groups=4,
+        d_state=3,
+    )
     return FalconH1Dims(**{**base, **kw})
 
 
@@ -45,7 +57,7 @@ def test_qkv_interleaves_query_groups():
     q, k, v = torch.randn(8, 4), torch.randn(4, 4), torch.randn(4, 4)
     expected = []
     for g in range(2):  # [q heads of group g | k_g | v_g]
-        expected += [q[g * 4:(g + 1) * 4], k[g * 2:(g + 1) * 2], v[g * 2:(g + 1) * 2]]
+        expected += [q[g * 4 : (g + 1) * 4], k[g * 2 : (g + 1) * 2], v[g * 2 : (g + 1) * 2]]
     expected = torch.cat(expected)
     assert torch.equal(QKV.shard([q, k, v], d, 1, 0), expected)
     assert torch.equal(QKV.shard([q, k, v], d, 2, 1), expected[8:])
@@ -69,17 +81,25 @@ def test_vocab_padding_and_trim():
     assert torch.equal(VOCAB.to_hf(shards, d)[0], w)
 
 
-@pytest.mark.parametrize("rule,shapes", [
-    (REPLICATED, [(6,)]), (COLUMN, [(8, 4)]), (ROW, [(4, 8)]), (VOCAB, [(10, 4)]),
-    (QKV, [(8, 4), (4, 4), (4, 4)]), (GATED_MLP, [(6, 4), (6, 4)]),
-    (MAMBA_IN_PROJ, [(44, 4)]), (MAMBA_CONV1D, [(32, 1, 4)]),
-])
+@pytest.mark.parametrize(
+    "rule,shapes",
+    [
+        (REPLICATED, [(6,)]),
+        (COLUMN, [(8, 4)]),
+        (ROW, [(4, 8)]),
+        (VOCAB, [(10, 4)]),
+        (QKV, [(8, 4), (4, 4), (4, 4)]),
+        (GATED_MLP, [(6, 4), (6, 4)]),
+        (MAMBA_IN_PROJ, [(44, 4)]),
+        (MAMBA_CONV1D, [(32, 1, 4)]),
+    ],
+)
 @pytest.mark.parametrize("tp", [1, 2])
 def test_round_trip(rule, shapes, tp):
     d = dims()
     hf = [torch.randn(s) for s in shapes]
     back = rule.to_hf(rule.to_megatron(hf, d, tp), d)
-    assert all(torch.equal(a, b) for a, b in zip(hf, back))
+    assert all(torch.equal(a, b) for a, b in zip(hf, back, strict=False))
 
 
 def test_replicated_merge_rejects_diverging_ranks():
@@ -111,7 +131,7 @@ def interleaved_then_chunked(q, k, v, groups, tp):
     rows = []
     qg, kg = q.shape[0] // groups, k.shape[0] // groups
     for g in range(groups):
-        rows += [q[g * qg:(g + 1) * qg], k[g * kg:(g + 1) * kg], v[g * kg:(g + 1) * kg]]
+        rows += [q[g * qg : (g + 1) * qg], k[g * kg : (g + 1) * kg], v[g * kg : (g + 1) * kg]]
     return list(torch.cat(rows).chunk(tp))
 
 
@@ -122,4 +142,6 @@ def test_qkv_pieces_equal_interleave_then_chunk(n_heads, n_kv, tp):
     q, k, v = torch.randn(n_heads * 2, 3), torch.randn(n_kv * 2, 3), torch.randn(n_kv * 2, 3)
     for rank, want in enumerate(interleaved_then_chunked(q, k, v, n_kv, tp)):
         assert torch.equal(QKV.shard([q, k, v], d, tp, rank), want)
-    assert [t.equal(u) for t, u in zip(QKV.merge(QKV.to_megatron([q, k, v], d, tp), d), (q, k, v))] == [True] * 3
+    assert [t.equal(u) for t, u in zip(QKV.merge(QKV.to_megatron([q, k, v], d, tp), d), (q, k, v), strict=False)] == [
+        True
+    ] * 3

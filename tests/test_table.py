@@ -82,13 +82,16 @@ def test_rank_shapes_match_megatron_core(preset, tp):
     assert vocab_local * tp % (128 * tp) == 0 and vocab_local * tp >= cfg.vocab_size
 
 
-@pytest.mark.parametrize("preset,tp,pp,overrides,match", [
-    ("0.5b", 2, 1, {}, "mamba_n_groups"),           # released models have one Mamba group
-    ("tiny", 4, 1, {"mamba_n_groups": 2}, "mamba_n_groups"),
-    ("tiny", 3, 1, {}, "TP=3 does not divide num_attention_heads"),
-    ("7b", 6, 1, {"num_key_value_heads": 4, "mamba_n_groups": 6}, "num_key_value_heads=4: megatron-core needs"),
-    ("tiny", 1, 3, {}, "PP=3 does not divide num_hidden_layers=4"),
-])
+@pytest.mark.parametrize(
+    "preset,tp,pp,overrides,match",
+    [
+        ("0.5b", 2, 1, {}, "mamba_n_groups"),  # released models have one Mamba group
+        ("tiny", 4, 1, {"mamba_n_groups": 2}, "mamba_n_groups"),
+        ("tiny", 3, 1, {}, "TP=3 does not divide num_attention_heads"),
+        ("7b", 6, 1, {"num_key_value_heads": 4, "mamba_n_groups": 6}, "num_key_value_heads=4: megatron-core needs"),
+        ("tiny", 1, 3, {}, "PP=3 does not divide num_hidden_layers=4"),
+    ],
+)
 def test_parallel_sizes_megatron_cannot_run_are_refused(preset, tp, pp, overrides, match):
     with pytest.raises(UnsupportedError, match=match):
         ParallelPlan(preset_config(preset, **overrides), tp, pp)

@@ -70,14 +70,16 @@ def megatron_requests(legacy_rank: dict, r: int, tp: int, dims):
         rule = param.rule
         if isinstance(rule, Blockwise) and rule.dist_keys:  # MambaMixer: one key per block
             sizes = [s // tp for s in rule.blocks(dims)]
-            for name, block in zip(rule.dist_keys, local.split(sizes)):
-                req[f"{key}.{name}"] = ShardedTensor.from_rank_offsets(f"{key}.{name}", torch.empty_like(block),
-                                                                       (0, r, tp), replica_id=0)
+            for name, block in zip(rule.dist_keys, local.split(sizes), strict=False):
+                req[f"{key}.{name}"] = ShardedTensor.from_rank_offsets(
+                    f"{key}.{name}", torch.empty_like(block), (0, r, tp), replica_id=0
+                )
                 expected[f"{key}.{name}"] = block
         elif isinstance(rule, Blockwise):  # SwiGLU fc1: gate at fragment r, up at tp + r of 2 tp
             for i, half in enumerate(local.chunk(2)):
-                req[f"{key}#{i}"] = ShardedTensor.from_rank_offsets(key, torch.empty_like(half), (0, i * tp + r, 2 * tp),
-                                                                    replica_id=0)
+                req[f"{key}#{i}"] = ShardedTensor.from_rank_offsets(
+                    key, torch.empty_like(half), (0, i * tp + r, 2 * tp), replica_id=0
+                )
                 expected[f"{key}#{i}"] = half
         else:
             axis = _axis(rule)
@@ -97,8 +99,9 @@ def test_megatron_core_loader_reads_our_torch_dist(hf_preset, tmp_path, dist_che
     legacy = LegacyCheckpoint(tmp_path / "legacy")
     for r in range(tp):
         req, expected = megatron_requests(legacy.model(r, 0), r, tp, dims)
-        loaded = dist_checkpointing.load({"model": req}, str(tmp_path / "dist" / "release"),
-                                         validate_access_integrity=False)
+        loaded = dist_checkpointing.load(
+            {"model": req}, str(tmp_path / "dist" / "release"), validate_access_integrity=False
+        )
         for k, t in expected.items():
             assert torch.equal(loaded["model"][k], t), k
         assert loaded["args"].tensor_model_parallel_size == tp

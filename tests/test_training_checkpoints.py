@@ -49,8 +49,15 @@ def global_model(hf: Path, work: Path) -> dict[str, torch.Tensor]:
 
 def build(root: Path, hf: Path, model: dict, *, tp: int, pp: int, optimizer_copies: int, iteration: int = 1000):
     cfg = HFCheckpoint(hf).config
-    save_training_checkpoint(root / f"iter_{iteration:07d}", model, tp=tp, pp=pp, iteration=iteration,
-                             optimizer_copies=optimizer_copies, extra_state_prefixes=te_modules(cfg.num_hidden_layers))
+    save_training_checkpoint(
+        root / f"iter_{iteration:07d}",
+        model,
+        tp=tp,
+        pp=pp,
+        iteration=iteration,
+        optimizer_copies=optimizer_copies,
+        extra_state_prefixes=te_modules(cfg.num_hidden_layers),
+    )
     finish_mb_checkpoint(root, iteration, cfg, tp=tp, pp=pp, tokenizer_from=hf)
     return root
 
@@ -192,7 +199,8 @@ def test_no_tokenizer_warns_once_and_reference_fills_in(mb, tmp_path, monkeypatc
     code, err = _cli("megatron-to-hf", copy, tmp_path / "bare", "--json")
     assert code == 0 and [line for line in err.splitlines() if "tokenizer" in line] == [
         f"{copy / 'iter_0001000'}: no tokenizer found (looked in hf_assets/, tokenizer/ and --hf-reference); "
-        "the HF output will have none"]
+        "the HF output will have none"
+    ]
     (hf / "README.md").write_text("---\nlicense: other\n---\n# reference card\n")
     code, err = _cli("megatron-to-hf", copy, tmp_path / "ref", "--hf-reference", hf, "--json")
     assert code == 0 and "tokenizer" not in err, err
@@ -210,8 +218,9 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 
 def _peak_rss_kib(src: Path, dst: Path) -> int:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).parents[1]), *sys.path]))
-    out = subprocess.run([sys.executable, "-c", RSS_SCRIPT, str(src), str(dst)], env=env, check=True,
-                         capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-c", RSS_SCRIPT, str(src), str(dst)], env=env, check=True, capture_output=True, text=True
+    )
     return int(out.stdout.split()[-1])
 
 
@@ -221,15 +230,26 @@ def test_optimizer_state_is_never_loaded(hf_preset, tmp_path):
     from bridge.tiny import make_tiny
 
     hf = tmp_path / "hf"
-    make_tiny(hf, "tiny", seed=3, dtype="bf16", hidden_size=512, intermediate_size=1536, vocab_size=8000,
-              mamba_n_heads=16, mamba_d_head=64, num_hidden_layers=4)
+    make_tiny(
+        hf,
+        "tiny",
+        seed=3,
+        dtype="bf16",
+        hidden_size=512,
+        intermediate_size=1536,
+        vocab_size=8000,
+        mamba_n_heads=16,
+        mamba_d_head=64,
+        num_hidden_layers=4,
+    )
     model = global_model(hf, tmp_path / "ours")
     model_bytes = sum(t.numel() * t.element_size() for t in model.values())
     build(tmp_path / "none", hf, model, tp=2, pp=1, optimizer_copies=0)
     build(tmp_path / "adam", hf, model, tp=2, pp=1, optimizer_copies=2)
     reader = TorchDistReader(tmp_path / "adam" / "iter_0001000")
-    optim_bytes = sum(reader.shape(k).numel() * reader.dtype(k).itemsize for k in reader.keys()
-                      if k.startswith("optimizer."))
+    optim_bytes = sum(
+        reader.shape(k).numel() * reader.dtype(k).itemsize for k in reader.keys() if k.startswith("optimizer.")
+    )
     assert optim_bytes >= 4 * model_bytes
     with_none = _peak_rss_kib(tmp_path / "none", tmp_path / "out_none")
     with_adam = _peak_rss_kib(tmp_path / "adam", tmp_path / "out_adam")

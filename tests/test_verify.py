@@ -12,8 +12,16 @@ import cli
 from bridge.checks.verify import verify
 from bridge.engine.convert import hf_to_megatron, megatron_to_hf
 
-ROUND_TRIPS = [("tiny", 1, 1), ("tiny", 2, 1), ("tiny", 4, 2), ("tiny-bias-tied", 1, 2), ("tiny-bias-tied", 2, 1),
-               ("tiny-mup", 1, 1), ("tiny-mup", 2, 2), ("tiny-mup", 4, 1)]
+ROUND_TRIPS = [
+    ("tiny", 1, 1),
+    ("tiny", 2, 1),
+    ("tiny", 4, 2),
+    ("tiny-bias-tied", 1, 2),
+    ("tiny-bias-tied", 2, 1),
+    ("tiny-mup", 1, 1),
+    ("tiny-mup", 2, 2),
+    ("tiny-mup", 4, 1),
+]
 IN_PROJ = "model.layers.0.mamba.in_proj.weight"
 
 

@@ -26,8 +26,9 @@ GRID = [(fmt, tp, pp) for fmt in ("legacy", "torch_dist") for tp in (1, 2) for p
 
 
 def _tensor_digest(t: torch.Tensor) -> str:
-    return hashlib.sha256(str((t.dtype, tuple(t.shape))).encode() + t.contiguous().view(torch.uint8).numpy()
-                          .tobytes()).hexdigest()
+    return hashlib.sha256(
+        str((t.dtype, tuple(t.shape))).encode() + t.contiguous().view(torch.uint8).numpy().tobytes()
+    ).hexdigest()
 
 
 def _torch_dist_digest(iter_dir: Path) -> dict:

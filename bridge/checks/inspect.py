@@ -15,9 +15,20 @@ from bridge.formats.detect import HF, detect_format
 from bridge.formats.hf import HFCheckpoint
 
 _CONFIG_FIELDS = (
-    "num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
-    "head_dim", "vocab_size", "mamba_d_ssm", "mamba_n_heads", "mamba_d_head", "mamba_n_groups", "mamba_d_state",
-    "mamba_rms_norm", "tie_word_embeddings",
+    "num_hidden_layers",
+    "hidden_size",
+    "intermediate_size",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "vocab_size",
+    "mamba_d_ssm",
+    "mamba_n_heads",
+    "mamba_d_head",
+    "mamba_n_groups",
+    "mamba_d_state",
+    "mamba_rms_norm",
+    "tie_word_embeddings",
 )
 
 
@@ -53,16 +64,26 @@ def inspect_checkpoint(path: Path, options: ReadOptions = ReadOptions()) -> dict
         extra = {**info.to_dict(), "saved_as": info.describe(), "padded_vocab": plan.dims.padded_vocab}
         args = vars(meg.args) if meg.args is not None else {}
     config, mup, params = _config_info(cfg)
-    return {**extra, "path": str(path), "parameters": params, "bytes": _bytes(path),
-            "dtypes": dict(dtypes), "config": config, "mup": mup, "bitnet": describe_bitnet(cfg, args)}
+    return {
+        **extra,
+        "path": str(path),
+        "parameters": params,
+        "bytes": _bytes(path),
+        "dtypes": dict(dtypes),
+        "config": config,
+        "mup": mup,
+        "bitnet": describe_bitnet(cfg, args),
+    }
 
 
 def format_inspect(info: dict) -> str:
     lines = [f"{info['path']}: {info.get('saved_as', info['format'])}"]
     if info["format"] != HF:
         groups = f" expanded_from_groups={info['expanded_from_groups']}" if info["expanded_from_groups"] else ""
-        lines.append(f"  iteration={info['iteration']} layout={info['layout']} padded_vocab={info['padded_vocab']}"
-                     f"{groups} written by {info['writer']}, config from {info['config_from']}")
+        lines.append(
+            f"  iteration={info['iteration']} layout={info['layout']} padded_vocab={info['padded_vocab']}"
+            f"{groups} written by {info['writer']}, config from {info['config_from']}"
+        )
         if info["common_state"]:
             lines.append(f"  common state: {info['common_state']}")
     lines.append(f"  parameters {info['parameters']:,}  bytes {info['bytes']:,}  dtypes {info['dtypes']}")

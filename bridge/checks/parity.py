@@ -54,20 +54,25 @@ class ParityReport:
     def verdict(self) -> str:
         word = "OK" if self.ok else "FAIL"
         cmp = "<=" if self.max_abs <= self.atol else ">"
-        return (f"{word}: max|Δ logits| {self.max_abs:.2e} {cmp} atol {self.atol:g}, "
-                f"top-1 agreement {self.top1_agreement:.2%}")
+        return (
+            f"{word}: max|Δ logits| {self.max_abs:.2e} {cmp} atol {self.atol:g}, "
+            f"top-1 agreement {self.top1_agreement:.2%}"
+        )
 
     def to_dict(self) -> dict:
         return {**asdict(self), "ok": self.ok, "verdict": self.verdict()}
 
     def format(self) -> str:
-        return "\n".join([
-            f"parity {self.hf_dir} (transformers fp32) vs {self.megatron_dir} ({self.source}, layout {self.layout}, "
-            f"{self.ranks} ranks computed): {self.batch}x{self.tokens} random tokens, seed {self.seed}",
-            f"  max|Δ| {self.max_abs:.3e}  mean|Δ| {self.mean_abs:.3e}  max|logit| {self.max_logit:.3e}  "
-            f"top-1 {self.top1_agreement:.2%}",
-            self.verdict(),
-        ])
+        return "\n".join(
+            [
+                f"parity {self.hf_dir} (transformers fp32) vs {self.megatron_dir} "
+                f"({self.source}, layout {self.layout}, "
+                f"{self.ranks} ranks computed): {self.batch}x{self.tokens} random tokens, seed {self.seed}",
+                f"  max|Δ| {self.max_abs:.3e}  mean|Δ| {self.mean_abs:.3e}  max|logit| {self.max_logit:.3e}  "
+                f"top-1 {self.top1_agreement:.2%}",
+                self.verdict(),
+            ]
+        )
 
 
 def _canonical(name: str, pp_rank: int, plan: ParallelPlan) -> str:
@@ -81,7 +86,7 @@ def _canonical(name: str, pp_rank: int, plan: ParallelPlan) -> str:
     if local is None:
         return name
     layer = pp_rank * plan.layers_per_stage + int(local.group(1)) // len(spec.pattern)
-    return f"decoder.layers.{layer}." + name[local.end():]
+    return f"decoder.layers.{layer}." + name[local.end() :]
 
 
 def rank_weights(meg: MegatronCheckpoint, plan: ParallelPlan, tp_rank: int) -> dict[str, torch.Tensor]:
@@ -109,8 +114,15 @@ def _expect(path: Path, fmt: str) -> None:
         raise InputError(f"{path}: is {found}, expected {fmt}")
 
 
-def parity(hf_dir: Path, megatron_dir: Path, tokens: int = 32, seed: int = 0, batch: int = 2,
-           atol: float = 1e-5, options: ReadOptions = ReadOptions()) -> ParityReport:
+def parity(
+    hf_dir: Path,
+    megatron_dir: Path,
+    tokens: int = 32,
+    seed: int = 0,
+    batch: int = 2,
+    atol: float = 1e-5,
+    options: ReadOptions = ReadOptions(),
+) -> ParityReport:
     """Compares logits of transformers on ``hf_dir`` with the Megatron forward on ``megatron_dir``'s shards."""
     hf_dir, megatron_dir = Path(hf_dir), Path(megatron_dir)
     _expect(hf_dir, HF)
@@ -125,13 +137,29 @@ def parity(hf_dir: Path, megatron_dir: Path, tokens: int = 32, seed: int = 0, ba
     # plan.hf_config is the model the shards hold, as Megatron runs it (e.g. with --expand-groups' groups)
     got = plan.family.forward(ids, [rank_weights(ranks, plan, r) for r in range(plan.tp)], plan.hf_config)
     if ref.shape != got.shape:
-        raise InputError(f"{megatron_dir}: logits {tuple(got.shape)} vs {tuple(ref.shape)} from {hf_dir}; "
-                         "the checkpoints describe different models")
+        raise InputError(
+            f"{megatron_dir}: logits {tuple(got.shape)} vs {tuple(ref.shape)} from {hf_dir}; "
+            "the checkpoints describe different models"
+        )
     delta = (ref - got).abs()
     top1 = (ref.argmax(-1) == got.argmax(-1)).float().mean()
-    return ParityReport(str(hf_dir), str(megatron_dir), info.describe(), plan.tp, plan.pp, plan.tp * plan.pp,
-                        plan.layout, tokens, batch, seed, atol, float(delta.max()), float(delta.mean()),
-                        float(ref.abs().max()), float(top1))
+    return ParityReport(
+        str(hf_dir),
+        str(megatron_dir),
+        info.describe(),
+        plan.tp,
+        plan.pp,
+        plan.tp * plan.pp,
+        plan.layout,
+        tokens,
+        batch,
+        seed,
+        atol,
+        float(delta.max()),
+        float(delta.mean()),
+        float(ref.abs().max()),
+        float(top1),
+    )
 
 
 def saved_ranks(meg: MegatronCheckpoint, plan: ParallelPlan):

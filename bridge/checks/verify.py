@@ -8,9 +8,9 @@ the cost stays at one parameter even for the largest models.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -77,8 +77,10 @@ class VerifyReport:
             parts.append(f"{len(self.problems)} of {n} tensors differ (first: {self.problems[0].key})")
         if self.config:
             n_cfg = len(self.config)
-            parts.append(f"{n_cfg} config field{'s' if n_cfg > 1 else ''} differ{'' if n_cfg > 1 else 's'} "
-                         f"(first: {self.config[0].field})")
+            parts.append(
+                f"{n_cfg} config field{'s' if n_cfg > 1 else ''} differ{'' if n_cfg > 1 else 's'} "
+                f"(first: {self.config[0].field})"
+            )
         return "FAIL: " + ", ".join(parts)
 
     def to_dict(self) -> dict:
@@ -176,7 +178,7 @@ def compare_tensors(key: str, a: torch.Tensor, b: torch.Tensor, atol: float) -> 
         return TensorResult(key, "shape", detail=f"shape {tuple(a.shape)} vs {tuple(b.shape)}")
     n, worst, first = (0, 0.0, None) if torch.equal(a, b) else _diff_stats(a, b)
     index = None if first is None else [int(i) for i in torch.unravel_index(torch.tensor(first), a.shape)]
-    detail = f"{n} of {a.numel()} elements differ, first at {tuple(index)}" if n else ""
+    detail = f"{n} of {a.numel()} elements differ, first at {tuple(index)}" if index is not None else ""
     if a.dtype != b.dtype:
         status, detail = "dtype", f"dtype {a.dtype} vs {b.dtype}" + (f"; {detail}" if detail else "")
     else:
@@ -189,13 +191,14 @@ def _compare_key(key: str, a: _Side, b: _Side, atol: float) -> TensorResult:
         return TensorResult(key, "missing", detail=f"in {a.where(key)} only")
     if key not in a.keys:
         return TensorResult(key, "unexpected", detail=f"in {b.where(key)} only")
-    tensors = []
+    tensors: list[torch.Tensor] = []
     for side in (a, b):
         try:
             tensors.append(side.get(key))
         except (InputError, RuntimeError) as e:
             return TensorResult(key, "error", detail=f"{side.where(key)}: {str(e).splitlines()[0]}")
-    result = compare_tensors(key, *tensors, atol)
+    tensor_a, tensor_b = tensors
+    result = compare_tensors(key, tensor_a, tensor_b, atol)
     if result.status not in PASSING:
         result.detail += f"; A: {a.where(key)}; B: {b.where(key)}"
     return result

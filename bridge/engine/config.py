@@ -59,5 +59,3 @@ def rope_theta(cfg) -> float:
 def config_dtype(cfg) -> torch.dtype:
     dtype = getattr(cfg, "dtype", None) or getattr(cfg, "torch_dtype", None) or torch.float32
     return getattr(torch, dtype) if isinstance(dtype, str) else dtype
-
-

@@ -20,6 +20,8 @@ from bridge.engine.config import config_dtype
 from bridge.engine.gather import MegatronToHF, megatron_plan
 from bridge.engine.hf_rewrite import (
     ExportTransform,
+    Layout,
+    Producer,
     config_bytes,
     dir_bytes,
     target_dtype,
@@ -88,8 +90,6 @@ class Summary:
         return asdict(self)
 
 
-
-
 def hf_to_megatron(
     src: Path,
     dst: Path,
@@ -118,19 +118,50 @@ def hf_to_megatron(
     source, extra_args = bitnet.hf_source(ckpt, target_dtype(dtype))  # a BitNet-packed folder is read unpacked
     check_tensor_set(str(src), {k: source.shape(k) for k in source.keys()}, expected_hf_shapes(ckpt.config))
     check_float_dtypes(str(src), {k: source.dtype(k) for k in source.keys()})
-    summary = write_megatron(source, ckpt.config, dst, tp=tp, pp=pp, dtype=dtype, force=force,
-                             divisible_by=divisible_by, layout=layout, fmt=fmt, expand_groups=expand_groups,
-                             progress=progress, inputs=[src], config_json=src / "config.json",
-                             assets=ckpt.asset_files(), extra_args=extra_args, target=target, iteration=iteration)
+    summary = write_megatron(
+        source,
+        ckpt.config,
+        dst,
+        tp=tp,
+        pp=pp,
+        dtype=dtype,
+        force=force,
+        divisible_by=divisible_by,
+        layout=layout,
+        fmt=fmt,
+        expand_groups=expand_groups,
+        progress=progress,
+        inputs=[src],
+        config_json=src / "config.json",
+        assets=ckpt.asset_files(),
+        extra_args=extra_args,
+        target=target,
+        iteration=iteration,
+    )
     summary.source, summary.direction = str(src), "hf-to-megatron"
     summary.seconds = round(time.perf_counter() - start, 3)
     return summary
 
 
 def write_megatron(
-    source, cfg, dst: Path, *, tp: int, pp: int, dtype: str, force: bool, divisible_by: int, layout: str,
-    fmt: str | None, progress: bool, inputs: list[Path], config_json: Path | None, assets: list[Path],
-    extra_args: Mapping | None = None, expand_groups: bool = False, target: str = DEFAULT_TARGET,
+    source,
+    cfg,
+    dst: Path,
+    *,
+    tp: int,
+    pp: int,
+    dtype: str,
+    force: bool,
+    divisible_by: int,
+    layout: str,
+    fmt: str | None,
+    progress: bool,
+    inputs: list[Path],
+    config_json: Path | None,
+    assets: list[Path],
+    extra_args: Mapping | None = None,
+    expand_groups: bool = False,
+    target: str = DEFAULT_TARGET,
     iteration: int | str | None = None,
 ) -> Summary:
     """Writes a Megatron checkpoint from any ``source.get(hf_key)``: an HF folder, or another Megatron
@@ -139,7 +170,7 @@ def write_megatron(
     ``iteration``: see ``bridge.targets``."""
     stack = resolve_target(target, fmt, layout, iteration)
     fmt = stack.fmt
-    target = target_dtype(dtype)
+    out_dtype = target_dtype(dtype)
     nonfinite = NonFiniteCount()
     source = CheckedSource(source, nonfinite)  # NaN/Inf are converted as they are, and reported once at the end
     extra_args = dict(extra_args or {})
@@ -154,39 +185,67 @@ def write_megatron(
     if fmt not in FORMATS:
         raise InputError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}")
     if fmt != "legacy" and layouts[layout].legacy_only:
-        raise UnsupportedError(f"--layout {layout} exists only in legacy files (torch_dist keeps conv1d.weight "
-                               "through megatron-core's conv_checkpoint_key_map)")
+        raise UnsupportedError(
+            f"--layout {layout} exists only in legacy files (torch_dist keeps conv1d.weight "
+            "through megatron-core's conv_checkpoint_key_map)"
+        )
     check_parallel_sizes(cfg, tp, pp)  # before the vocabulary is divided by TP
-    plan = ParallelPlan(cfg, tp, pp, divisible_by, layout,
-                        padded_vocab=stack.padded_vocab(cfg.vocab_size, divisible_by, tp))
-    args = plan.family.to_args(cfg, tp=tp, pp=pp, padded_vocab=plan.dims.padded_vocab, divisible_by=divisible_by,
-                         params_dtype=target or config_dtype(cfg), pattern=layouts[layout].pattern)
+    plan = ParallelPlan(
+        cfg, tp, pp, divisible_by, layout, padded_vocab=stack.padded_vocab(cfg.vocab_size, divisible_by, tp)
+    )
+    args = plan.family.to_args(
+        cfg,
+        tp=tp,
+        pp=pp,
+        padded_vocab=plan.dims.padded_vocab,
+        divisible_by=divisible_by,
+        params_dtype=out_dtype or config_dtype(cfg),
+        pattern=layouts[layout].pattern,
+    )
     vars(args).update(stack.extra_args(), **extra_args)
     step = 0 if stack.iteration == RELEASE else stack.iteration
-    summary = Summary("", str(dst), "", tp, pp, layout=layout, dtype=dtype, format=fmt, target=stack.name,
-                      iteration=stack.iteration)
+    assert isinstance(step, int)  # resolve_target allows only N >= 1 or RELEASE
+    summary = Summary(
+        "", str(dst), "", tp, pp, layout=layout, dtype=dtype, format=fmt, target=stack.name, iteration=stack.iteration
+    )
     with atomic_output_dir(dst, force=force, inputs=inputs) as tmp:
         iter_dir = tmp / iteration_dir_name(stack.iteration)
         objects = extra_state_objects(plan.family, cfg.num_hidden_layers) if stack.is_bridge else None
-        summary.tensors = FORMATS[fmt].write(iter_dir, source, plan, dtype=target, args=args, iteration=step,
-                                             objects=objects, progress=progress)
+        summary.tensors = FORMATS[fmt].write(
+            iter_dir, source, plan, dtype=out_dtype, args=args, iteration=step, objects=objects, progress=progress
+        )
         if stack.is_bridge:
-            write_bridge_files(plan.family, tmp, iter_dir, args, save=str(dst), init_method_std=cfg.initializer_range,
-                               iteration=step, assets=assets)
+            write_bridge_files(
+                plan.family,
+                tmp,
+                iter_dir,
+                args,
+                save=str(dst),
+                init_method_std=cfg.initializer_range,
+                iteration=step,
+                assets=assets,
+            )
         write_tracker(tmp, stack.iteration)
         hf_assets = tmp / HF_ASSETS
         copy_assets(assets, hf_assets)
         if config_json is not None:
-            (hf_assets / "config.json").write_bytes(config_bytes(config_json, target))
+            (hf_assets / "config.json").write_bytes(config_bytes(config_json, out_dtype))
         else:
-            write_hf_config(hf_assets, cfg, None, target)
+            write_hf_config(hf_assets, cfg, None, out_dtype)
         summary.bytes_written, summary.files = dir_bytes(tmp)
     nonfinite.warn()
     return summary
 
 
-def _export_transform(meg: MegatronCheckpoint, cfg, plan: ParallelPlan, sidecar: Path | None,
-                      target: torch.dtype | None, fold_mup: bool, bitnet_pack: bool | None) -> ExportTransform | None:
+def _export_transform(
+    meg: MegatronCheckpoint,
+    cfg,
+    plan: ParallelPlan,
+    sidecar: Path | None,
+    target: torch.dtype | None,
+    fold_mup: bool,
+    bitnet_pack: bool | None,
+) -> ExportTransform | None:
     from bridge.features import bitnet
     from bridge.features.mup import MupScaler  # both build on this module
 
@@ -194,8 +253,10 @@ def _export_transform(meg: MegatronCheckpoint, cfg, plan: ParallelPlan, sidecar:
     if not fold_mup:
         return packing
     if packing is not None:
-        raise UnsupportedError("--fold-mup with BitNet weights: per-row µP factors change the ternary pattern; "
-                               "fold the full-precision checkpoint instead")
+        raise UnsupportedError(
+            "--fold-mup with BitNet weights: per-row µP factors change the ternary pattern; "
+            "fold the full-precision checkpoint instead"
+        )
     return MupScaler.fold(cfg, plan.dims, str(sidecar or meg.iter_dir))
 
 
@@ -225,15 +286,24 @@ def megatron_to_hf(
     plan, hf_shapes = megatron_plan(meg, cfg)
     transform = _export_transform(meg, cfg, plan, sidecar, target, fold_mup, bitnet_pack)
     gather = MegatronToHF(meg, plan, None if transform else target)  # a transform works first, then casts
-    layout = {k: (hf_shapes[k], target or gather.source_dtype(k)) for k in hf_shapes}
-    produce = gather.tensors
+    layout: Layout = {k: (hf_shapes[k], target or gather.source_dtype(k)) for k in hf_shapes}
+    produce: Producer = gather.tensors
     if transform:
         layout = transform.layout(layout)
         produce = transform.producer(gather.tensors, layout)
     info = megatron_info(meg, sidecar, plan)
-    summary = Summary(str(src), str(dst), "megatron-to-hf", info.tp or meg.tp, info.pp or meg.pp,
-                      layout=plan.layout, dtype=dtype, format=info.format, iteration=info.iteration,
-                      source_info=info.to_dict())
+    summary = Summary(
+        str(src),
+        str(dst),
+        "megatron-to-hf",
+        info.tp or meg.tp,
+        info.pp or meg.pp,
+        layout=plan.layout,
+        dtype=dtype,
+        format=info.format,
+        iteration=info.iteration,
+        source_info=info.to_dict(),
+    )
     with atomic_output_dir(dst, force=force, inputs=[src]) as tmp:
         bar = tqdm(total=len(layout), unit="tensor", desc="megatron→hf", disable=not progress)
         write_hf_weights(tmp, layout, produce, max_shard_size, progress=bar.update)

@@ -31,7 +31,7 @@ def _groups_factor(meg: MegatronCheckpoint, cfg) -> int:
     return meg.args.mamba_num_groups // cfg.mamba_n_groups
 
 
-def _detect_layout(meg: MegatronCheckpoint, cfg, hf_shapes, divisible_by: int, padded: int) -> ParallelPlan:
+def _detect_layout(meg: MegatronCheckpoint, cfg, hf_shapes, divisible_by: int, padded: int | None) -> ParallelPlan:
     """The layout whose key names match rank 0 of the first stage; then every rank is checked fully."""
     found = set(meg.model(0, 0))
     for name in family_of(cfg).layouts:
@@ -56,8 +56,11 @@ def megatron_plan(meg: MegatronCheckpoint, cfg) -> tuple[ParallelPlan, dict[str,
     plan = _detect_layout(meg, cfg, hf_shapes, divisible_by, padded)
     for tp_rank, pp_rank in plan.ranks():
         meta = meg.tensor_meta(tp_rank, pp_rank)
-        check_tensor_set(str(meg.rank_file(tp_rank, pp_rank)), {k: shape for k, (shape, _) in meta.items()},
-                         expected_rank_shapes(plan, hf_shapes, pp_rank))
+        check_tensor_set(
+            str(meg.rank_file(tp_rank, pp_rank)),
+            {k: shape for k, (shape, _) in meta.items()},
+            expected_rank_shapes(plan, hf_shapes, pp_rank),
+        )
         check_float_dtypes(str(meg.rank_file(tp_rank, pp_rank)), {k: dtype for k, (_, dtype) in meta.items()})
     return plan, hf_model_shapes
 
@@ -105,8 +108,10 @@ class MegatronToHF:
         tensor = model[name]
         for copy in copies:
             if not torch.equal(model[copy], tensor):
-                raise InputError(f"{self.meg.rank_file(tp_rank, pp_rank)}: {copy} differs from {name}; "
-                                 "they hold the same shared norm")
+                raise InputError(
+                    f"{self.meg.rank_file(tp_rank, pp_rank)}: {copy} differs from {name}; "
+                    "they hold the same shared norm"
+                )
         return tensor
 
     get = merged  # a Megatron checkpoint read as an HF source (re-sharding)
@@ -133,8 +138,9 @@ class SavedRanks:
     def __init__(self, meg: MegatronCheckpoint, plan: ParallelPlan):
         self.meg, self.plan = meg, plan
         self.tp, self.pp, self.iter_dir = plan.tp, plan.pp, meg.iter_dir
-        self._global = ParallelPlan(plan.hf_config, plan.tp, 1, plan.divisible_by, plan.layout,
-                                    padded_vocab=plan.dims.padded_vocab)
+        self._global = ParallelPlan(
+            plan.hf_config, plan.tp, 1, plan.divisible_by, plan.layout, padded_vocab=plan.dims.padded_vocab
+        )
         self._stored = set(meg.tensor_meta(0, 0))
 
     def _global_name(self, param, layer: int | None) -> str:
@@ -144,7 +150,7 @@ class SavedRanks:
         return name
 
     def model(self, tp_rank: int, pp_rank: int) -> dict[str, torch.Tensor]:
-        out = {}
+        out: dict[str, torch.Tensor] = {}
         for param, layer, local in self.plan.stage_entries(pp_rank):
             full = self.meg.model(0, 0)[self._global_name(param, layer)]
             shard = param.rule.saved_slice(full, self.plan.dims, self.tp, tp_rank)

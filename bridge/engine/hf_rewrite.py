@@ -23,8 +23,12 @@ DTYPE_CHOICES = ("keep", *DTYPES)
 def materialize(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
     """A contiguous tensor that owns exactly its bytes: shards are often views, and torch.save would
     store the whole base. A tensor that already is one (a concatenation's result) is not copied again."""
-    if (dtype is None or t.dtype == dtype) and t.is_contiguous() and t.storage_offset() == 0 \
-            and t.untyped_storage().nbytes() == t.numel() * t.element_size():
+    if (
+        (dtype is None or t.dtype == dtype)
+        and t.is_contiguous()
+        and t.storage_offset() == 0
+        and t.untyped_storage().nbytes() == t.numel() * t.element_size()
+    ):
         return t
     out = torch.empty(t.shape, dtype=dtype or t.dtype)
     out.copy_(t)
@@ -80,8 +84,19 @@ class ExportTransform(Protocol):
     def edit_config(self, path: Path) -> None: ...
 
 
-def rewrite_hf(src: Path, dst: Path, source, transform: ExportTransform, layout: dict, target: torch.dtype | None, *,
-               force: bool, max_shard_size: str | int, progress: bool, desc: str) -> int:
+def rewrite_hf(
+    src: Path,
+    dst: Path,
+    source,
+    transform: ExportTransform,
+    layout: dict,
+    target: torch.dtype | None,
+    *,
+    force: bool,
+    max_shard_size: str | int,
+    progress: bool,
+    desc: str,
+) -> int:
     """HF -> HF through one transform (µP fold/unfold, BitNet pack/unpack), one tensor in memory at a
     time; config.json and tokenizer assets carried along. Returns the bytes written."""
     with atomic_output_dir(dst, force=force, inputs=[src]) as tmp:

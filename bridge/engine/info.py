@@ -67,8 +67,17 @@ def megatron_info(meg: MegatronCheckpoint, sidecar: Path | None, plan: ParallelP
         common = "common.pt" if (meg.iter_dir / "common.pt").exists() else "in the shards (megatron-core >= 0.19)"
     expanded = getattr(meg.args, "expanded_from_groups", None) if meg.args is not None else None
     return CheckpointInfo(
-        str(meg.root), meg.format, tp, pp, meg.iteration, str(meg.iter_dir), plan.layout, expanded,
-        _writer(meg), config_origin(meg, sidecar), common,
+        str(meg.root),
+        meg.format,
+        tp,
+        pp,
+        meg.iteration,
+        str(meg.iter_dir),
+        plan.layout,
+        expanded,
+        _writer(meg),
+        config_origin(meg, sidecar),
+        common,
         str(dtypes.most_common(1)[0][0]).removeprefix("torch.") if dtypes else None,
     )
 

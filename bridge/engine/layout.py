@@ -34,9 +34,11 @@ def hf_index(plan: ParallelPlan) -> dict[str, tuple[Param, int | None, int]]:
     return index
 
 
-def expected_rank_shapes(plan: ParallelPlan, hf_shapes: Mapping[str, torch.Size], pp_rank: int) -> dict[str, torch.Size]:
+def expected_rank_shapes(
+    plan: ParallelPlan, hf_shapes: Mapping[str, torch.Size], pp_rank: int
+) -> dict[str, torch.Size]:
     """Megatron key -> per-rank shape on one pipeline stage."""
-    out = {}
+    out: dict[str, torch.Size] = {}
     for param, layer, local in plan.stage_entries(pp_rank):
         shapes = [hf_shapes[hf_name(k, layer)] for k in param.hf]
         shape = plan.shard_shape(param, shapes)

@@ -20,7 +20,7 @@ from mappings import Param, megatron_keys, megatron_layer, padded_vocab_size
 
 @dataclass(frozen=True)
 class ParallelPlan:
-    hf_config: object
+    hf_config: Any  # transformers config of a registered family
     tp: int
     pp: int
     divisible_by: int = 128
@@ -90,7 +90,7 @@ class ParallelPlan:
         return _shard_shape(param.rule, self.dims, self.tp, tuple(tuple(s) for s in hf_shapes))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _shard_shape(rule, dims: Any, tp: int, hf_shapes: tuple[tuple[int, ...], ...]) -> torch.Size:
     """Cached: every layer asks the same few questions, and a meta-tensor run costs ~2 ms."""
     metas = [torch.empty(s, device="meta") for s in hf_shapes]

@@ -45,10 +45,25 @@ def reshard(
     plan, _ = megatron_plan(meg, cfg)
     source_divisible = getattr(meg.args, "make_vocab_size_divisible_by", 128) if meg.args is not None else 128
     assets = carried_assets(meg, options)
-    summary = write_megatron(MegatronToHF(meg, plan, None), cfg, dst, tp=tp, pp=pp, dtype=dtype, force=force,
-                             divisible_by=divisible_by or source_divisible, layout=layout, fmt=fmt,
-                             expand_groups=expand_groups, progress=progress, inputs=[src], config_json=sidecar,
-                             assets=assets, extra_args=bitnet.carried_args(meg.args), target=target)
+    summary = write_megatron(
+        MegatronToHF(meg, plan, None),
+        cfg,
+        dst,
+        tp=tp,
+        pp=pp,
+        dtype=dtype,
+        force=force,
+        divisible_by=divisible_by or source_divisible,
+        layout=layout,
+        fmt=fmt,
+        expand_groups=expand_groups,
+        progress=progress,
+        inputs=[src],
+        config_json=sidecar,
+        assets=assets,
+        extra_args=bitnet.carried_args(meg.args),
+        target=target,
+    )
     summary.source, summary.direction = str(src), "reshard"
     summary.seconds = round(time.perf_counter() - start, 3)
     return summary

@@ -85,21 +85,33 @@ def megatron_hf_config(meg: MegatronCheckpoint, options: ReadOptions = ReadOptio
         if rebuilt is not None:
             for name in family_of(cfg).compared_fields:
                 if getattr(cfg, name, None) != getattr(rebuilt, name, None):
-                    raise InputError(f"{sidecar}: {name}={getattr(cfg, name, None)!r} but the checkpoint's {where} "
-                                     f"has {getattr(rebuilt, name, None)!r}; pass --hf-config DIR to choose")
+                    raise InputError(
+                        f"{sidecar}: {name}={getattr(cfg, name, None)!r} but the checkpoint's {where} "
+                        f"has {getattr(rebuilt, name, None)!r}; pass --hf-config DIR to choose"
+                    )
         return cfg, sidecar
     if rebuilt is None:
-        raise InputError(f"{meg.iter_dir}: no model config: no {HF_ASSETS}/config.json, no 'args' in the "
-                         f"checkpoint and no {RUN_CONFIG}; pass --hf-config DIR (a folder with config.json)")
+        raise InputError(
+            f"{meg.iter_dir}: no model config: no {HF_ASSETS}/config.json, no 'args' in the "
+            f"checkpoint and no {RUN_CONFIG}; pass --hf-config DIR (a folder with config.json)"
+        )
     return rebuilt, None
 
 
 def _files(folder: Path, names=None) -> list[Path]:
     if not folder.is_dir():
         return []
-    return sorted(p for p in folder.iterdir() if p.is_file() and not p.is_symlink()
-                  and (p.name in names if names else p.name not in NOT_ASSETS | {"config.json"}
-                       and not p.name.endswith(WEIGHT_SUFFIXES)))
+    return sorted(
+        p
+        for p in folder.iterdir()
+        if p.is_file()
+        and not p.is_symlink()
+        and (
+            p.name in names
+            if names
+            else p.name not in NOT_ASSETS | {"config.json"} and not p.name.endswith(WEIGHT_SUFFIXES)
+        )
+    )
 
 
 def carried_assets(meg: MegatronCheckpoint, options: ReadOptions = ReadOptions()) -> list[Path]:
@@ -117,8 +129,12 @@ def carried_assets(meg: MegatronCheckpoint, options: ReadOptions = ReadOptions()
             chosen.update((p.name, p) for p in _files(reference))
         chosen.update((p.name, p) for p in _files(reference, REFERENCE_FILES) if p.name not in chosen)
     if not any(name in chosen for name in TOKENIZER_FILES):
-        _log.warning("%s: no tokenizer found (looked in %s/, %s/ and --hf-reference); the HF output will have "
-                     "none", meg.iter_dir, HF_ASSETS, MB_TOKENIZER)
+        _log.warning(
+            "%s: no tokenizer found (looked in %s/, %s/ and --hf-reference); the HF output will have none",
+            meg.iter_dir,
+            HF_ASSETS,
+            MB_TOKENIZER,
+        )
     return sorted(chosen.values())
 
 

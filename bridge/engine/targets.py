@@ -31,8 +31,16 @@ MEGATRON_BRIDGE = "megatron-bridge"
 TARGETS = (MEGATRON_LM, MEGATRON_BRIDGE)
 DEFAULT_TARGET = MEGATRON_LM
 MB_TOKENIZER = "tokenizer"
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
-                    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja")
+_TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer.model",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+)
 
 
 @dataclass(frozen=True)
@@ -56,8 +64,11 @@ class Target:
     def extra_args(self) -> dict:
         """``args`` fields Megatron-LM's ``check_checkpoint_args`` / ``load_args_from_checkpoint`` read
         that a plain conversion would not otherwise record."""
-        return {"ckpt_format": "torch" if self.fmt == "legacy" else "torch_dist",
-                "tokenizer_type": "HuggingFaceTokenizer", "data_parallel_random_init": False}
+        return {
+            "ckpt_format": "torch" if self.fmt == "legacy" else "torch_dist",
+            "tokenizer_type": "HuggingFaceTokenizer",
+            "data_parallel_random_init": False,
+        }
 
 
 def resolve_target(name: str, fmt: str | None, layout: str, iteration: int | str | None) -> Target:
@@ -65,18 +76,22 @@ def resolve_target(name: str, fmt: str | None, layout: str, iteration: int | str
     if name not in TARGETS:
         raise UnsupportedError(f"--target {name!r}: expected one of {', '.join(TARGETS)}")
     if iteration is not None and iteration != RELEASE and (not isinstance(iteration, int) or iteration < 1):
-        raise UnsupportedError(f"--iteration {iteration}: expected N >= 1 or 'release' (Megatron refuses a tracker "
-                               "of 0)")
+        raise UnsupportedError(
+            f"--iteration {iteration}: expected N >= 1 or 'release' (Megatron refuses a tracker of 0)"
+        )
     if name == MEGATRON_LM:
         return Target(name, fmt or "legacy", RELEASE if iteration is None else iteration)
     if fmt not in (None, "torch_dist"):
         raise UnsupportedError(f"--target {MEGATRON_BRIDGE} loads only torch_dist checkpoints, not --format {fmt}")
     if layout != "bridge":
-        raise UnsupportedError(f"--target {MEGATRON_BRIDGE} needs --layout bridge (its current Falcon-H1 spec), "
-                               f"not {layout}")
+        raise UnsupportedError(
+            f"--target {MEGATRON_BRIDGE} needs --layout bridge (its current Falcon-H1 spec), not {layout}"
+        )
     if iteration == RELEASE:
-        raise UnsupportedError(f"--target {MEGATRON_BRIDGE}: latest_train_state.pt cannot name a release "
-                               "checkpoint; pass --iteration N (N >= 1)")
+        raise UnsupportedError(
+            f"--target {MEGATRON_BRIDGE}: latest_train_state.pt cannot name a release "
+            "checkpoint; pass --iteration N (N >= 1)"
+        )
     return Target(name, "torch_dist", 1 if iteration is None else iteration)
 
 
@@ -103,8 +118,17 @@ def train_state(step: int) -> dict[str, torch.Tensor]:
     }
 
 
-def write_bridge_files(family: ModelFamily, root: Path, iter_dir: Path, args: Namespace, *, save: str,
-                       init_method_std: float, iteration: int, assets: list[Path]) -> None:
+def write_bridge_files(
+    family: ModelFamily,
+    root: Path,
+    iter_dir: Path,
+    args: Namespace,
+    *,
+    save: str,
+    init_method_std: float,
+    iteration: int,
+    assets: list[Path],
+) -> None:
     """run_config.yaml, train_state.pt and tokenizer/ in the iteration; latest_train_state.pt at the root."""
     model = family.provider_fields(vars(args), init_method_std=init_method_std)
     tokenizer = [p for p in assets if p.name in _TOKENIZER_FILES]

@@ -8,10 +8,14 @@ from __future__ import annotations
 from argparse import Namespace
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bridge.errors import InputError
 from mappings import Layout, Param
+from mappings.rules import Blockwise
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedConfig
 
 
 @dataclass(frozen=True)
@@ -19,7 +23,7 @@ class ModelFamily:
     name: str
     hf_model_type: str  # config.json "model_type"
     hf_architecture: str  # config.json "architectures"[0]
-    config_class: type  # transformers' config class
+    config_class: type[PreTrainedConfig]  # transformers' config class
     table: tuple[Param, ...]  # the mapping table (mappings/<family>.py)
     layouts: Mapping[str, Layout]  # Megatron key layouts, the first one the default
     params_for: Callable[[Any, int], list[Param]]  # the table entries a config and PP size have
@@ -48,8 +52,11 @@ class ModelFamily:
     @property
     def block_keys(self) -> dict[str, tuple[str, ...]]:
         """Megatron key suffix -> names of the blocks torch_dist stores it as (Mamba's split factories)."""
-        return {p.megatron.split("{L}.", 1)[-1]: p.rule.dist_keys for p in self.table
-                if getattr(p.rule, "dist_keys", ())}
+        return {
+            p.megatron.split("{L}.", 1)[-1]: p.rule.dist_keys
+            for p in self.table
+            if isinstance(p.rule, Blockwise) and p.rule.dist_keys
+        }
 
 
 FAMILIES: dict[str, ModelFamily] = {}
@@ -68,7 +75,7 @@ def _known() -> str:
 def family_for_model_type(model_type: object, where: str) -> ModelFamily:
     if model_type not in FAMILIES:
         raise InputError(f"{where}: model_type is {model_type!r:.60}, expected {_known()}")
-    return FAMILIES[model_type]  # type: ignore[index]
+    return FAMILIES[model_type]
 
 
 def family_of(config: Any) -> ModelFamily:
@@ -90,8 +97,10 @@ def family_for_provider(target: str, where: str) -> ModelFamily:
     for family in FAMILIES.values():
         if target == family.provider or target.endswith("." + family.provider.rpartition(".")[2]):
             return family
-    raise InputError(f"{where}: model._target_ is {target[:120]!r}; expected a provider of "
-                     f"{', '.join(f.provider.rpartition('.')[2] for f in FAMILIES.values())}")
+    raise InputError(
+        f"{where}: model._target_ is {target[:120]!r}; expected a provider of "
+        f"{', '.join(f.provider.rpartition('.')[2] for f in FAMILIES.values())}"
+    )
 
 
 def all_block_keys() -> dict[str, tuple[str, ...]]:

@@ -49,14 +49,33 @@ HF_TO_PROVIDER = {
 
 # Sizes that must be positive integers (None allowed for the derived ones): transformers would build a
 # model from a negative or zero size, or fail deep inside with an unrelated error.
-POSITIVE_SIZES = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-                  "vocab_size", "max_position_embeddings", "mamba_n_heads", "mamba_d_head", "mamba_d_state",
-                  "mamba_n_groups", "mamba_d_conv", "mamba_expand", "mamba_chunk_size")
+POSITIVE_SIZES = (
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "vocab_size",
+    "max_position_embeddings",
+    "mamba_n_heads",
+    "mamba_d_head",
+    "mamba_d_state",
+    "mamba_n_groups",
+    "mamba_d_conv",
+    "mamba_expand",
+    "mamba_chunk_size",
+)
 OPTIONAL_SIZES = ("head_dim", "mamba_d_ssm")
 
 
 def megatron_args(
-    cfg: FalconH1Config, *, tp: int, pp: int, padded_vocab: int, divisible_by: int, params_dtype: torch.dtype,
+    cfg: FalconH1Config,
+    *,
+    tp: int,
+    pp: int,
+    padded_vocab: int,
+    divisible_by: int,
+    params_dtype: torch.dtype,
     pattern: str = "P",
 ) -> Namespace:
     """The ``args`` Namespace stored in legacy checkpoints (plain values and torch dtypes only).
@@ -112,10 +131,26 @@ def _hf_layers(pattern: str | None, num_layers: int) -> int:
 
 # Fields a sidecar config.json and the checkpoint's args / run_config must agree on: every shape,
 # the tied head and the µP factors the table or Megatron's forward depends on.
-COMPARED_FIELDS = ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads",
-                   "num_key_value_heads", "head_dim", "vocab_size", "mamba_d_ssm", "mamba_n_heads", "mamba_d_head",
-                   "mamba_n_groups", "mamba_d_state", "mamba_d_conv", "mamba_conv_bias", "mamba_rms_norm",
-                   "tie_word_embeddings", "projectors_bias", "attention_bias")
+COMPARED_FIELDS = (
+    "num_hidden_layers",
+    "hidden_size",
+    "intermediate_size",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "vocab_size",
+    "mamba_d_ssm",
+    "mamba_n_heads",
+    "mamba_d_head",
+    "mamba_n_groups",
+    "mamba_d_state",
+    "mamba_d_conv",
+    "mamba_conv_bias",
+    "mamba_rms_norm",
+    "tie_word_embeddings",
+    "projectors_bias",
+    "attention_bias",
+)
 
 
 def hf_config_from_args(args: Namespace | dict, where: str = "checkpoint args") -> FalconH1Config:
@@ -168,14 +203,46 @@ def hf_config_from_args(args: Namespace | dict, where: str = "checkpoint args") 
 
 MB_PROVIDER_TARGET = "megatron.bridge.models.falcon_h1.falconh1_provider.FalconH1ModelProvider"
 # Megatron-LM args copied unchanged into the provider (TransformerConfig / FalconH1Config names).
-_SAME_NAME = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups", "kv_channels",
-              "vocab_size", "make_vocab_size_divisible_by", "rotary_percent", "position_embedding_type",
-              "normalization", "add_bias_linear", "add_qkv_bias", "hidden_dropout", "attention_dropout",
-              "mamba_state_dim", "mamba_head_dim", "mamba_num_heads", "mamba_num_groups", "expand", "d_conv",
-              "conv_bias", "chunk_size", "rmsnorm", "norm_before_gate", "bf16", "fp16",
-              "tensor_model_parallel_size", "pipeline_model_parallel_size", "embedding_multiplier",
-              "lm_head_multiplier", "key_multiplier", "attention_in_multiplier", "attention_out_multiplier",
-              "ssm_in_multiplier", "ssm_out_multiplier", "mlp_multipliers", "ssm_multipliers")
+_SAME_NAME = (
+    "num_layers",
+    "hidden_size",
+    "ffn_hidden_size",
+    "num_attention_heads",
+    "num_query_groups",
+    "kv_channels",
+    "vocab_size",
+    "make_vocab_size_divisible_by",
+    "rotary_percent",
+    "position_embedding_type",
+    "normalization",
+    "add_bias_linear",
+    "add_qkv_bias",
+    "hidden_dropout",
+    "attention_dropout",
+    "mamba_state_dim",
+    "mamba_head_dim",
+    "mamba_num_heads",
+    "mamba_num_groups",
+    "expand",
+    "d_conv",
+    "conv_bias",
+    "chunk_size",
+    "rmsnorm",
+    "norm_before_gate",
+    "bf16",
+    "fp16",
+    "tensor_model_parallel_size",
+    "pipeline_model_parallel_size",
+    "embedding_multiplier",
+    "lm_head_multiplier",
+    "key_multiplier",
+    "attention_in_multiplier",
+    "attention_out_multiplier",
+    "ssm_in_multiplier",
+    "ssm_out_multiplier",
+    "mlp_multipliers",
+    "ssm_multipliers",
+)
 
 
 def provider_fields(args: dict, *, init_method_std: float) -> dict:

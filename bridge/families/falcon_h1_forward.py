@@ -95,14 +95,22 @@ def mamba_rank(h: Tensor, rank: Rank, prefix: str, cfg, dims: FalconH1Dims, tp: 
     gn = groups * dims.d_state
     p = prefix + "mamba_mixer."
     zxbcdt = F.linear(h * cfg.ssm_in_multiplier, rank[p + "in_proj.weight"], rank.get(p + "in_proj.bias"))
-    z, x, b, c, dt = (s * m for s, m in zip(zxbcdt.split([d, d, gn, gn, heads], -1), cfg.ssm_multipliers))
+    z, x, b, c, dt = (s * m for s, m in zip(zxbcdt.split([d, d, gn, gn, heads], -1), cfg.ssm_multipliers, strict=False))
     xbc = causal_conv1d(torch.cat([x, b, c], -1), rank[p + "conv1d.weight"], rank.get(p + "conv1d.bias"))
     x, b, c = xbc.split([d, gn, gn], -1)
     bt = x.shape[:2]
-    y = ssm_scan(x.reshape(*bt, heads, dims.mamba_head_dim), dt, rank[p + "A_log"], b.reshape(*bt, groups, -1),
-                 c.reshape(*bt, groups, -1), rank[p + "D"], rank[p + "dt_bias"])
-    y = gated_norm(y.reshape(*bt, d), z, rank.get(p + "norm.weight"), groups, cfg.rms_norm_eps,
-                   cfg.mamba_norm_before_gate)
+    y = ssm_scan(
+        x.reshape(*bt, heads, dims.mamba_head_dim),
+        dt,
+        rank[p + "A_log"],
+        b.reshape(*bt, groups, -1),
+        c.reshape(*bt, groups, -1),
+        rank[p + "D"],
+        rank[p + "dt_bias"],
+    )
+    y = gated_norm(
+        y.reshape(*bt, d), z, rank.get(p + "norm.weight"), groups, cfg.rms_norm_eps, cfg.mamba_norm_before_gate
+    )
     return F.linear(y, rank[p + "out_proj.weight"])
 
 
@@ -154,12 +162,15 @@ def core_attention(q: Tensor, k: Tensor, v: Tensor, head_dim: int) -> Tensor:
     return (scores.softmax(-1) @ v).transpose(1, 2)
 
 
-def attention(hs: list[Tensor], ranks: list[Rank], prefix: str, cfg, dims: FalconH1Dims,
-              rope: tuple[Tensor, Tensor]) -> list[Tensor]:
+def attention(
+    hs: list[Tensor], ranks: list[Rank], prefix: str, cfg, dims: FalconH1Dims, rope: tuple[Tensor, Tensor]
+) -> list[Tensor]:
     """Every rank's self-attention partial sum (linear_proj is row parallel)."""
     p = prefix + "self_attention."
-    mixed = [F.linear(h * cfg.attention_in_multiplier, rank[p + "linear_qkv.weight"], rank.get(p + "linear_qkv.bias"))
-             for h, rank in zip(hs, ranks)]
+    mixed = [
+        F.linear(h * cfg.attention_in_multiplier, rank[p + "linear_qkv.weight"], rank.get(p + "linear_qkv.bias"))
+        for h, rank in zip(hs, ranks, strict=False)
+    ]
     cos, sin = rope
     partials = []
     for r, rank in enumerate(ranks):
@@ -186,13 +197,17 @@ def _reduced(partials: list[Tensor], ranks: list[Rank], bias_key: str) -> Tensor
     return out if bias is None else out + bias
 
 
-def decoder_layer(x: Tensor, ranks: list[Rank], layer: int, cfg, dims: FalconH1Dims,
-                  rope: tuple[Tensor, Tensor]) -> Tensor:
+def decoder_layer(
+    x: Tensor, ranks: list[Rank], layer: int, cfg, dims: FalconH1Dims, rope: tuple[Tensor, Tensor]
+) -> Tensor:
     """Parallel hybrid layer: x + ssm_out*mamba(h) + attn_out*attn(h), then x + mlp(x)."""
     p, tp = f"decoder.layers.{layer}.", len(ranks)
     hs = [rms_norm(x, rank[p + "norm.weight"], cfg.rms_norm_eps) for rank in ranks]
-    m = _reduced([mamba_rank(h, rank, p, cfg, dims, tp) for h, rank in zip(hs, ranks)], ranks,
-                 p + "mamba_mixer.out_proj.bias")
+    m = _reduced(
+        [mamba_rank(h, rank, p, cfg, dims, tp) for h, rank in zip(hs, ranks, strict=False)],
+        ranks,
+        p + "mamba_mixer.out_proj.bias",
+    )
     a = _reduced(attention(hs, ranks, p, cfg, dims, rope), ranks, p + "self_attention.linear_proj.bias")
     x = x + m * cfg.ssm_out_multiplier + a * cfg.attention_out_multiplier
     f = _reduced([mlp_rank(x, rank, p, cfg) for rank in ranks], ranks, p + "mlp.linear_fc2.bias")
@@ -201,8 +216,10 @@ def decoder_layer(x: Tensor, ranks: list[Rank], layer: int, cfg, dims: FalconH1D
 
 def output_logits(x: Tensor, ranks: list[Rank], cfg) -> Tensor:
     """Each rank's vocab slice of the logits (output_layer, or the embedding when tied), gathered."""
-    parts = [F.linear(rms_norm(x, rank[FINAL_NORM], cfg.rms_norm_eps), rank[OUTPUT if OUTPUT in rank else EMBEDDING])
-             for rank in ranks]
+    parts = [
+        F.linear(rms_norm(x, rank[FINAL_NORM], cfg.rms_norm_eps), rank[OUTPUT if OUTPUT in rank else EMBEDDING])
+        for rank in ranks
+    ]
     return torch.cat(parts, -1)[..., : cfg.vocab_size] * cfg.lm_head_multiplier
 
 

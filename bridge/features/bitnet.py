@@ -22,9 +22,10 @@ from __future__ import annotations
 import json
 import time
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Mapping
+from typing import Any, overload
 
 import torch
 
@@ -94,7 +95,9 @@ def unpack(packed: torch.Tensor, rows: int) -> torch.Tensor:
     return fields.to(torch.int8) - 1
 
 
-def ternarize(w: torch.Tensor, linear_class: str, recorded: float | None = None) -> tuple[torch.Tensor, torch.Tensor, str]:
+def ternarize(
+    w: torch.Tensor, linear_class: str, recorded: float | None = None
+) -> tuple[torch.Tensor, torch.Tensor, str]:
     """``(t int8, weight_scale, how)`` for one whole (TP-gathered) HF tensor; ``how`` says which rule:
     "record" / "dequantized" for a tensor that already is ternary × one magnitude (its recorded
     scale when that reproduces it bit for bit, else one derived from the magnitude), "latent" for
@@ -122,8 +125,12 @@ def default_quant_config(linear_class: str) -> dict:
     """The quantization_config a packed checkpoint gets (transformers' BitNetQuantConfig fields)."""
     if linear_class not in LINEAR_CLASSES:
         raise InputError(f"linear_class {linear_class!r}: expected one of {', '.join(LINEAR_CLASSES)}")
-    return {"quant_method": "bitnet", "linear_class": linear_class, "quantization_mode": "offline",
-            "modules_to_not_convert": list(NOT_CONVERTED)}
+    return {
+        "quant_method": "bitnet",
+        "linear_class": linear_class,
+        "quantization_mode": "offline",
+        "modules_to_not_convert": list(NOT_CONVERTED),
+    }
 
 
 def quant_config(cfg) -> dict | None:
@@ -137,14 +144,20 @@ def quant_config(cfg) -> dict | None:
         raise UnsupportedError(f"config.json: quantization_config quant_method={method!r}; only 'bitnet' is supported")
     linear_class = quant.get("linear_class", "bitlinear")
     if linear_class not in LINEAR_CLASSES:
-        raise InputError(f"config.json: quantization_config linear_class={linear_class!r}, expected one of "
-                         f"{', '.join(LINEAR_CLASSES)}")
+        raise InputError(
+            f"config.json: quantization_config linear_class={linear_class!r}, expected one of "
+            f"{', '.join(LINEAR_CLASSES)}"
+        )
     if linear_class == "autobitlinear" and quant.get("quantization_mode", "offline") != "offline":
-        raise UnsupportedError("config.json: autobitlinear in online mode stores float weights, not packed ones; "
-                               "drop quantization_config and convert it as a plain checkpoint")
+        raise UnsupportedError(
+            "config.json: autobitlinear in online mode stores float weights, not packed ones; "
+            "drop quantization_config and convert it as a plain checkpoint"
+        )
     if quant.get("use_rms_norm"):
-        raise UnsupportedError("config.json: quantization_config use_rms_norm adds an RMSNorm to every linear, "
-                               "which Megatron's Falcon-H1 has no place for")
+        raise UnsupportedError(
+            "config.json: quantization_config use_rms_norm adds an RMSNorm to every linear, "
+            "which Megatron's Falcon-H1 has no place for"
+        )
     from transformers.quantizers.quantizers_utils import (
         should_convert_module,  # slow import; BitNet only
     )
@@ -154,22 +167,39 @@ def quant_config(cfg) -> dict | None:
     wrong = [m for m in bitnet_modules(cfg.num_hidden_layers) if not should_convert_module(m, skip)]
     if wrong or should_convert_module("lm_head", skip):
         what = f"leaves {wrong[0]!r} unquantized" if wrong else "quantizes lm_head"
-        raise UnsupportedError(f"config.json: quantization_config modules_to_not_convert={skip} {what}; "
-                               f"supported: every Falcon-H1 linear packed except {list(NOT_CONVERTED)}")
+        raise UnsupportedError(
+            f"config.json: quantization_config modules_to_not_convert={skip} {what}; "
+            f"supported: every Falcon-H1 linear packed except {list(NOT_CONVERTED)}"
+        )
     return quant
 
 
-def packed_layout(layout: Layout, scale_dtype: torch.dtype | None) -> dict[str, tuple[torch.Size, torch.dtype]]:
-    """The layout with each BitNet linear as uint8 ``[out/4, in]`` followed by its ``weight_scale [1]``."""
-    out = {}
+@overload
+def packed_layout(layout: Layout, scale_dtype: torch.dtype) -> dict[str, tuple[torch.Size, torch.dtype]]: ...
+
+
+@overload
+def packed_layout(
+    layout: Mapping[str, tuple[torch.Size, torch.dtype | None]], scale_dtype: None
+) -> dict[str, tuple[torch.Size, torch.dtype | None]]: ...
+
+
+def packed_layout(
+    layout: Mapping[str, tuple[torch.Size, torch.dtype | None]], scale_dtype: torch.dtype | None
+) -> dict[str, tuple[torch.Size, Any]]:  # Any: the overloads above give the precise dtype type
+    """The layout with each BitNet linear as uint8 ``[out/4, in]`` followed by its ``weight_scale [1]``
+    (a ``None`` dtype, as when only the shapes are wanted, stays ``None``)."""
+    out: dict[str, tuple[torch.Size, torch.dtype | None]] = {}
     for key, (shape, dtype) in layout.items():
         if not is_bitnet_weight(key):
             out[key] = (shape, dtype)
             continue
         if shape[0] % 4:
             hint = " (Mamba in_proj rows = 2*d_ssm + 2*n_groups*d_state + n_heads)" if "in_proj" in key else ""
-            raise UnsupportedError(f"{key}: {shape[0]} output rows{hint}; BitNet packing needs a multiple of 4 "
-                                   "(transformers' BitLinear stores out_features // 4 packed rows)")
+            raise UnsupportedError(
+                f"{key}: {shape[0]} output rows{hint}; BitNet packing needs a multiple of 4 "
+                "(transformers' BitLinear stores out_features // 4 packed rows)"
+            )
         out[key] = (torch.Size((shape[0] // 4, *shape[1:])), torch.uint8)
         out[scale_key(key)] = (SCALE_SHAPE, scale_dtype)
     return out
@@ -188,8 +218,12 @@ class UnpackedView:
         self.quant, self.linear_class = quant, quant.get("linear_class", "bitlinear")
         self.shapes = expected_hf_shapes(self.config)
         packed = packed_layout({k: (s, None) for k, s in self.shapes.items()}, None)
-        check_tensor_set(str(self.folder), {k: ckpt.shape(k) for k in ckpt.keys()}, {k: s for k, (s, _) in packed.items()},
-                         " (BitNet-packed checkpoint)")
+        check_tensor_set(
+            str(self.folder),
+            {k: ckpt.shape(k) for k in ckpt.keys()},
+            {k: s for k, (s, _) in packed.items()},
+            " (BitNet-packed checkpoint)",
+        )
         self.weight_dtype = dtype or config_dtype(self.config)
 
     def keys(self) -> list[str]:
@@ -304,7 +338,9 @@ def export_transform(cfg, args: Mapping, target: torch.dtype | None, pack: bool 
         pack = quant is not None or bool(args.get("use_bitnet"))
     if not pack and quant is None:
         return None
-    quant = quant or record.get("quantization_config") or default_quant_config(args.get("bitnet_linear_class", "bitlinear"))
+    quant = (
+        quant or record.get("quantization_config") or default_quant_config(args.get("bitnet_linear_class", "bitlinear"))
+    )
     scales = args.get("bitnet_weight_scales") or record.get("weight_scale") or {}
     return BitNetExport(pack, quant, scales, target or config_dtype(cfg))
 
@@ -328,22 +364,48 @@ class BitNetReport:
         return asdict(self)
 
 
-def _rewrite(src: Path, dst: Path, source, transform: BitNetExport, report: BitNetReport, target: torch.dtype | None,
-             force: bool, max_shard_size: str | int, progress: bool) -> BitNetReport:
+def _rewrite(
+    src: Path,
+    dst: Path,
+    source,
+    transform: BitNetExport,
+    report: BitNetReport,
+    target: torch.dtype | None,
+    force: bool,
+    max_shard_size: str | int,
+    progress: bool,
+) -> BitNetReport:
     """Streams ``source`` through ``transform`` into an HF folder, config and tokenizer assets included."""
     start = time.perf_counter()
     layout = transform.layout({k: (source.shape(k), target or source.dtype(k)) for k in source.keys()})
-    report.bytes_written = rewrite_hf(src, dst, source, transform, layout, target, force=force,
-                                      max_shard_size=max_shard_size, progress=progress,
-                                      desc=f"bitnet {report.direction}")
+    report.bytes_written = rewrite_hf(
+        src,
+        dst,
+        source,
+        transform,
+        layout,
+        target,
+        force=force,
+        max_shard_size=max_shard_size,
+        progress=progress,
+        desc=f"bitnet {report.direction}",
+    )
     report.tensors, report.quantized = len(layout), dict(transform.counts)
     report.linears = sum(is_bitnet_weight(k) for k in layout)
     report.seconds = round(time.perf_counter() - start, 3)
     return report
 
 
-def pack_checkpoint(src_hf: Path, dst_hf: Path, *, linear_class: str | None = None, dtype: str = "keep",
-                    force: bool = False, max_shard_size: str | int = "5GB", progress: bool = False) -> BitNetReport:
+def pack_checkpoint(
+    src_hf: Path,
+    dst_hf: Path,
+    *,
+    linear_class: str | None = None,
+    dtype: str = "keep",
+    force: bool = False,
+    max_shard_size: str | int = "5GB",
+    progress: bool = False,
+) -> BitNetReport:
     """HF latent or unpacked weights -> ternary-packed HF with ``weight_scale`` and quantization_config.
 
     Each BitNet linear is quantized over its whole tensor. ``linear_class`` defaults to the one an
@@ -368,8 +430,15 @@ def pack_checkpoint(src_hf: Path, dst_hf: Path, *, linear_class: str | None = No
     return _rewrite(src_hf, dst_hf, ckpt, transform, report, target, force, max_shard_size, progress)
 
 
-def unpack_checkpoint(src_packed: Path, dst_hf: Path, *, dtype: str = "keep", force: bool = False,
-                      max_shard_size: str | int = "5GB", progress: bool = False) -> BitNetReport:
+def unpack_checkpoint(
+    src_packed: Path,
+    dst_hf: Path,
+    *,
+    dtype: str = "keep",
+    force: bool = False,
+    max_shard_size: str | int = "5GB",
+    progress: bool = False,
+) -> BitNetReport:
     """Ternary-packed HF -> plain HF with ternary × scale weights in ``dtype`` (default: the config's),
     no quantization_config, and the exact scales recorded so that packing again is bit-exact."""
     src_packed, dst_hf = Path(src_packed), Path(dst_hf)
@@ -385,11 +454,15 @@ def describe(cfg, args: Mapping) -> str | None:
     quant = getattr(cfg, "quantization_config", None)
     record = getattr(cfg, RECORD_KEY, None)
     if args.get("use_bitnet"):
-        return (f"Megatron BitNet ({args.get('bitnet_linear_class', 'bitlinear')}): weights stored unpacked, "
-                "megatron-to-hf writes them ternary-packed")
+        return (
+            f"Megatron BitNet ({args.get('bitnet_linear_class', 'bitlinear')}): weights stored unpacked, "
+            "megatron-to-hf writes them ternary-packed"
+        )
     if isinstance(quant, dict) and quant.get("quant_method") == "bitnet":
         return f"ternary-packed ({quant.get('linear_class', 'bitlinear')}), one weight_scale per linear"
     if isinstance(record, dict):
-        return (f"unpacked ternary × scale, {len(record.get('weight_scale', {}))} exact scales recorded "
-                "(bitnet pack restores the packed checkpoint bit for bit)")
+        return (
+            f"unpacked ternary × scale, {len(record.get('weight_scale', {}))} exact scales recorded "
+            "(bitnet pack restores the packed checkpoint bit for bit)"
+        )
     return None

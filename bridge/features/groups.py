@@ -75,8 +75,10 @@ def collapse(t: torch.Tensor, key: str, dims: FalconH1Dims, factor: int) -> torc
     def one(g):
         replicas = g.reshape(dims.mamba_groups // factor, factor, *g.shape[1:])
         if not torch.equal(replicas, replicas[:, :1].expand_as(replicas)):
-            raise InputError(f"{key}: replicated Mamba B/C groups differ; cannot collapse "
-                             f"{dims.mamba_groups} groups back to {dims.mamba_groups // factor}")
+            raise InputError(
+                f"{key}: replicated Mamba B/C groups differ; cannot collapse "
+                f"{dims.mamba_groups} groups back to {dims.mamba_groups // factor}"
+            )
         return replicas[:, 0].flatten(0, 1)
 
     return _regroup(t, key, dims, one)

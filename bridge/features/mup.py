@@ -15,9 +15,9 @@ import json
 import math
 import re
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Mapping
 
 import torch
 
@@ -30,7 +30,9 @@ from mappings import FalconH1Dims
 
 FOLDED_KEY = "mup_folded"
 ONE: dict[str, float | list[float]] = {
-    **{name: 1.0 for name in MUP_SCALARS}, "mlp_multipliers": [1.0, 1.0], "ssm_multipliers": [1.0] * 5,
+    **{name: 1.0 for name in MUP_SCALARS},
+    "mlp_multipliers": [1.0, 1.0],
+    "ssm_multipliers": [1.0] * 5,
 }
 ROWS = "ssm_multipliers"  # one factor per in_proj row block z | x | B | C | dt (compute_mup_vector)
 
@@ -53,7 +55,7 @@ TENSOR_FACTORS: dict[str, tuple[str, ...]] = {
     "feed_forward.down_proj.weight": ("mlp_multipliers[1]",),  # down_proj(y) * m1
     "feed_forward.down_proj.bias": ("mlp_multipliers[1]",),
 }
-Produce = Callable[[list[str]], dict[str, torch.Tensor]]  # write_hf_weights' shard callback
+Produce = Callable[[list[str]], Mapping[str, torch.Tensor]]  # write_hf_weights' shard callback
 _LAYER_PREFIX = re.compile(r"^model\.layers\.\d+\.")
 _EXACT_DTYPES = (torch.float32, torch.float64)
 
@@ -79,16 +81,17 @@ class FoldReport:
 
 def _factors(values: Mapping, where: str) -> dict[str, float | list[float]]:
     """The nine fields as floats, defaults (1.0) for absent ones; refuses factors that cannot be divided out."""
-    out = {}
+    out: dict[str, float | list[float]] = {}
     for name, default in ONE.items():
         value = values.get(name, default)
         try:
-            out[name] = [float(v) for v in value] if name in MUP_LISTS else float(value)
+            factor = [float(v) for v in value] if name in MUP_LISTS else float(value)
         except (TypeError, ValueError):
             kind = "list of numbers" if name in MUP_LISTS else "number"
             raise InputError(f"{where}: {name} = {value!r}, expected a {kind}") from None
-        if name in MUP_LISTS and len(out[name]) != len(default):
-            raise InputError(f"{where}: {name} has {len(out[name])} values, Falcon-H1 uses {len(default)}")
+        if isinstance(factor, list) and isinstance(default, list) and len(factor) != len(default):
+            raise InputError(f"{where}: {name} has {len(factor)} values, Falcon-H1 uses {len(default)}")
+        out[name] = factor
     for name, value in _flat(out).items():
         if not math.isfinite(value) or value == 0.0:
             raise UnsupportedError(f"{where}: {name} = {value}: a zero or non-finite factor cannot be divided back out")
@@ -110,12 +113,14 @@ def _check_foldable(cfg, factors: Mapping, where: str) -> None:
         method = quant.get("quant_method", "?") if isinstance(quant, dict) else "?"
         raise UnsupportedError(
             f"{where}: quantization_config (quant_method={method!r}) present: µP factors cannot be folded into "
-            "quantized weights (per-row factors change BitNet's ternary pattern); fold the full-precision checkpoint")
+            "quantized weights (per-row factors change BitNet's ternary pattern); fold the full-precision checkpoint"
+        )
     emb, head = factors["embedding_multiplier"], factors["lm_head_multiplier"]
     if cfg.tie_word_embeddings and emb != head:
         raise UnsupportedError(
             f"{where}: tie_word_embeddings with embedding_multiplier {emb} != lm_head_multiplier {head}: "
-            "the one shared tensor cannot carry two factors; keep the multipliers in the config")
+            "the one shared tensor cannot carry two factors; keep the multipliers in the config"
+        )
 
 
 class MupScaler:
@@ -128,27 +133,33 @@ class MupScaler:
         self.rounding: dict[str, dict[str, float]] = {}
 
     @classmethod
-    def fold(cls, cfg, dims: FalconH1Dims, where: str = "config.json") -> "MupScaler":
+    def fold(cls, cfg, dims: FalconH1Dims, where: str = "config.json") -> MupScaler:
         if getattr(cfg, FOLDED_KEY, None) is not None:
-            raise UnsupportedError(f"{where}: has {FOLDED_KEY!r}, so the multipliers were folded before; "
-                                   "folding again would apply them twice")
+            raise UnsupportedError(
+                f"{where}: has {FOLDED_KEY!r}, so the multipliers were folded before; "
+                "folding again would apply them twice"
+            )
         factors = _factors({name: getattr(cfg, name) for name in MUP_FIELDS}, where)
         _check_foldable(cfg, factors, where)
         return cls(factors, dims, inverse=False)
 
     @classmethod
-    def unfold(cls, cfg, dims: FalconH1Dims, where: str = "config.json") -> "MupScaler":
+    def unfold(cls, cfg, dims: FalconH1Dims, where: str = "config.json") -> MupScaler:
         record = getattr(cfg, FOLDED_KEY, None)
         if record is None:
-            raise UnsupportedError(f"{where}: no {FOLDED_KEY!r} record, so the checkpoint was not folded; "
-                                   "there are no factors to divide out")
+            raise UnsupportedError(
+                f"{where}: no {FOLDED_KEY!r} record, so the checkpoint was not folded; "
+                "there are no factors to divide out"
+            )
         if not isinstance(record, dict) or set(record) - set(MUP_FIELDS):
             raise InputError(f"{where}: {FOLDED_KEY} must map µP field names to their values")
         current = _factors({name: getattr(cfg, name) for name in MUP_FIELDS}, where)
         changed = [name for name, value in current.items() if value != ONE[name]]
         if changed:
-            raise UnsupportedError(f"{where}: {changed[0]} is not 1.0 although the multipliers were folded; "
-                                   "it was edited after folding, so unfolding would lose that value")
+            raise UnsupportedError(
+                f"{where}: {changed[0]} is not 1.0 although the multipliers were folded; "
+                "it was edited after folding, so unfolding would lose that value"
+            )
         factors = _factors(record, f"{where}: {FOLDED_KEY}")
         _check_foldable(cfg, factors, where)
         return cls(factors, dims, inverse=True)
@@ -199,8 +210,16 @@ class MupScaler:
         path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
-def _rescale(src: Path, dst: Path, direction: str, make: Callable[..., MupScaler], dtype: str, force: bool,
-             max_shard_size: str | int, progress: bool) -> FoldReport:
+def _rescale(
+    src: Path,
+    dst: Path,
+    direction: str,
+    make: Callable[..., MupScaler],
+    dtype: str,
+    force: bool,
+    max_shard_size: str | int,
+    progress: bool,
+) -> FoldReport:
     start = time.perf_counter()
     src, dst = Path(src), Path(dst)
     target = target_dtype(dtype)
@@ -210,20 +229,44 @@ def _rescale(src: Path, dst: Path, direction: str, make: Callable[..., MupScaler
     check_tensor_set(str(src), shapes, expected_hf_shapes(ckpt.config))
     layout = {k: (shapes[k], target or ckpt.dtype(k)) for k in shapes}
     report = FoldReport(str(src), str(dst), direction, dtype, scaler.factors, tensors=len(layout))
-    report.bytes_written = rewrite_hf(src, dst, ckpt, scaler, layout, target, force=force,
-                                      max_shard_size=max_shard_size, progress=progress, desc=f"mup {direction}")
+    report.bytes_written = rewrite_hf(
+        src,
+        dst,
+        ckpt,
+        scaler,
+        layout,
+        target,
+        force=force,
+        max_shard_size=max_shard_size,
+        progress=progress,
+        desc=f"mup {direction}",
+    )
     report.scaled, report.rounding = scaler.scaled, scaler.rounding
     report.seconds = round(time.perf_counter() - start, 3)
     return report
 
 
-def fold_mup(src_hf: Path, dst_hf: Path, *, dtype: str = "keep", force: bool = False,
-             max_shard_size: str | int = "5GB", progress: bool = False) -> FoldReport:
+def fold_mup(
+    src_hf: Path,
+    dst_hf: Path,
+    *,
+    dtype: str = "keep",
+    force: bool = False,
+    max_shard_size: str | int = "5GB",
+    progress: bool = False,
+) -> FoldReport:
     """Writes ``dst_hf``: ``src_hf`` with every µP factor folded into its weights and the multipliers set to 1.0."""
     return _rescale(src_hf, dst_hf, "fold", MupScaler.fold, dtype, force, max_shard_size, progress)
 
 
-def unfold_mup(src_hf: Path, dst_hf: Path, *, dtype: str = "keep", force: bool = False,
-               max_shard_size: str | int = "5GB", progress: bool = False) -> FoldReport:
+def unfold_mup(
+    src_hf: Path,
+    dst_hf: Path,
+    *,
+    dtype: str = "keep",
+    force: bool = False,
+    max_shard_size: str | int = "5GB",
+    progress: bool = False,
+) -> FoldReport:
     """Undoes ``fold_mup``: divides the recorded factors out of the weights and restores the config entries."""
     return _rescale(src_hf, dst_hf, "unfold", MupScaler.unfold, dtype, force, max_shard_size, progress)

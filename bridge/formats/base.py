@@ -39,8 +39,18 @@ class MegatronReader(Protocol):
 
 
 class Writer(Protocol):
-    def __call__(self, iter_dir: Path, source: Any, plan: Any, *, dtype: torch.dtype | None, args: Namespace,
-                 iteration: int, objects: dict[str, object] | None, progress: bool) -> int:
+    def __call__(
+        self,
+        iter_dir: Path,
+        source: Any,
+        plan: Any,
+        *,
+        dtype: torch.dtype | None,
+        args: Namespace,
+        iteration: int,
+        objects: dict[str, object] | None,
+        progress: bool,
+    ) -> int:
         """Writes the iteration folder from ``source.get(hf_key)``; returns the number of tensors."""
         ...
 

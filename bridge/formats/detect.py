@@ -28,7 +28,11 @@ def detect_format(path: Path) -> str:
         raise InputError(f"{path}: empty directory")
     if "config.json" in names and (SINGLE in names or INDEX in names):
         return HF
-    if TRACKER in names or LATEST_TRAIN_STATE in names or is_iteration_dir(path) \
-            or any(n.startswith("iter_") or n == "release" for n in names):
+    if (
+        TRACKER in names
+        or LATEST_TRAIN_STATE in names
+        or is_iteration_dir(path)
+        or any(n.startswith("iter_") or n == "release" for n in names)
+    ):
         return LEGACY
     raise InputError(f"{path}: neither an HF folder (config.json + safetensors) nor a Megatron checkpoint")

@@ -13,9 +13,8 @@ import math
 import os
 import shutil
 import struct
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Callable, Iterable
 
 import torch
 from huggingface_hub import split_torch_state_dict_into_shards
@@ -74,8 +73,9 @@ class HFCheckpoint:
             raise InputError(f"{index_path}: invalid index; expected JSON with a 'weight_map' object") from None
         for name in weight_map.values():  # plain file names only: no '../', no absolute or nested paths
             if not isinstance(name, str) or name in ("", "..") or Path(name).name != name:
-                raise InputError(f"{index_path}: shard path {name!r} is outside the checkpoint folder "
-                                 "(expected a file name in it)")
+                raise InputError(
+                    f"{index_path}: shard path {name!r} is outside the checkpoint folder (expected a file name in it)"
+                )
         files = sorted(set(weight_map.values()))
         for name in files:
             # A shard may be a symlink to anywhere: Hub cache snapshots link every file into ../../blobs.
@@ -152,8 +152,9 @@ def copy_assets(files: Iterable[Path], dst: Path) -> list[str]:
 _DTYPE_CODES = {dtype: code for code, dtype in _SAFETENSORS_DTYPES.items()}
 
 
-def _write_safetensors(path: Path, keys: list[str], layout: dict, tensors: Mapping[str, torch.Tensor],
-                       counts: NonFiniteCount) -> None:
+def _write_safetensors(
+    path: Path, keys: list[str], layout: Mapping, tensors: Mapping[str, torch.Tensor], counts: NonFiniteCount
+) -> None:
     """Streams one safetensors file: the header is known from ``layout``, then each tensor is fetched,
     written and dropped (at most two are alive: one written, one being built). safetensors'
     ``save_file`` needs the whole file's tensors in memory at once."""
@@ -206,8 +207,12 @@ class NonFiniteCount:
     def warn(self) -> None:
         bad = [k for k, n in self.counts.items() if n]
         if bad:
-            _log.warning("warning: %d non-finite values (NaN/Inf) in %d tensor(s), first %r; converted as they are",
-                         sum(self.counts[k] for k in bad), len(bad), bad[0])
+            _log.warning(
+                "warning: %d non-finite values (NaN/Inf) in %d tensor(s), first %r; converted as they are",
+                sum(self.counts[k] for k in bad),
+                len(bad),
+                bad[0],
+            )
 
 
 class CheckedSource:
@@ -238,7 +243,7 @@ class LazyTensors(Mapping):
 
 def write_hf_weights(
     folder: Path,
-    layout: dict[str, tuple[torch.Size, torch.dtype]],
+    layout: Mapping[str, tuple[torch.Size, torch.dtype]],
     produce: Callable[[list[str]], Mapping[str, torch.Tensor]],
     max_shard_size: str | int = "5GB",
     progress: Callable[[int], None] | None = None,

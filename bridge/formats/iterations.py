@@ -82,8 +82,10 @@ def resolve_iteration_dir(root: Path, iteration: int | str | None = None) -> Pat
     root = Path(root)
     if is_iteration_dir(root):
         if iteration is not None and root.name != iteration_dir_name(iteration):
-            raise InputError(f"{root}: is the iteration folder {root.name}; --iteration {iteration} names another "
-                             "(pass the checkpoint root to choose among iterations)")
+            raise InputError(
+                f"{root}: is the iteration folder {root.name}; --iteration {iteration} names another "
+                "(pass the checkpoint root to choose among iterations)"
+            )
         return root
     present = iterations_present(root)
     if iteration is not None:

@@ -33,7 +33,7 @@ def rank_dir_name(tp_rank: int, pp_rank: int, pp: int) -> str:
     return f"mp_rank_{tp_rank:02d}" if pp == 1 else f"mp_rank_{tp_rank:02d}_{pp_rank:03d}"
 
 
-def safe_load(path: Path) -> dict:
+def safe_load(path: Path) -> object:
     """Loads a rank file memory-mapped, never unpickling code (see ``safe_pickle``)."""
     return safe_torch_load(path, str(path), mmap=True)
 
@@ -69,15 +69,17 @@ class LegacyCheckpoint:
             dirs[(int(m.group(1)), int(m.group(2) or 0))] = p
         if not dirs:
             if (self.iter_dir / ".metadata").is_file() or (self.iter_dir / "common.pt").is_file():
-                raise InputError(f"{self.iter_dir / 'metadata.json'}: missing; the directory holds torch_dist files "
-                                 "(.metadata, common.pt) but a torch_dist checkpoint needs all three")
+                raise InputError(
+                    f"{self.iter_dir / 'metadata.json'}: missing; the directory holds torch_dist files "
+                    "(.metadata, common.pt) but a torch_dist checkpoint needs all three"
+                )
             raise InputError(f"{self.iter_dir}: no mp_rank_* directories")
         tp = max(t for t, _ in dirs) + 1
         pp = max(p for _, p in dirs) + 1
-        for t in range(tp):
-            for p in range(pp):
-                if (t, p) not in dirs:
-                    missing = self.iter_dir / rank_dir_name(t, p, pp)
+        for tp_rank in range(tp):
+            for pp_rank in range(pp):
+                if (tp_rank, pp_rank) not in dirs:
+                    missing = self.iter_dir / rank_dir_name(tp_rank, pp_rank, pp)
                     raise InputError(f"{missing}: missing rank directory (found TP={tp}, PP={pp})")
         return tp, pp, dirs
 
@@ -94,7 +96,11 @@ class LegacyCheckpoint:
                 raise InputError(f"{path}: missing rank file")
             state = safe_load(path)
             if not isinstance(state, dict) or "model" not in state:
-                extra = " (virtual pipeline 'model0' is not supported)" if "model0" in state else ""
+                extra = (
+                    " (virtual pipeline 'model0' is not supported)"
+                    if isinstance(state, dict) and "model0" in state
+                    else ""
+                )
                 raise InputError(f"{path}: no 'model' state dict{extra}")
             self._cache[(tp_rank, pp_rank)] = state
         return self._cache[(tp_rank, pp_rank)]
@@ -110,8 +116,9 @@ class LegacyCheckpoint:
     def release(self) -> None:
         """Gives back the pages read so far (they count as resident while mapped): dropped in place,
         or, where the platform cannot, by unmapping the rank files (reloaded on the next access)."""
-        if not all(drop_resident(v for v in s["model"].values() if isinstance(v, torch.Tensor))
-                   for s in self._cache.values()):
+        if not all(
+            drop_resident(v for v in s["model"].values() if isinstance(v, torch.Tensor)) for s in self._cache.values()
+        ):
             self._cache.clear()
 
 
@@ -130,14 +137,23 @@ def is_legacy(iter_dir: Path) -> bool:
     return any(p.name.startswith("mp_rank_0") for p in Path(iter_dir).iterdir())
 
 
-def write(iter_dir: Path, source, plan: ParallelPlan, *, dtype: torch.dtype | None, args: argparse.Namespace,
-          iteration: int, objects: dict[str, object] | None = None, progress: bool = False) -> int:
+def write(
+    iter_dir: Path,
+    source,
+    plan: ParallelPlan,
+    *,
+    dtype: torch.dtype | None,
+    args: argparse.Namespace,
+    iteration: int,
+    objects: dict[str, object] | None = None,
+    progress: bool = False,
+) -> int:
     """One rank file at a time, each holding only its shards (filled into buffers reused from rank to
     rank), so memory is one output file. ``objects`` are not stored: legacy files keep none."""
     pool = BufferPool()
     count = 0
     for tp_rank, pp_rank in tqdm(plan.ranks(), unit="rank", desc="→megatron", disable=not progress):
-        model = {}
+        model: dict[str, torch.Tensor] = {}
         for param, layer, local in plan.stage_entries(pp_rank):
             hf = [source.get(hf_name(k, layer)) for k in param.hf]
             pieces = param.rule.pieces(hf, plan.dims, plan.tp, tp_rank)

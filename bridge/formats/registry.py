@@ -20,7 +20,10 @@ def format_of(iter_dir: Path) -> MegatronFormat:
         if fmt.recognizes(iter_dir):
             return fmt
     if (iter_dir / ".metadata").is_file() or (iter_dir / "common.pt").is_file():
-        raise InputError(f"{iter_dir / 'metadata.json'}: missing; the directory holds torch_dist files "
-                         "(.metadata, common.pt) but a torch_dist checkpoint needs all three")
-    raise InputError(f"{iter_dir}: no mp_rank_* directories and no torch_dist metadata.json; not a Megatron "
-                     "iteration folder")
+        raise InputError(
+            f"{iter_dir / 'metadata.json'}: missing; the directory holds torch_dist files "
+            "(.metadata, common.pt) but a torch_dist checkpoint needs all three"
+        )
+    raise InputError(
+        f"{iter_dir}: no mp_rank_* directories and no torch_dist metadata.json; not a Megatron iteration folder"
+    )

@@ -79,13 +79,29 @@ def run_config_yaml(model: dict, *, save: str, with_tokenizer: bool) -> str:
     config = {
         "_target_": "megatron.bridge.training.config.ConfigContainer",
         "model": model,
-        "checkpoint": {"_target_": "megatron.bridge.training.config.CheckpointConfig", "save": save,
-                       "ckpt_format": "torch_dist", "save_optim": False, "save_rng": False, "async_save": False,
-                       "fully_parallel_save": True, "dist_ckpt_optim_fully_reshardable": True},
-        "tokenizer": None if not with_tokenizer else {
+        "checkpoint": {
+            "_target_": "megatron.bridge.training.config.CheckpointConfig",
+            "save": save,
+            "ckpt_format": "torch_dist",
+            "save_optim": False,
+            "save_rng": False,
+            "async_save": False,
+            "fully_parallel_save": True,
+            "dist_ckpt_optim_fully_reshardable": True,
+        },
+        "tokenizer": None
+        if not with_tokenizer
+        else {
             "_target_": "megatron.bridge.training.tokenizers.config.TokenizerConfig",
-            "tokenizer_type": "HuggingFaceTokenizer", "hf_tokenizer_kwargs": {},
-            "tokenizer_model": {"_target_": "pathlib.PosixPath", "_call_": True}},
-        "train": None, "ddp": None, "scheduler": None, "dataset": None, "dist": None, "env_vars": {},
+            "tokenizer_type": "HuggingFaceTokenizer",
+            "hf_tokenizer_kwargs": {},
+            "tokenizer_model": {"_target_": "pathlib.PosixPath", "_call_": True},
+        },
+        "train": None,
+        "ddp": None,
+        "scheduler": None,
+        "dataset": None,
+        "dist": None,
+        "env_vars": {},
     }
     return yaml.safe_dump(config, default_flow_style=False)

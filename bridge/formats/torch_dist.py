@@ -9,8 +9,8 @@ blocks, as ``MambaMixer.sharded_state_dict`` saves them: ``in_proj.weight.{z,x,B
 from __future__ import annotations
 
 from argparse import Namespace
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from tqdm import tqdm
@@ -22,8 +22,10 @@ from bridge.families import all_block_keys, all_model_roots
 from bridge.formats.base import MegatronFormat
 from bridge.formats.detect import is_torch_dist
 from bridge.formats.hf import LazyTensors
+from mappings.rules import Blockwise
 
 CONTENT_METADATA = {"singleton_local_shards": False, "chained_optim_avoid_prefix": True}
+
 
 def _block_names(key: str) -> tuple[str, ...]:
     """The blocks torch_dist stores ``key`` as (``in_proj.weight.{z,x,B,C,dt}``), or () for a whole tensor."""
@@ -40,21 +42,33 @@ def global_tensors(source, plan: ParallelPlan, materialize) -> Iterator[tuple[st
         for key in plan.megatron_names(param, layer):
             names = _block_names(key)
             if names:
-                for name, block in zip(names, full.split(param.rule.blocks(plan.dims), 0)):
+                assert isinstance(param.rule, Blockwise)  # only Blockwise rules have dist_keys
+                for name, block in zip(names, full.split(param.rule.blocks(plan.dims), 0), strict=False):
                     yield f"{key}.{name}", materialize(block)
             else:
                 yield key, materialize(full)
 
 
-def write(iter_dir: Path, source, plan: ParallelPlan, *, dtype: torch.dtype | None, args: Namespace,
-          iteration: int, objects: dict[str, object] | None = None, progress: bool = False) -> int:
+def write(
+    iter_dir: Path,
+    source,
+    plan: ParallelPlan,
+    *,
+    dtype: torch.dtype | None,
+    args: Namespace,
+    iteration: int,
+    objects: dict[str, object] | None = None,
+    progress: bool = False,
+) -> int:
     """Global tensors streamed through DCP one batch at a time; ``objects``: ShardedObject payloads
     by key (Transformer Engine ``_extra_state``)."""
     from bridge.formats.torch_dist_io import (
         write_torch_dist,  # DCP costs ~1 s of imports; only torch_dist pays it
     )
 
-    whole = ParallelPlan(plan.hf_config, plan.tp, 1, plan.divisible_by, plan.layout, padded_vocab=plan.dims.padded_vocab)
+    whole = ParallelPlan(
+        plan.hf_config, plan.tp, 1, plan.divisible_by, plan.layout, padded_vocab=plan.dims.padded_vocab
+    )
     count = 0
 
     def counted():
@@ -89,8 +103,9 @@ class TorchDistCheckpoint:
         self.reader = TorchDistReader(self.iter_dir)
         self.args = self.reader.common.get("args")
         if self.args is not None and not isinstance(self.args, Namespace):
-            raise InputError(f"{self.iter_dir}: common state 'args' is a {type(self.args).__name__}, "
-                             "expected an argparse Namespace")
+            raise InputError(
+                f"{self.iter_dir}: common state 'args' is a {type(self.args).__name__}, expected an argparse Namespace"
+            )
         self.iteration = self.reader.common.get("iteration", 0)
         self.model_keys = [k for k in self.reader.keys() if k.split(".", 1)[0] in all_model_roots()]
         self._parts: dict[str, list[str]] = {}

@@ -173,13 +173,13 @@ class TorchDistReader:
         except FileNotFoundError:
             raise TorchDistFormatError(f"{self.iter_dir / '.metadata'}: missing; the DCP index is required") from None
         except _RefusedGlobal as e:
-            raise TorchDistFormatError(f"{self.iter_dir / '.metadata'}: refused to load: pickle contains disallowed "
-                                       f"global {e} (only DCP metadata types allowed)") from None
+            raise TorchDistFormatError(
+                f"{self.iter_dir / '.metadata'}: refused to load: pickle contains disallowed "
+                f"global {e} (only DCP metadata types allowed)"
+            ) from None
         except (OSError, pickle.UnpicklingError, EOFError, AttributeError, ImportError, ValueError) as e:
             raise TorchDistFormatError(f"{self.iter_dir / '.metadata'}: unreadable ({e})") from None
-        self._tensors = {
-            k: v for k, v in metadata.state_dict_metadata.items() if isinstance(v, TensorStorageMetadata)
-        }
+        self._tensors = {k: v for k, v in metadata.state_dict_metadata.items() if isinstance(v, TensorStorageMetadata)}
         self._objects = {
             k.removesuffix(OBJECT_SUFFIX): k
             for k, v in metadata.state_dict_metadata.items()
@@ -253,8 +253,13 @@ class _RefusedGlobal(pickle.UnpicklingError):
 
 def _plain_types(module) -> set[tuple[str, str]]:
     """The dataclasses and enums a module defines: unpickling them sets fields, it runs no code."""
-    return {(module.__name__, n) for n, v in vars(module).items() if isinstance(v, type)
-            and v.__module__ == module.__name__ and (dataclasses.is_dataclass(v) or issubclass(v, enum.Enum))}
+    return {
+        (module.__name__, n)
+        for n, v in vars(module).items()
+        if isinstance(v, type)
+        and v.__module__ == module.__name__
+        and (dataclasses.is_dataclass(v) or issubclass(v, enum.Enum))
+    }
 
 
 # What a DCP ``.metadata`` pickle may name: torch's metadata and save-plan dataclasses (megatron-core
@@ -272,8 +277,9 @@ _METADATA_GLOBALS = {
 
 class _MetadataUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str):
-        if (module, name) in _METADATA_GLOBALS or (module == "torch" and isinstance(getattr(torch, name, None),
-                                                                                     torch.dtype)):
+        if (module, name) in _METADATA_GLOBALS or (
+            module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
+        ):
             return super().find_class(module, name)
         raise _RefusedGlobal(f"{module}.{name}")
 
@@ -287,9 +293,10 @@ class _SafeFileSystemReader(FileSystemReader):
             metadata = _MetadataUnpickler(f).load()
         if not isinstance(metadata, Metadata):
             raise pickle.UnpicklingError(f"expected DCP Metadata, found {type(metadata).__name__}")
-        if getattr(metadata, "storage_meta", None) is None:
-            metadata.storage_meta = StorageMeta()
-        metadata.storage_meta.load_id = self.load_id
+        storage_meta = getattr(metadata, "storage_meta", None)
+        if storage_meta is None:
+            storage_meta = metadata.storage_meta = StorageMeta()
+        storage_meta.load_id = self.load_id
         return metadata
 
 

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import IO, cast
 
 from bridge.errors import OutputError
 
@@ -48,7 +49,8 @@ def torch_saves_surfaced() -> Iterator[None]:
     check it (torch's own note on ``set_crc32_options``), only an external ``unzip -t`` would."""
     from torch.utils.serialization import config
 
-    with os_errors_surfaced(), config.patch({"save.compute_crc32": False}):
+    # install_config_module turns the module into a ConfigModule (with patch) at import; mypy sees the plain module
+    with os_errors_surfaced(), config.patch({"save.compute_crc32": False}):  # type: ignore[attr-defined]
         yield
 
 
@@ -61,7 +63,7 @@ def torch_save(obj, path: Path) -> None:
     from bridge.plumbing.direct_io import DirectFile
 
     with torch_saves_surfaced(), DirectFile(path) as f:
-        torch.save(obj, f)
+        torch.save(obj, cast(IO[bytes], f))  # duck-typed: torch.save only writes, tells and flushes
 
 
 def _fsync_tree(root: Path) -> None:
@@ -96,7 +98,7 @@ def _remove_stale(dst: Path, kind: str) -> None:
     process's (a concurrent run) is left alone, so is anything whose suffix is not a PID."""
     prefix = f".{dst.name}.{kind}-"
     for p in dst.parent.iterdir():
-        pid = p.name[len(prefix):]
+        pid = p.name[len(prefix) :]
         if p.name.startswith(prefix) and pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
             _remove(p)
 

@@ -36,6 +36,6 @@ def fill(out: torch.Tensor, pieces: list[torch.Tensor]) -> torch.Tensor:
     """Copies a rule's dim-0 pieces into consecutive rows of ``out`` (casting if the dtype differs)."""
     row = 0
     for piece in pieces:
-        out[row:row + piece.shape[0]].copy_(piece)
+        out[row : row + piece.shape[0]].copy_(piece)
         row += piece.shape[0]
     return out

@@ -41,7 +41,7 @@ class DirectFile:
         done = 0
         while done < len(src):
             take = min(len(src) - done, len(self._view) - self._used)
-            self._view[self._used:self._used + take] = src[done:done + take]
+            self._view[self._used : self._used + take] = src[done : done + take]
             self._used += take
             done += take
             if self._used == len(self._view):
@@ -59,7 +59,7 @@ class DirectFile:
         view = self._view[:nbytes]
         while view:
             try:
-                view = view[os.write(self._fd, view):]
+                view = view[os.write(self._fd, view) :]
             except OSError as e:
                 if not (self.direct and e.errno == errno.EINVAL):
                     raise
@@ -75,7 +75,7 @@ class DirectFile:
         try:
             if self._used:
                 padded = -(-self._used // _BLOCK) * _BLOCK
-                self._view[self._used:padded] = bytes(padded - self._used)
+                self._view[self._used : padded] = bytes(padded - self._used)
                 self._drain(padded)
             os.ftruncate(self._fd, self._written)
         finally:
@@ -90,7 +90,7 @@ class DirectFile:
         except BufferError:  # a slice is still referenced (by a traceback being raised): freed with it
             pass
 
-    def __enter__(self) -> "DirectFile":
+    def __enter__(self) -> DirectFile:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
