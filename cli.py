@@ -8,15 +8,20 @@ error class it hit: 0 ok, 1 verification failed, 2 usage, 3 bad input, 4 output 
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import functools
 import gc
 import json
+import re
+import shlex
 import sys
+from inspect import signature as inspect_signature
 from pathlib import Path
 
 import click
 
 from bridge import api
+from bridge.engine.config import dtype_name
 from bridge.errors import BridgeError
 
 PathArg = click.Path(path_type=Path)
@@ -63,35 +68,21 @@ def _parse_override(text: str) -> tuple[str, object]:
 
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print a machine-readable JSON report.")
+quiet_option = click.option("--quiet", "-q", is_flag=True, help="No progress output; the summary still prints.")
 force_option = click.option("--force", is_flag=True, help="Replace DST if it exists.")
-format_option = click.option(
-    "--format",
-    "fmt",
-    type=click.Choice(api.FORMAT_CHOICES),
-    default=None,
-    help="Megatron checkpoint format: legacy per-rank files or megatron-core torch_dist "
-    "[default: legacy for megatron-lm, torch_dist for megatron-bridge].",
-)
-target_option = click.option(
-    "--target",
-    type=click.Choice(api.TARGET_CHOICES),
-    default=api.DEFAULT_TARGET,
-    show_default=True,
-    help='The stack that will load DST: what its loader needs beside the weights (see README "Train the output").',
-)
-expand_groups_option = click.option(
-    "--expand-groups",
-    is_flag=True,
-    help="Replicate Mamba B/C groups when TP exceeds mamba_n_groups (exact without mamba_rms_norm); "
-    "collapsed back on export.",
-)
 dtype_option = click.option(
     "--dtype",
     type=click.Choice(api.DTYPE_CHOICES),
     default="keep",
     show_default=True,
-    help="Storage dtype of the output tensors.",
+    help="Storage dtype of the output tensors (transformers' names bfloat16/float16/float32 work too).",
+    callback=lambda ctx, param, value: dtype_name(value),  # one spelling downstream: same bytes (model card)
 )
+
+
+def _shows_progress(as_json: bool, quiet: bool) -> bool:
+    """Progress goes to stderr, but --json callers are scripts: neither they nor --quiet get any."""
+    return not (as_json or quiet)
 
 
 def _parse_iteration(ctx, param, value):
@@ -124,18 +115,58 @@ def _read_options(fn):
             ),
             click.option(
                 "--hf-config",
-                type=click.Path(path_type=Path, file_okay=False, exists=True),
-                help="Folder whose config.json describes the model; overrides the sidecar, args and run_config.yaml.",
+                type=PathArg,
+                help="Folder (or Hub id) whose config.json describes the model; overrides the sidecar, args and "
+                "run_config.yaml.",
             ),
             click.option(
                 "--hf-reference",
-                type=click.Path(path_type=Path, file_okay=False, exists=True),
-                help="HF folder to take tokenizer, generation config and model card from when the checkpoint has none.",
+                type=PathArg,
+                help="HF folder (or Hub id) to take tokenizer, generation config and model card from when the "
+                "checkpoint has none.",
             ),
         )
     ):
         wrapper = decorator(wrapper)
     return wrapper
+
+
+def _hub_sources(*names: str, revision: bool = True):
+    """The HF arguments ``names`` (and --hf-config / --hf-reference) may be Hub ids ``org/name``:
+    resolved through huggingface_hub to cached snapshots, offline under HF_HUB_OFFLINE. Adds --token
+    (else HF_TOKEN or the stored login) and, where ``revision``, --revision of those repos. Goes
+    under ``_friendly`` so a failed download is one line."""
+
+    def decorate(fn):
+        @functools.wraps(fn)
+        def wrapper(*args, token, **kwargs):
+            from bridge.hub_source import resolve_hf_source
+
+            rev = kwargs.pop("hub_revision", None)
+            for name in names:
+                kwargs[name] = resolve_hf_source(kwargs[name], revision=rev, token=token)
+            options = kwargs.get("options")
+            if options is not None:
+                kwargs["options"] = dataclasses.replace(
+                    options,
+                    hf_config=options.hf_config and resolve_hf_source(options.hf_config, revision=rev, token=token),
+                    hf_reference=options.hf_reference
+                    and resolve_hf_source(options.hf_reference, revision=rev, token=token),
+                )
+            if "token" in inspect_signature(fn).parameters:  # the command uploads too
+                kwargs["token"] = token
+            return fn(*args, **kwargs)
+
+        wrapper = click.option(
+            "--token", envvar=None, metavar="TOKEN", help="Hub token (default: HF_TOKEN or `hf auth login`)."
+        )(wrapper)
+        if revision:
+            wrapper = click.option(
+                "--revision", "hub_revision", metavar="REV", help="Branch, tag or commit of Hub-id sources."
+            )(wrapper)
+        return wrapper
+
+    return decorate
 
 
 def _stack(*decorators):
@@ -213,32 +244,69 @@ def main():
     _tune_process()
 
 
-# SRC, DST and what describes the Megatron checkpoint to write (hf-to-megatron and reshard).
-_megatron_target = _stack(
-    click.argument("src", type=PathArg),
-    click.argument("dst", type=PathArg),
-    click.option("--tp", default=1, show_default=True, help="Tensor-parallel size to write."),
-    click.option("--pp", default=1, show_default=True, help="Pipeline-parallel size to write."),
-    click.option(
-        "--layout",
-        type=click.Choice(api.LAYOUT_CHOICES),
-        default="bridge",
-        show_default=True,
-        help="Megatron key layout to write.",
-    ),
-    target_option,
-    format_option,
-    expand_groups_option,
-    dtype_option,
-    force_option,
-    json_option,
-)
+def _parallel_options(tp_names: tuple[str, ...], pp_names: tuple[str, ...]):
+    """--tp/--pp plus Megatron-LM's spellings of them (its training arguments; its checkpoint converter's
+    --target-* ones), so a command line copied from a Megatron script works as is."""
+    return _stack(
+        click.option("--tp", *tp_names, "tp", default=1, show_default=True, help="Tensor-parallel size to write."),
+        click.option("--pp", *pp_names, "pp", default=1, show_default=True, help="Pipeline-parallel size to write."),
+    )
+
+
+_MEGATRON_TP, _MEGATRON_PP = "--tensor-model-parallel-size", "--pipeline-model-parallel-size"
+
+
+# SRC, DST and what describes the Megatron checkpoint to write (hf-to-megatron and reshard), after --tp/--pp.
+def _target_options(keep_source: bool):
+    """What to write: layout, target stack, format, group expansion. For ``reshard`` (``keep_source``)
+    each defaults to the source's, so re-sharding changes only what it is told to."""
+    kept = " [default: the source's]" if keep_source else ""
+    return _stack(
+        click.option(
+            "--layout",
+            type=click.Choice(api.LAYOUT_CHOICES),
+            default=None if keep_source else "bridge",
+            show_default=not keep_source,
+            help="Megatron key layout to write." + kept,
+        ),
+        click.option(
+            "--target",
+            type=click.Choice(api.TARGET_CHOICES),
+            default=None if keep_source else api.DEFAULT_TARGET,
+            show_default=not keep_source,
+            help='The stack that will load DST: what its loader needs beside the weights (README "Train the '
+            'output").' + kept,
+        ),
+        click.option(
+            "--format",
+            "fmt",
+            type=click.Choice(api.FORMAT_CHOICES),
+            default=None,
+            help="Megatron checkpoint format: legacy per-rank files or megatron-core torch_dist "
+            + (kept or "[default: legacy for megatron-lm, torch_dist for megatron-bridge]."),
+        ),
+        click.option(
+            "--expand-groups/--no-expand-groups" if keep_source else "--expand-groups",
+            default=None if keep_source else False,
+            help="Replicate Mamba B/C groups when TP exceeds mamba_n_groups (exact without mamba_rms_norm); "
+            "collapsed back on export." + kept,
+        ),
+        dtype_option,
+        force_option,
+        json_option,
+        quiet_option,
+    )
 
 
 @main.command("hf-to-megatron")
-@_megatron_target
+@click.argument("src", type=PathArg)
+@click.argument("dst", type=PathArg)
+@_parallel_options((_MEGATRON_TP,), (_MEGATRON_PP,))
+@_target_options(keep_source=False)
 @click.option(
     "--vocab-divisible-by",
+    "--make-vocab-size-divisible-by",
+    "vocab_divisible_by",
     default=128,
     show_default=True,
     help="Megatron make_vocab_size_divisible_by (vocab padded to a multiple of this x TP; megatron-bridge "
@@ -251,8 +319,9 @@ _megatron_target = _stack(
     help="Write iter_N (N >= 1) [default: release for megatron-lm, 1 for megatron-bridge].",
 )
 @_friendly
+@_hub_sources("src")
 def hf_to_megatron(
-    src, dst, tp, pp, layout, target, vocab_divisible_by, iteration, fmt, expand_groups, dtype, force, as_json
+    src, dst, tp, pp, layout, target, vocab_divisible_by, iteration, fmt, expand_groups, dtype, force, as_json, quiet
 ):
     """Convert an HF Falcon-H1 folder SRC into a Megatron checkpoint DST.
 
@@ -261,6 +330,8 @@ def hf_to_megatron(
       h1bridge hf-to-megatron Falcon-H1-7B meg-7b --tp 2 --pp 2 --dtype bf16
       h1bridge hf-to-megatron Falcon-H1-7B meg-7b-dist --tp 2 --format torch_dist
       h1bridge hf-to-megatron Falcon-H1-7B mb-7b --target megatron-bridge --dtype bf16
+      h1bridge hf-to-megatron Falcon-H1-7B meg-7b --tensor-model-parallel-size 2 --dtype bfloat16
+      h1bridge hf-to-megatron tiiuae/Falcon-H1-0.5B-Instruct meg-0.5b --tp 2   # a Hub id (cached snapshot)
     """
     s = api.hf_to_megatron(
         src,
@@ -273,7 +344,7 @@ def hf_to_megatron(
         layout=layout,
         fmt=fmt,
         expand_groups=expand_groups,
-        progress=not as_json,
+        progress=_shows_progress(as_json, quiet),
         target=target,
         iteration=iteration,
     ).to_dict()
@@ -281,16 +352,27 @@ def hf_to_megatron(
 
 
 @main.command()
-@_megatron_target
+@click.argument("src", type=PathArg)
+@click.argument("dst", type=PathArg)
+@_parallel_options(
+    ("--target-tensor-parallel-size", _MEGATRON_TP),
+    # Megatron-LM's tools/checkpoint/convert.py spells it without "model"
+    ("--target-pipeline-parallel-size", "--target-pipeline-model-parallel-size", _MEGATRON_PP),
+)
+@_target_options(keep_source=True)
 @_read_options
 @_friendly
-def reshard(src, dst, tp, pp, layout, target, fmt, expand_groups, dtype, force, as_json, options):
+@_hub_sources(revision=False)
+def reshard(src, dst, tp, pp, layout, target, fmt, expand_groups, dtype, force, as_json, quiet, options):
     """Re-shard a Megatron checkpoint SRC (legacy or torch_dist) to another TP/PP/format/layout, no HF detour.
 
     \b
     Examples:
       h1bridge reshard meg-tp2 meg-tp4-pp2 --tp 4 --pp 2
       h1bridge reshard meg-tp2 meg-dist --tp 2 --format torch_dist
+      h1bridge reshard meg-tp2 meg-tp4 --target-tensor-parallel-size 4
+
+    Format, layout, target stack and group expansion stay the source's unless given.
     """
     s = api.reshard(
         src,
@@ -302,7 +384,7 @@ def reshard(src, dst, tp, pp, layout, target, fmt, expand_groups, dtype, force, 
         dtype=dtype,
         force=force,
         expand_groups=expand_groups,
-        progress=not as_json,
+        progress=_shows_progress(as_json, quiet),
         options=options,
         target=target,
     ).to_dict()
@@ -320,7 +402,9 @@ def reshard(src, dst, tp, pp, layout, target, fmt, expand_groups, dtype, force, 
 @_read_options
 @force_option
 @json_option
+@quiet_option
 @_friendly
+@_hub_sources(revision=False)
 def megatron_to_hf(
     src,
     dst,
@@ -334,7 +418,9 @@ def megatron_to_hf(
     dtype,
     force,
     as_json,
+    quiet,
     options,
+    token,
 ):
     """Convert a Megatron checkpoint SRC (any TP/PP) into an HF folder DST.
 
@@ -353,25 +439,12 @@ def megatron_to_hf(
         dtype=dtype,
         force=force,
         max_shard_size=max_shard_size,
-        progress=not as_json,
+        progress=_shows_progress(as_json, quiet),
         fold_mup=fold_mup,
         options=options,
     ).to_dict()
     text = _summary_text(s)
-    if push_to:
-        source = s["source_info"]
-        provenance = {
-            "source_format": source["format"],
-            "source": str(src),
-            "tp": source["tp"],
-            "pp": source["pp"],
-            "iteration": source["iteration"],
-            "source_writer": source["writer"],
-            "dtype": s["dtype"],
-            "mup_policy": "fold (originals in config.json mup_folded)"
-            if fold_mup
-            else "keep (multipliers in config.json)",
-        }
+    if push_to:  # the card with the conversion's provenance is in DST already
         result = api.push(
             dst,
             push_to,
@@ -379,7 +452,7 @@ def megatron_to_hf(
             revision=revision,
             commit_message=commit_message,
             create_pr=create_pr,
-            provenance=provenance,
+            token=token,
         )
         s["push"], push_text = _push_report(result)
         text += "\n" + push_text
@@ -391,6 +464,7 @@ def megatron_to_hf(
 @_read_options
 @json_option
 @_friendly
+@_hub_sources("path")
 def inspect(path, as_json, options):
     """Detect the format of PATH and print config, TP/PP, dtypes, parameter count and bytes.
 
@@ -430,7 +504,13 @@ def mappings(family, layout, as_json):
 @click.option("--preset", type=click.Choice(api.PRESET_CHOICES), default="tiny", show_default=True)
 @click.option("--seed", default=0, show_default=True)
 @click.option("--full", is_flag=True, help="Released full shape (family presets; streamed random weights).")
-@click.option("--dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True)
+@click.option(
+    "--dtype",
+    type=click.Choice(["fp32", "bf16", "fp16", "float32", "bfloat16", "float16"]),
+    default="fp32",
+    show_default=True,
+    callback=lambda ctx, param, value: dtype_name(value),
+)
 @click.option(
     "--set",
     "overrides",
@@ -440,8 +520,9 @@ def mappings(family, layout, as_json):
 )
 @force_option
 @json_option
+@quiet_option
 @_friendly
-def make_tiny(dst, preset, seed, full, dtype, overrides, force, as_json):
+def make_tiny(dst, preset, seed, full, dtype, overrides, force, as_json, quiet):
     """Write a random Falcon-H1 HF checkpoint DST (no download).
 
     \b
@@ -450,8 +531,15 @@ def make_tiny(dst, preset, seed, full, dtype, overrides, force, as_json):
       h1bridge make-tiny h1-3b --preset 3b --full --dtype bf16 --set mamba_n_groups=2
     """
     fields = dict(_parse_override(o) for o in overrides)
+    del quiet  # accepted like every writing command's; make-tiny shows no progress
     cfg = api.make_tiny(
-        dst, preset, seed=seed, full=full, dtype=dtype, force=force, max_shard_size="2GB" if full else "200KB", **fields
+        dst,
+        preset,
+        seed=seed,
+        full=full,
+        dtype=dtype,
+        force=force,
+        **fields,
     )
     info = {"destination": str(dst), "preset": preset, "full": full, "config": cfg.to_diff_dict()}
     _emit(info, as_json, f"wrote {preset}{' (full shape)' if full else ''} Falcon-H1 to {dst}")
@@ -462,9 +550,10 @@ def make_tiny(dst, preset, seed, full, dtype, overrides, force, as_json):
 @click.argument("repo_id")
 @_push_options
 @click.option("--dry-run", is_flag=True, help="Validate and list files, sizes and the card; upload nothing.")
+@click.option("--token", metavar="TOKEN", help="Hub token (default: HF_TOKEN or `hf auth login`); never printed.")
 @json_option
 @_friendly
-def push(hf_dir, repo_id, private, revision, commit_message, create_pr, dry_run, as_json):
+def push(hf_dir, repo_id, private, revision, commit_message, create_pr, dry_run, token, as_json):
     """Validate HF_DIR and upload it to the Hub as REPO_ID, with a generated model card.
 
     The token comes from HF_TOKEN or `hf auth login`; it is never printed. HF_ENDPOINT selects
@@ -475,6 +564,7 @@ def push(hf_dir, repo_id, private, revision, commit_message, create_pr, dry_run,
       h1bridge push Falcon-H1-0.5B-ft my-org/Falcon-H1-0.5B-ft --private --dry-run
       h1bridge push Falcon-H1-0.5B-ft my-org/Falcon-H1-0.5B-ft --revision megatron-step-1000
     """
+    _check_push_order(hf_dir, repo_id)
     result = api.push(
         hf_dir,
         repo_id,
@@ -483,9 +573,27 @@ def push(hf_dir, repo_id, private, revision, commit_message, create_pr, dry_run,
         commit_message=commit_message,
         create_pr=create_pr,
         dry_run=dry_run,
+        token=token,
     )
     info, text = _push_report(result)
     _emit(info, as_json, text)
+
+
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+def _check_push_order(hf_dir: Path, repo_id: str) -> None:
+    """``push org/name ./folder`` (``hf upload`` takes the repo id first) would fail later on a missing
+    folder; say so at once, with the command in the right order."""
+    if hf_dir.exists() or not _HUB_ID.fullmatch(str(hf_dir)) or not Path(repo_id).is_dir():
+        return
+    swapped = shlex.join(["h1bridge", "push", repo_id, str(hf_dir)])
+    click.echo(
+        f"error: {hf_dir} is not a folder but looks like a Hub repo id, and {repo_id} is a folder; "
+        f"the folder comes first, did you mean: {swapped}",
+        err=True,
+    )
+    sys.exit(2)
 
 
 def _fold_text(r: dict) -> str:
@@ -529,6 +637,7 @@ def _mup_options(fn):
             dtype_option,
             force_option,
             json_option,
+            quiet_option,
         ]
     ):
         fn = option(fn)
@@ -538,7 +647,7 @@ def _mup_options(fn):
 @mup.command("fold")
 @_mup_options
 @_friendly
-def mup_fold(src, dst, max_shard_size, dtype, force, as_json):
+def mup_fold(src, dst, max_shard_size, dtype, force, as_json, quiet):
     """Fold the µP multipliers of HF folder SRC into its weights, writing DST.
 
     Each factor is multiplied into the linear map it scales (in fp32, stored as --dtype) and its
@@ -548,14 +657,16 @@ def mup_fold(src, dst, max_shard_size, dtype, force, as_json):
     Example:
       h1bridge mup fold Falcon-H1-0.5B Falcon-H1-0.5B-folded --dtype bf16
     """
-    r = api.fold_mup(src, dst, dtype=dtype, force=force, max_shard_size=max_shard_size, progress=not as_json).to_dict()
+    r = api.fold_mup(
+        src, dst, dtype=dtype, force=force, max_shard_size=max_shard_size, progress=_shows_progress(as_json, quiet)
+    ).to_dict()
     _emit(r, as_json, _fold_text(r))
 
 
 @mup.command("unfold")
 @_mup_options
 @_friendly
-def mup_unfold(src, dst, max_shard_size, dtype, force, as_json):
+def mup_unfold(src, dst, max_shard_size, dtype, force, as_json, quiet):
     """Undo `mup fold`: divide the recorded factors out of SRC's weights and restore its config, writing DST.
 
     \b
@@ -563,7 +674,7 @@ def mup_unfold(src, dst, max_shard_size, dtype, force, as_json):
       h1bridge mup unfold Falcon-H1-0.5B-folded Falcon-H1-0.5B-mup
     """
     r = api.unfold_mup(
-        src, dst, dtype=dtype, force=force, max_shard_size=max_shard_size, progress=not as_json
+        src, dst, dtype=dtype, force=force, max_shard_size=max_shard_size, progress=_shows_progress(as_json, quiet)
     ).to_dict()
     _emit(r, as_json, _fold_text(r))
 
@@ -581,8 +692,10 @@ def _report_exit(report, as_json: bool) -> None:
 @click.option("--atol", default=0.0, show_default=True, help="Largest |Δ| per element still accepted (0: exact).")
 @_read_options
 @json_option
+@quiet_option
 @_friendly
-def verify(a, b, atol, as_json, options):
+@_hub_sources("a", "b")
+def verify(a, b, atol, as_json, quiet, options):
     """Compare checkpoints A and B tensor by tensor (in HF key space) and config field by field.
 
     A and B may each be an HF folder or a Megatron checkpoint of any TP/PP. Exits 1 when a tensor,
@@ -593,7 +706,7 @@ def verify(a, b, atol, as_json, options):
       h1bridge verify Falcon-H1-0.5B meg-0.5b
       h1bridge verify meg-tp2 meg-tp4 --json
     """
-    _report_exit(api.verify(a, b, atol=atol, options=options), as_json)
+    _report_exit(api.verify(a, b, atol=atol, options=options, progress=_shows_progress(as_json, quiet)), as_json)
 
 
 @main.command()
@@ -605,8 +718,10 @@ def verify(a, b, atol, as_json, options):
 @click.option("--atol", default=1e-5, show_default=True, help="Largest max|Δ logits| still accepted (fp32).")
 @_read_options
 @json_option
+@quiet_option
 @_friendly
-def parity(hf_dir, megatron_dir, tokens, seed, batch, atol, as_json, options):
+@_hub_sources("hf_dir")
+def parity(hf_dir, megatron_dir, tokens, seed, batch, atol, as_json, quiet, options):
     """Logits of transformers on HF_DIR vs an independent forward on MEGATRON_DIR's TP shards.
 
     The Megatron side runs each TP rank on its own shard (legacy or torch_dist; fp32, CPU) and combines ranks as
@@ -620,9 +735,17 @@ def parity(hf_dir, megatron_dir, tokens, seed, batch, atol, as_json, options):
 
     hf_logging.set_verbosity_error()  # loading bars and kernel-fallback notes would bury the report
     hf_logging.disable_progress_bar()
-    _report_exit(
-        api.parity(hf_dir, megatron_dir, tokens=tokens, seed=seed, batch=batch, atol=atol, options=options), as_json
+    report = api.parity(
+        hf_dir,
+        megatron_dir,
+        tokens=tokens,
+        seed=seed,
+        batch=batch,
+        atol=atol,
+        options=options,
+        progress=_shows_progress(as_json, quiet),
     )
+    _report_exit(report, as_json)
 
 
 @main.group()
@@ -659,8 +782,9 @@ def _bitnet_text(r: dict) -> str:
 @dtype_option
 @force_option
 @json_option
+@quiet_option
 @_friendly
-def bitnet_pack(src, dst, linear_class, dtype, force, as_json):
+def bitnet_pack(src, dst, linear_class, dtype, force, as_json, quiet):
     """Quantize the Falcon-H1 linears of the HF folder SRC to ternary and write the packed HF folder DST.
 
     Latent weights get absmean over each whole tensor; weights from `bitnet unpack` (or from a
@@ -671,7 +795,7 @@ def bitnet_pack(src, dst, linear_class, dtype, force, as_json):
       h1bridge bitnet pack Falcon-H1-ft Falcon-H1-ft-1.58bit --linear-class autobitlinear
     """
     r = api.pack_checkpoint(
-        src, dst, linear_class=linear_class, dtype=dtype, force=force, progress=not as_json
+        src, dst, linear_class=linear_class, dtype=dtype, force=force, progress=_shows_progress(as_json, quiet)
     ).to_dict()
     _emit(r, as_json, _bitnet_text(r))
 
@@ -682,8 +806,9 @@ def bitnet_pack(src, dst, linear_class, dtype, force, as_json):
 @dtype_option
 @force_option
 @json_option
+@quiet_option
 @_friendly
-def bitnet_unpack(src, dst, dtype, force, as_json):
+def bitnet_unpack(src, dst, dtype, force, as_json, quiet):
     """Write the packed HF folder SRC as plain weights (ternary × scale, in --dtype) to DST.
 
     DST has no quantization_config; config.json records the exact scales, so `bitnet pack` gives
@@ -693,7 +818,7 @@ def bitnet_unpack(src, dst, dtype, force, as_json):
     Example:
       h1bridge bitnet unpack Falcon-H1-ft-1.58bit Falcon-H1-ft-bf16 --dtype bf16
     """
-    r = api.unpack_checkpoint(src, dst, dtype=dtype, force=force, progress=not as_json).to_dict()
+    r = api.unpack_checkpoint(src, dst, dtype=dtype, force=force, progress=_shows_progress(as_json, quiet)).to_dict()
     _emit(r, as_json, _bitnet_text(r))
 
 

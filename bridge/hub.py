@@ -160,7 +160,8 @@ def build_model_card(folder: Path, provenance: dict[str, Any], *, title: str | N
     ``provenance`` is rendered as a table, whatever keys it holds (known ones get readable labels);
     ``base_model`` and ``license`` go to the front matter instead; keys that look like credentials
     are dropped. An existing ``README.md`` in ``folder`` is kept: its metadata is completed and the
-    provenance section is appended (or replaced, if an earlier push put one there).
+    provenance section is appended, or replaced when one exists (kept as it is when ``provenance``
+    says nothing: the conversion wrote it).
     """
     folder = Path(folder)
     provenance = {k: v for k, v in (provenance or {}).items() if not _SECRET_KEY.search(str(k))}
@@ -186,7 +187,9 @@ def build_model_card(folder: Path, provenance: dict[str, Any], *, title: str | N
         elif card.data.get(key) is None:
             card.data[key] = value
     fenced = re.compile(re.escape(PROVENANCE_BEGIN) + ".*?" + re.escape(PROVENANCE_END), re.DOTALL)
-    if fenced.search(card.text):
+    if fenced.search(card.text) and set(provenance) <= {"tool_version"}:
+        pass  # a push with nothing new to say keeps the provenance written at conversion
+    elif fenced.search(card.text):
         card.text = fenced.sub(lambda _: section.strip(), card.text)
     else:
         card.text = card.text.rstrip() + "\n\n" + section

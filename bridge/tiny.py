@@ -8,6 +8,7 @@ cover (several Mamba groups, gated RMSNorm, biases, tied embeddings, µP multipl
 
 from __future__ import annotations
 
+import zlib
 from pathlib import Path
 
 import torch
@@ -16,11 +17,14 @@ from transformers import FalconH1Config
 from bridge.engine.layout import expected_hf_shapes
 from bridge.errors import InputError
 from bridge.families.falcon_h1 import FALCON_H1_FAMILY
-from bridge.formats.hf import write_hf_weights
+from bridge.formats.hf import LazyTensors, write_hf_weights
 from bridge.plumbing.atomic import atomic_output_dir
 
 PRESETS = FALCON_H1_FAMILY.presets
 FAMILY = FALCON_H1_FAMILY.released
+# ``PreTrainedModel.save_pretrained``'s default ``max_shard_size`` in the installed transformers (a test
+# holds the two equal): make-tiny shards as a model saved by transformers would be.
+SAVE_PRETRAINED_MAX_SHARD_SIZE = "50GB"
 
 
 def preset_config(name: str, full: bool = False, **overrides) -> FalconH1Config:
@@ -34,12 +38,14 @@ def preset_config(name: str, full: bool = False, **overrides) -> FalconH1Config:
     return FalconH1Config(**fields, architectures=["FalconH1ForCausalLM"])
 
 
-def _random_tensor(key: str, shape: torch.Size, dtype: torch.dtype, gen: torch.Generator) -> torch.Tensor:
-    """Plausible values without building the model: unit norms, Mamba-2 state init, small weights."""
+def _random_tensor(key: str, shape: torch.Size, dtype: torch.dtype, seed: int) -> torch.Tensor:
+    """Plausible values without building the model: unit norms, Mamba-2 state init, small weights.
+    Seeded per key, so the values do not depend on how the tensors are split into shards."""
     if key.endswith(("layernorm.weight", "norm.weight", ".D")):
         return torch.ones(shape, dtype=dtype)
     if key.endswith("A_log"):
         return torch.log(torch.arange(1, shape[0] + 1, dtype=torch.float32)).to(dtype)
+    gen = torch.Generator().manual_seed((seed * 2**32 + zlib.crc32(key.encode())) % 2**64)
     return (torch.randn(shape, generator=gen) * 0.02).to(dtype)
 
 
@@ -51,23 +57,25 @@ def make_tiny(
     full: bool = False,
     dtype: str = "fp32",
     force: bool = False,
-    max_shard_size: str | int = "200KB",
+    max_shard_size: str | int | None = None,
     **overrides,
 ) -> FalconH1Config:
     """Writes a random Falcon-H1 HF checkpoint. Scaled presets go through transformers'
-    ``save_pretrained`` (its own init); ``full`` shapes are streamed shard by shard instead."""
+    ``save_pretrained`` (its own init); ``full`` shapes are streamed one tensor at a time instead.
+    ``max_shard_size``: ``save_pretrained``'s default when None (one file for every scaled preset);
+    pass a small size (e.g. "200KB") for a sharded folder with an index."""
+    max_shard_size = SAVE_PRETRAINED_MAX_SHARD_SIZE if max_shard_size is None else max_shard_size
     torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
     cfg = preset_config(preset, full, **overrides)
     cfg.dtype = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[torch_dtype]
     with atomic_output_dir(dst, force=force) as tmp:
         if full:
-            gen = torch.Generator().manual_seed(seed)
             shapes = expected_hf_shapes(cfg)
             layout = {k: (s, torch_dtype) for k, s in shapes.items()}
             write_hf_weights(
                 tmp,
                 layout,
-                lambda keys: {k: _random_tensor(k, shapes[k], torch_dtype, gen) for k in keys},
+                lambda keys: LazyTensors(keys, lambda k: _random_tensor(k, shapes[k], torch_dtype, seed)),
                 max_shard_size=max_shard_size,
             )
             cfg.save_pretrained(tmp)

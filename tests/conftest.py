@@ -7,8 +7,10 @@ import socket
 import warnings
 from pathlib import Path
 
+import huggingface_hub
 import pytest
 import torch.distributed as dist
+from fake_hub import FakeHub
 
 from bridge.tiny import make_tiny
 
@@ -21,7 +23,7 @@ def hf_preset(tmp_path_factory):
     def build(name: str) -> Path:
         if name not in cache:
             folder = tmp_path_factory.mktemp("hf") / name
-            make_tiny(folder, name, seed=1)
+            make_tiny(folder, name, seed=1, max_shard_size="200KB")  # sharded + index: tests damage shards
             (folder / "tokenizer.json").write_text('{"fake": "tokenizer"}')
             cache[name] = folder
         return cache[name]
@@ -54,3 +56,25 @@ def dist_checkpointing():
     yield dist_checkpointing
     if owned:
         dist.destroy_process_group()
+
+
+@pytest.fixture
+def hub(monkeypatch, tmp_path):
+    """A fake Hub on 127.0.0.1 and a huggingface_hub that can reach nothing else and finds no stored token."""
+    # huggingface_hub 2.4 uploads through Xet whenever hf_xet is installed (no server negotiation);
+    # the constant is read at import from HF_HUB_DISABLE_XET, so patch the module attribute.
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_DISABLE_XET", True)
+    # Anything that forgot the endpoint would otherwise go to huggingface.co: send it to a closed port.
+    # Both constants are derived from HF_ENDPOINT at import and must agree: hf_hub_url() formats the
+    # template, then swaps in an explicit `endpoint=` only where the URL starts with ENDPOINT.
+    dead = "http://127.0.0.1:9"
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", dead)
+    monkeypatch.setattr(
+        huggingface_hub.constants, "HUGGINGFACE_CO_URL_TEMPLATE", dead + "/{repo_id}/resolve/{revision}/{filename}"
+    )
+    monkeypatch.setattr(huggingface_hub.constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))
+    for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_ENDPOINT", "HF_OIDC_RESOURCE"):
+        monkeypatch.delenv(name, raising=False)
+    with FakeHub() as fake:
+        yield fake
+        assert fake.unhandled == []  # the fake covers every request huggingface_hub made

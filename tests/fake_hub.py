@@ -14,6 +14,8 @@ POST      /{ns}/{name}.git/info/lfs/objects/batch          LFS batch: upload + v
 PUT       /_lfs/{oid}                                      LFS "basic" upload (the S3 stand-in)
 POST      /_lfs/{oid}/verify                               LFS verify
 POST      /api/models/{ns}/{name}/commit/{rev}             ndjson commit, ``?create_pr=1`` opens a PR
+GET       /api/models/{ns}/{name}[/revision/{rev}]          model_info (snapshot_download's commit)
+GET       /api/models/{ns}/{name}/tree/{rev}               list_repo_tree (snapshot_download's file list)
 GET/HEAD  /{ns}/{name}/resolve/{rev}/{path}                hf_hub_download
 ========  ===============================================  ==============================
 
@@ -148,6 +150,9 @@ ROUTES = [
     ("POST", re.compile(rf"/{REPO}\.git/info/lfs/objects/batch"), "lfs_batch"),
     ("PUT", re.compile(r"/_lfs/(?P<oid>[0-9a-f]{64})"), "lfs_put"),
     ("POST", re.compile(r"/_lfs/(?P<oid>[0-9a-f]{64})/verify"), "lfs_verify"),
+    ("GET", re.compile(rf"/api/models/{REPO}/revision/(?P<rev>[^/]+)"), "model_info"),
+    ("GET", re.compile(rf"/api/models/{REPO}/tree/(?P<rev>[^/]+)"), "tree"),
+    ("GET", re.compile(rf"/api/models/{REPO}"), "model_info"),
     ("GET", re.compile(rf"/{REPO}/resolve/(?P<rev>[^/]+)/(?P<path>.+)"), "resolve"),
     ("HEAD", re.compile(rf"/{REPO}/resolve/(?P<rev>[^/]+)/(?P<path>.+)"), "resolve"),
 ]
@@ -214,7 +219,7 @@ class _Handler(BaseHTTPRequestHandler):
                 fake.unhandled.append(f"{method} {split.path}")
                 return self._send(404, {"error": f"fake hub: no route for {method} {split.path}"})
             args = {k: unquote(v) for k, v in match.groupdict().items()}
-            if not split.path.startswith("/_lfs/") and name != "resolve":
+            if not split.path.startswith("/_lfs/") and name not in ("resolve", "model_info", "tree"):
                 if not (self.headers.get("Authorization") or "").startswith("Bearer "):
                     return self._send(401, {"error": "Invalid credentials in Authorization header"})
             try:
@@ -234,6 +239,9 @@ class _Handler(BaseHTTPRequestHandler):
         return repo
 
     def _ref(self, repo: Repo, rev: str) -> str:
+        """A branch / PR ref, or a commit id (downloads pin the commit they resolved first)."""
+        if rev in repo.commits:
+            return rev
         if rev not in repo.refs:
             raise _HubError(404, f"Invalid rev id: {rev}", "RevisionNotFound")
         return repo.refs[rev]
@@ -350,6 +358,23 @@ class _Handler(BaseHTTPRequestHandler):
             },
             {},
         )
+
+    def _model_info(self, body, query, repo, rev="main"):
+        r = self._repo(repo)
+        commit = r.commits[self._ref(r, unquote(rev))]
+        siblings = [{"rfilename": path} for path in sorted(commit.files)]
+        return 200, {"id": repo, "sha": commit.oid, "private": False, "siblings": siblings}, {}
+
+    def _tree(self, body, query, repo, rev):
+        r = self._repo(repo)
+        commit = r.commits[self._ref(r, unquote(rev))]
+        entries = []
+        for path, content in sorted(commit.files.items()):
+            entry = {"type": "file", "path": path, "size": len(content), "oid": hashlib.sha1(content).hexdigest()}
+            if path in commit.lfs_paths:
+                entry["lfs"] = {"oid": hashlib.sha256(content).hexdigest(), "size": len(content), "pointerSize": 134}
+            entries.append(entry)
+        return 200, entries, {}
 
     def _resolve(self, body, query, repo, rev, path):
         r = self._repo(repo)

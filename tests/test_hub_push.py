@@ -9,7 +9,6 @@ from pathlib import Path
 
 import huggingface_hub
 import pytest
-from fake_hub import FakeHub
 from huggingface_hub import ModelCard
 
 from bridge.hub import (
@@ -61,28 +60,6 @@ def tiny_model(tmp_path_factory) -> Path:
 def folder(tiny_model, tmp_path) -> Path:
     """A private copy tests may break."""
     return Path(shutil.copytree(tiny_model, tmp_path / "model"))
-
-
-@pytest.fixture
-def hub(monkeypatch, tmp_path):
-    """A fake Hub on 127.0.0.1 and a huggingface_hub that can reach nothing else and finds no stored token."""
-    # huggingface_hub 2.4 uploads through Xet whenever hf_xet is installed (no server negotiation);
-    # the constant is read at import from HF_HUB_DISABLE_XET, so patch the module attribute.
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_DISABLE_XET", True)
-    # Anything that forgot the endpoint would otherwise go to huggingface.co: send it to a closed port.
-    # Both constants are derived from HF_ENDPOINT at import and must agree: hf_hub_url() formats the
-    # template, then swaps in an explicit `endpoint=` only where the URL starts with ENDPOINT.
-    dead = "http://127.0.0.1:9"
-    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", dead)
-    monkeypatch.setattr(
-        huggingface_hub.constants, "HUGGINGFACE_CO_URL_TEMPLATE", dead + "/{repo_id}/resolve/{revision}/{filename}"
-    )
-    monkeypatch.setattr(huggingface_hub.constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))
-    for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_ENDPOINT", "HF_OIDC_RESOURCE"):
-        monkeypatch.delenv(name, raising=False)
-    with FakeHub() as fake:
-        yield fake
-        assert fake.unhandled == []  # the fake covers every request huggingface_hub made
 
 
 def sha256(data: bytes) -> str:

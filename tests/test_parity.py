@@ -89,7 +89,7 @@ def test_wrong_layout_fails_loudly(hf_preset, tmp_path, suffix, wrong):
     report = check(src, meg)
     assert not report.ok
     assert report.max_abs > 1000 * TOL, report.format()
-    assert report.verdict().startswith("FAIL")
+    assert report.verdict.startswith("FAIL")
 
 
 @pytest.fixture(scope="module")

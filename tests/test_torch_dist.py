@@ -34,7 +34,7 @@ def test_hf_torch_dist_hf_bit_exact(hf_preset, tmp_path):
 def test_torch_dist_legacy_torch_dist_chain(hf_preset, tmp_path, preset):
     src = hf_preset(preset)
     hf_to_megatron(src, tmp_path / "d2", tp=2, fmt="torch_dist")
-    reshard(tmp_path / "d2", tmp_path / "l42", tp=2 if preset == "tiny-bias-tied" else 4, pp=2)
+    reshard(tmp_path / "d2", tmp_path / "l42", tp=2 if preset == "tiny-bias-tied" else 4, pp=2, fmt="legacy")
     assert LegacyCheckpoint(tmp_path / "l42").pp == 2
     reshard(tmp_path / "l42", tmp_path / "d1", tp=1, fmt="torch_dist")
     megatron_to_hf(tmp_path / "d1", tmp_path / "back")

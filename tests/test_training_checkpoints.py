@@ -204,8 +204,9 @@ def test_no_tokenizer_warns_once_and_reference_fills_in(mb, tmp_path, monkeypatc
     (hf / "README.md").write_text("---\nlicense: other\n---\n# reference card\n")
     code, err = _cli("megatron-to-hf", copy, tmp_path / "ref", "--hf-reference", hf, "--json")
     assert code == 0 and "tokenizer" not in err, err
-    for name in ("tokenizer.json", "README.md"):
-        assert (tmp_path / "ref" / name).read_bytes() == (hf / name).read_bytes()
+    assert (tmp_path / "ref" / "tokenizer.json").read_bytes() == (hf / "tokenizer.json").read_bytes()
+    card = (tmp_path / "ref" / "README.md").read_text()  # the reference card, with the conversion's provenance
+    assert "license: other" in card and "# reference card" in card and "| Source format | torch_dist |" in card
 
 
 RSS_SCRIPT = """

@@ -51,7 +51,7 @@ def assert_identical(report, n_tensors):
     assert report.ok, report.format()
     assert len(report.tensors) == n_tensors
     assert {t.status for t in report.tensors} == {"equal"}
-    assert report.verdict().startswith("OK")
+    assert report.verdict.startswith("OK")
 
 
 @pytest.mark.parametrize("preset,tp,pp", ROUND_TRIPS)
@@ -87,7 +87,7 @@ def test_flipped_element_is_named_with_its_index(hf_preset, tmp_path):
     [bad] = report.problems
     assert (bad.key, bad.status, bad.n_diff, bad.first_diff) == (IN_PROJ, "differs", 1, [7, 3])
     assert bad.max_abs > 0.4
-    assert IN_PROJ in report.format() and IN_PROJ in report.verdict()
+    assert IN_PROJ in report.format() and IN_PROJ in report.verdict
     assert verify(hf_preset("tiny"), copy, atol=1.0).ok  # within tolerance: "close", still passes
 
 
@@ -129,7 +129,7 @@ def test_changed_mup_multiplier_in_config(hf_preset, tmp_path):
     assert not report.ok and not report.problems
     [diff] = report.config
     assert (diff.field, diff.mup, diff.b) == ("ssm_multipliers", True, [1.5, 0.5, 4.0, 0.25, 1.125])
-    assert "ssm_multipliers" in report.verdict() and "config µP  ssm_multipliers" in report.format()
+    assert "ssm_multipliers" in report.verdict and "config µP  ssm_multipliers" in report.format()
 
 
 def test_inconsistent_rank_shape_names_file_and_tensor(hf_preset, tmp_path):

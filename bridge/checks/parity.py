@@ -25,6 +25,7 @@ from bridge.engine.source import (
 )
 from bridge.errors import InputError
 from bridge.formats.detect import HF, LEGACY, detect_format
+from bridge.plumbing.progress import progress as progress_bar
 
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
 
@@ -51,7 +52,9 @@ class ParityReport:
     def ok(self) -> bool:
         return self.max_abs <= self.atol and self.top1_agreement == 1.0
 
+    @property
     def verdict(self) -> str:
+        """One line, OK or FAIL; the same text as to_dict()["verdict"]."""
         word = "OK" if self.ok else "FAIL"
         cmp = "<=" if self.max_abs <= self.atol else ">"
         return (
@@ -60,7 +63,7 @@ class ParityReport:
         )
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "ok": self.ok, "verdict": self.verdict()}
+        return {**asdict(self), "ok": self.ok, "verdict": self.verdict}
 
     def format(self) -> str:
         return "\n".join(
@@ -70,7 +73,7 @@ class ParityReport:
                 f"{self.ranks} ranks computed): {self.batch}x{self.tokens} random tokens, seed {self.seed}",
                 f"  max|Δ| {self.max_abs:.3e}  mean|Δ| {self.mean_abs:.3e}  max|logit| {self.max_logit:.3e}  "
                 f"top-1 {self.top1_agreement:.2%}",
-                self.verdict(),
+                self.verdict,
             ]
         )
 
@@ -122,8 +125,12 @@ def parity(
     batch: int = 2,
     atol: float = 1e-5,
     options: ReadOptions = ReadOptions(),
+    progress: bool = False,
 ) -> ParityReport:
-    """Compares logits of transformers on ``hf_dir`` with the Megatron forward on ``megatron_dir``'s shards."""
+    """Compares logits of transformers on ``hf_dir`` with the Megatron forward on ``megatron_dir``'s shards.
+
+    ``progress`` steps (minutes each on a large model): the transformers forward, each TP rank's
+    weights, the Megatron forward."""
     hf_dir, megatron_dir = Path(hf_dir), Path(megatron_dir)
     _expect(hf_dir, HF)
     _expect(megatron_dir, LEGACY)
@@ -133,9 +140,16 @@ def parity(
     info = megatron_info(meg, sidecar, plan)
     ranks, plan = saved_ranks(meg, plan)
     ids = torch.randint(cfg.vocab_size, (batch, tokens), generator=torch.Generator().manual_seed(seed))
-    ref = _hf_logits(hf_dir, ids)
-    # plan.hf_config is the model the shards hold, as Megatron runs it (e.g. with --expand-groups' groups)
-    got = plan.family.forward(ids, [rank_weights(ranks, plan, r) for r in range(plan.tp)], plan.hf_config)
+    with progress_bar(plan.tp + 2, "parity", progress, unit="step") as bar:
+        ref = _hf_logits(hf_dir, ids)
+        bar.update()
+        weights = []
+        for r in range(plan.tp):
+            weights.append(rank_weights(ranks, plan, r))
+            bar.update()
+        # plan.hf_config is the model the shards hold, as Megatron runs it (e.g. with --expand-groups' groups)
+        got = plan.family.forward(ids, weights, plan.hf_config)
+        bar.update()
     if ref.shape != got.shape:
         raise InputError(
             f"{megatron_dir}: logits {tuple(got.shape)} vs {tuple(ref.shape)} from {hf_dir}; "

@@ -21,6 +21,7 @@ from bridge.errors import InputError, UnsupportedError
 from bridge.families import family_of
 from bridge.formats.detect import HF, detect_format
 from bridge.formats.hf import HFCheckpoint
+from bridge.plumbing.progress import progress as progress_bar
 
 # Fields that say how or by what a config was written, not what the model is.
 IGNORED_CONFIG = {"transformers_version", "output_hidden_states", "output_attentions", "return_dict"}
@@ -67,7 +68,9 @@ class VerifyReport:
     def ok(self) -> bool:
         return not (self.errors or self.config or self.problems)
 
+    @property
     def verdict(self) -> str:
+        """One line, OK or FAIL; the same text as to_dict()["verdict"]."""
         n, close = len(self.tensors), sum(t.status == "close" for t in self.tensors)
         if self.ok:
             within = f" ({close} within atol={self.atol:g})" if close else ""
@@ -84,7 +87,7 @@ class VerifyReport:
         return "FAIL: " + ", ".join(parts)
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "ok": self.ok, "verdict": self.verdict()}
+        return {**asdict(self), "ok": self.ok, "verdict": self.verdict}
 
     def format(self) -> str:
         lines = [f"verify {self.a} ({self.format_a}) vs {self.b} ({self.format_b}), atol={self.atol:g}"]
@@ -97,7 +100,7 @@ class VerifyReport:
                 lines.append(f"  {t.status:<10} {delta:>9}  {t.key:<{width}}  {t.detail}")
         for c in self.config:
             lines.append(f"  config{' µP' if c.mup else ''}  {c.field}: {c.a!r} vs {c.b!r}")
-        lines.append(self.verdict())
+        lines.append(self.verdict)
         return "\n".join(lines)
 
 
@@ -220,15 +223,20 @@ def config_diffs(a, b) -> list[ConfigDiff]:
     return [ConfigDiff(k, da.get(k), db.get(k), k in family_of(a).mup_fields) for k in names if da.get(k) != db.get(k)]
 
 
-def verify(a: Path, b: Path, atol: float = 0.0, options: ReadOptions = ReadOptions()) -> VerifyReport:
+def verify(
+    a: Path, b: Path, atol: float = 0.0, options: ReadOptions = ReadOptions(), progress: bool = False
+) -> VerifyReport:
     """Compares two checkpoints (HF or Megatron legacy / torch_dist, any TP/PP) tensor by tensor and
-    config by config; ``options`` apply to the Megatron side(s)."""
+    config by config; ``options`` apply to the Megatron side(s). ``progress``: one step per tensor."""
     side_a, side_b = _open(a, options), _open(b, options)
     report = VerifyReport(str(a), str(b), side_a.label, side_b.label, atol)
     report.config = config_diffs(side_a.config, side_b.config)
     report.errors = [s.error for s in (side_a, side_b) if s.error]
     if report.errors:
         return report
-    for key in sorted(set(side_a.keys) | set(side_b.keys)):
-        report.tensors.append(_compare_key(key, side_a, side_b, atol))
+    keys = sorted(set(side_a.keys) | set(side_b.keys))
+    with progress_bar(len(keys), "verify", progress, unit="tensor") as bar:
+        for key in keys:
+            report.tensors.append(_compare_key(key, side_a, side_b, atol))
+            bar.update()
     return report

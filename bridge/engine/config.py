@@ -14,6 +14,13 @@ from bridge.families import family_for_model_type
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 HF_DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
+# transformers' names (config.json "dtype") accepted wherever ours are: users know both.
+DTYPE_ALIASES = {HF_DTYPE_NAMES[dtype]: short for short, dtype in DTYPES.items()}
+
+
+def dtype_name(choice: str) -> str:
+    """Our short name for a --dtype value given in either spelling ("bfloat16" -> "bf16"); others as-is."""
+    return DTYPE_ALIASES.get(choice, choice)
 
 
 def load_hf_config(folder: Path):

@@ -8,15 +8,15 @@ memory-mapped rank files.
 
 from __future__ import annotations
 
+import shutil
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
-from bridge.engine.config import config_dtype
+from bridge.engine.config import config_dtype, dtype_name
 from bridge.engine.gather import MegatronToHF, megatron_plan
 from bridge.engine.hf_rewrite import (
     ExportTransform,
@@ -40,6 +40,7 @@ from bridge.engine.source import (
     carried_assets,
     megatron_hf_config,
     open_megatron,
+    source_card,
 )
 from bridge.engine.targets import (
     DEFAULT_TARGET,
@@ -63,7 +64,9 @@ from bridge.formats.legacy import (
     write_tracker,
 )
 from bridge.formats.registry import FORMATS
+from bridge.hub import build_model_card
 from bridge.plumbing.atomic import atomic_output_dir
+from bridge.plumbing.progress import Progress
 
 
 @dataclass
@@ -133,7 +136,7 @@ def hf_to_megatron(
         progress=progress,
         inputs=[src],
         config_json=src / "config.json",
-        assets=ckpt.asset_files(),
+        assets=ckpt.asset_files() + ckpt.card_files(),
         extra_args=extra_args,
         target=target,
         iteration=iteration,
@@ -305,12 +308,28 @@ def megatron_to_hf(
         source_info=info.to_dict(),
     )
     with atomic_output_dir(dst, force=force, inputs=[src]) as tmp:
-        bar = tqdm(total=len(layout), unit="tensor", desc="megatron→hf", disable=not progress)
+        bar = Progress(total=len(layout), unit="tensor", desc="megatron→hf", disable=not progress)
         write_hf_weights(tmp, layout, produce, max_shard_size, progress=bar.update)
         write_hf_config(tmp, cfg, sidecar, target)
         if transform:
             transform.edit_config(tmp / "config.json")
         copy_assets(carried_assets(meg, options), tmp)
+        card = source_card(meg, options)
+        if card is not None:
+            shutil.copyfile(card, tmp / "README.md")
+        provenance = {
+            "source_format": info.format,
+            "source": Path(info.path).name,  # the folder's name: a local path has no place in a public card
+            "tp": info.tp,
+            "pp": info.pp,
+            "iteration": info.iteration,
+            "source_writer": info.writer,
+            "dtype": dtype_name(dtype),
+            "mup_policy": "fold (originals in config.json mup_folded)"
+            if fold_mup
+            else "keep (multipliers in config.json)",
+        }
+        (tmp / "README.md").write_text(str(build_model_card(tmp, provenance, title=Path(dst).name)))
         summary.tensors = len(layout)
         summary.bytes_written, summary.files = dir_bytes(tmp)
     bar.close()

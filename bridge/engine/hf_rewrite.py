@@ -10,14 +10,14 @@ from pathlib import Path
 from typing import Protocol
 
 import torch
-from tqdm import tqdm
 
-from bridge.engine.config import DTYPES, HF_DTYPE_NAMES
+from bridge.engine.config import DTYPE_ALIASES, DTYPES, HF_DTYPE_NAMES, dtype_name
 from bridge.errors import InputError
 from bridge.formats.hf import LazyTensors, copy_assets, write_hf_weights
 from bridge.plumbing.atomic import atomic_output_dir
+from bridge.plumbing.progress import Progress
 
-DTYPE_CHOICES = ("keep", *DTYPES)
+DTYPE_CHOICES = ("keep", *DTYPES, *DTYPE_ALIASES)
 
 
 def materialize(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
@@ -38,7 +38,7 @@ def materialize(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
 def target_dtype(choice: str) -> torch.dtype | None:
     if choice not in DTYPE_CHOICES:
         raise InputError(f"--dtype {choice!r}: expected one of {', '.join(DTYPE_CHOICES)}")
-    return DTYPES.get(choice)
+    return DTYPES.get(dtype_name(choice))
 
 
 def dir_bytes(folder: Path) -> tuple[int, list[str]]:
@@ -100,7 +100,7 @@ def rewrite_hf(
     """HF -> HF through one transform (µP fold/unfold, BitNet pack/unpack), one tensor in memory at a
     time; config.json and tokenizer assets carried along. Returns the bytes written."""
     with atomic_output_dir(dst, force=force, inputs=[src]) as tmp:
-        bar = tqdm(total=len(layout), unit="tensor", desc=desc, disable=not progress)
+        bar = Progress(total=len(layout), unit="tensor", desc=desc, disable=not progress)
         produce = transform.producer(lambda keys: LazyTensors(keys, source.get), layout)
         write_hf_weights(tmp, layout, produce, max_shard_size, progress=bar.update)
         (tmp / "config.json").write_bytes(config_bytes(src / "config.json", target))

@@ -26,7 +26,8 @@ _log = logging.getLogger(__name__)
 MegatronCheckpoint = MegatronReader
 MB_TOKENIZER = "tokenizer"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")
-REFERENCE_FILES = ("generation_config.json", "README.md")
+REFERENCE_FILES = ("generation_config.json",)
+CARD = "README.md"
 
 
 @dataclass(frozen=True)
@@ -142,3 +143,12 @@ def config_origin(meg: MegatronCheckpoint, sidecar: Path | None) -> str:
     if sidecar is not None:
         return HF_ASSETS if sidecar.parent.name == HF_ASSETS else "--hf-config"
     return "args" if meg.args is not None else RUN_CONFIG
+
+
+def source_card(meg: MegatronCheckpoint, options: ReadOptions = ReadOptions()) -> Path | None:
+    """The model card of the HF model the checkpoint came from: carried in our sidecar by
+    ``hf-to-megatron``, else ``--hf-reference``'s; its front matter (license, base_model) is kept."""
+    for folder in (hf_assets_dir(meg), Path(options.hf_reference) if options.hf_reference else None):
+        if folder is not None and (folder / CARD).is_file() and not (folder / CARD).is_symlink():
+            return folder / CARD
+    return None

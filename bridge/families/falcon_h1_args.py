@@ -16,7 +16,7 @@ from huggingface_hub.errors import StrictDataclassError
 from transformers import FalconH1Config
 
 from bridge.engine.config import HF_DTYPE_NAMES, check_sizes, rope_theta
-from bridge.errors import InputError
+from bridge.errors import InputError, UnsupportedError
 
 _log = logging.getLogger(__name__)
 
@@ -68,6 +68,18 @@ POSITIVE_SIZES = (
 OPTIONAL_SIZES = ("head_dim", "mamba_d_ssm")
 
 
+def check_megatron_runs(cfg: FalconH1Config) -> None:
+    """megatron-core's ``MambaMixer`` asserts ``not norm_before_gate`` whatever ``rmsnorm`` is: its gated
+    RMSNorm always gates first, ``norm(y * silu(z))``. transformers' default is the other order, which
+    only matters when the gated RMSNorm is on; that one config is refused, for every output Megatron
+    would train."""
+    if cfg.mamba_rms_norm and cfg.mamba_norm_before_gate:
+        raise UnsupportedError(
+            "mamba_rms_norm=True with mamba_norm_before_gate=True: megatron-core's MambaMixer only gates "
+            "before its RMSNorm (it asserts not norm_before_gate); Megatron cannot run this model"
+        )
+
+
 def megatron_args(
     cfg: FalconH1Config,
     *,
@@ -80,7 +92,10 @@ def megatron_args(
 ) -> Namespace:
     """The ``args`` Namespace stored in legacy checkpoints (plain values and torch dtypes only).
     ``pattern``: the hybrid layer symbols one HF layer becomes (see ``mappings.Layout``); Megatron
-    counts every symbol as a layer."""
+    counts every symbol as a layer. ``norm_before_gate`` is always False, the only order megatron-core
+    runs (``check_megatron_runs`` refuses the config where the HF value matters); the HF value stays in
+    the ``hf_assets/config.json`` sidecar."""
+    check_megatron_runs(cfg)
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     args = dict(
         num_layers=cfg.num_hidden_layers * len(pattern),
@@ -121,6 +136,7 @@ def megatron_args(
     for hf_name, provider_name in HF_TO_PROVIDER.items():
         value = getattr(cfg, hf_name)
         args[provider_name] = list(value) if isinstance(value, (list, tuple)) else value
+    args["norm_before_gate"] = False
     return Namespace(**args)
 
 
@@ -181,6 +197,7 @@ def hf_config_from_args(args: Namespace | dict, where: str = "checkpoint args") 
         mlp_bias=a.get("mlp_bias", False),
         mamba_d_ssm=a.get("mamba_d_ssm") or need("mamba_num_heads") * need("mamba_head_dim"),
     )
+    fields["mamba_norm_before_gate"] = False  # megatron-core's only order; transformers' default is True
     for hf_name, provider_name in HF_TO_PROVIDER.items():
         if provider_name in a:
             fields[hf_name] = a[provider_name]

@@ -74,19 +74,18 @@ def ssm_scan(x: Tensor, dt: Tensor, a_log: Tensor, b: Tensor, c: Tensor, d: Tens
     return torch.stack(ys, 1)
 
 
-def gated_norm(y: Tensor, z: Tensor, weight: Tensor | None, groups: int, eps: float, norm_before_gate: bool) -> Tensor:
-    """Output gate of the mixer: y*silu(z), or the grouped gated RMSNorm in the config's order.
+def gated_norm(y: Tensor, z: Tensor, weight: Tensor | None, groups: int, eps: float) -> Tensor:
+    """Output gate of the mixer: y*silu(z), then (with ``mamba_rms_norm``) the grouped RMSNorm.
 
-    megatron-core asserts ``norm_before_gate=False`` (gate, then norm); True is what transformers
-    does for such a config, kept so parity tests the order a config asks for.
+    megatron-core's ``MambaMixer`` gates before the norm whatever ``norm_before_gate`` says (it
+    asserts it False), so the config's ``mamba_norm_before_gate`` is not read here: the conversion
+    refuses the one config where it matters (``check_megatron_runs``).
     """
+    y = y * F.silu(z)
     if weight is None:
-        return y * F.silu(z)
-    if not norm_before_gate:
-        y = y * F.silu(z)
+        return y
     g = y.view(*y.shape[:-1], groups, -1)
-    y = (g * torch.rsqrt(g.pow(2).mean(-1, keepdim=True) + eps)).view_as(y) * weight
-    return y * F.silu(z) if norm_before_gate else y
+    return (g * torch.rsqrt(g.pow(2).mean(-1, keepdim=True) + eps)).view_as(y) * weight
 
 
 def mamba_rank(h: Tensor, rank: Rank, prefix: str, cfg, dims: FalconH1Dims, tp: int) -> Tensor:
@@ -108,9 +107,7 @@ def mamba_rank(h: Tensor, rank: Rank, prefix: str, cfg, dims: FalconH1Dims, tp: 
         rank[p + "D"],
         rank[p + "dt_bias"],
     )
-    y = gated_norm(
-        y.reshape(*bt, d), z, rank.get(p + "norm.weight"), groups, cfg.rms_norm_eps, cfg.mamba_norm_before_gate
-    )
+    y = gated_norm(y.reshape(*bt, d), z, rank.get(p + "norm.weight"), groups, cfg.rms_norm_eps)
     return F.linear(y, rank[p + "out_proj.weight"])
 
 

@@ -126,6 +126,11 @@ class HFCheckpoint:
             if p.is_file() and p.name not in NOT_ASSETS and not p.name.endswith(WEIGHT_SUFFIXES)
         )
 
+    def card_files(self) -> list[Path]:
+        """The model card, kept beside a Megatron conversion so the way back can carry its front matter."""
+        card = self.folder / "README.md"
+        return [card] if card.is_file() else []
+
 
 _SAFETENSORS_DTYPES = {
     "BF16": torch.bfloat16,
@@ -246,7 +251,7 @@ def write_hf_weights(
     layout: Mapping[str, tuple[torch.Size, torch.dtype]],
     produce: Callable[[list[str]], Mapping[str, torch.Tensor]],
     max_shard_size: str | int = "5GB",
-    progress: Callable[[int], None] | None = None,
+    progress: Callable[[int], object] | None = None,
 ) -> list[str]:
     """Writes ``layout`` as safetensors shards (+ index). ``produce(keys)`` gives one shard's tensors;
     return a ``LazyTensors`` to keep only one tensor in memory."""

@@ -12,7 +12,6 @@ import re
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from bridge.engine.plan import ParallelPlan, hf_name
 from bridge.errors import InputError, UnsupportedError
@@ -21,6 +20,7 @@ from bridge.formats.iterations import TRACKER, resolve_iteration_dir
 from bridge.plumbing.atomic import torch_save
 from bridge.plumbing.buffers import BufferPool, fill
 from bridge.plumbing.pages import drop_resident
+from bridge.plumbing.progress import Progress
 from bridge.plumbing.safe_pickle import safe_torch_load
 
 RANK_FILE = "model_optim_rng.pt"
@@ -152,7 +152,7 @@ def write(
     rank), so memory is one output file. ``objects`` are not stored: legacy files keep none."""
     pool = BufferPool()
     count = 0
-    for tp_rank, pp_rank in tqdm(plan.ranks(), unit="rank", desc="→megatron", disable=not progress):
+    for tp_rank, pp_rank in Progress(plan.ranks(), unit="rank", desc="→megatron", disable=not progress):
         model: dict[str, torch.Tensor] = {}
         for param, layer, local in plan.stage_entries(pp_rank):
             hf = [source.get(hf_name(k, layer)) for k in param.hf]

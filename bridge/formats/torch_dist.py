@@ -13,7 +13,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from bridge.engine.hf_rewrite import materialize
 from bridge.engine.plan import ParallelPlan, hf_name
@@ -22,6 +21,7 @@ from bridge.families import all_block_keys, all_model_roots
 from bridge.formats.base import MegatronFormat
 from bridge.formats.detect import is_torch_dist
 from bridge.formats.hf import LazyTensors
+from bridge.plumbing.progress import Progress
 from mappings.rules import Blockwise
 
 CONTENT_METADATA = {"singleton_local_shards": False, "chained_optim_avoid_prefix": True}
@@ -73,7 +73,7 @@ def write(
 
     def counted():
         nonlocal count
-        with tqdm(unit="tensor", desc="→torch_dist", disable=not progress) as bar:
+        with Progress(unit="tensor", desc="→torch_dist", disable=not progress) as bar:
             for item in global_tensors(source, whole, lambda t: materialize(t, dtype)):
                 count += 1
                 bar.update()
