@@ -2,19 +2,27 @@
 
 Every command prints a short summary (or JSON with ``--json``) and exits with the code of the
 error class it hit: 0 ok, 1 verification failed, 2 usage, 3 bad input, 4 output refused,
-5 unsupported by Megatron / this tool. Errors are one line, never a traceback.
+5 unsupported by Megatron / this tool, 6 internal error (a bug: ``--debug`` shows the traceback),
+128+N killed by signal N (SIGINT, SIGTERM, SIGHUP: partial output removed). Errors are one line,
+never a traceback.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import dataclasses
+import errno
 import functools
 import gc
 import json
+import math
+import os
 import re
 import shlex
+import signal
 import sys
+import traceback
 from inspect import signature as inspect_signature
 from pathlib import Path
 
@@ -22,7 +30,8 @@ import click
 
 from bridge import api
 from bridge.engine.config import dtype_name
-from bridge.errors import BridgeError
+from bridge.errors import BridgeError, add_secret, redact, sanitize
+from bridge.plumbing import signals
 
 PathArg = click.Path(path_type=Path)
 
@@ -31,21 +40,98 @@ def _emit(result: dict, as_json: bool, text: str) -> None:
     click.echo(json.dumps(result, indent=2, default=str) if as_json else text)
 
 
+_BRIDGE = Path(__file__).resolve().parent / "bridge"
+_PATH_LOCALS = ("path", "file", "filename", "where")
+
+
+def _input_file(e: BaseException) -> str | None:
+    """The user's file being read when ``e`` (undecodable text, nesting too deep, an integer too long,
+    no memory left) was raised: the innermost frame of ours that holds an existing file in a local
+    named like one (``path``, ``where`` ...); None when no frame says."""
+    if not (
+        isinstance(e, (UnicodeError, RecursionError, MemoryError))
+        or (isinstance(e, ValueError) and "integer string conversion" in str(e))
+    ):
+        return None
+    frames = [frame for frame, _ in traceback.walk_tb(e.__traceback__)]
+    for frame in reversed(frames):
+        if not frame.f_code.co_filename.startswith(str(_BRIDGE)):
+            continue
+        for name in _PATH_LOCALS:
+            value = frame.f_locals.get(name)
+            if isinstance(value, (str, Path)) and value and os.path.isfile(value):
+                return str(value)
+    return None
+
+
+def _debug() -> bool:
+    ctx = click.get_current_context(silent=True)
+    if ctx is not None and ctx.find_root().params.get("debug"):
+        return True
+    return os.environ.get("H1BRIDGE_DEBUG", "").lower() in ("1", "true", "yes", "on")
+
+
+def _fail(e: BaseException):
+    """Ends the process for an exception that reached the CLI: one line, the documented exit code."""
+    signum = signals.received()
+    if isinstance(e, KeyboardInterrupt) or signum is not None:
+        # a signal wrapped on its way up (torch.save re-raises it as a RuntimeError) is still the signal
+        signum = getattr(e, "signum", None) or signum or signal.SIGINT
+        click.echo(f"interrupted by {signals.name(signum)}; no partial output was left", err=True)
+        sys.exit(128 + signum)
+    if isinstance(e, BridgeError):
+        click.echo(f"error: {sanitize(str(e), limit=2000)}", err=True)
+        sys.exit(e.exit_code)
+    if isinstance(e, OSError) and e.errno == errno.EPIPE:  # `h1bridge inspect x | head -1`: as a shell reports it
+        with contextlib.suppress(OSError, ValueError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(128 + signal.SIGPIPE)
+    what = f"{type(e).__name__}: {sanitize(str(e))}"
+    source = _input_file(e)
+    if source is not None:
+        click.echo(f"error: {sanitize(source, limit=1000)}: cannot be read ({what})", err=True)
+        sys.exit(3)
+    if _debug():
+        click.echo(redact("".join(traceback.format_exception(e))).rstrip(), err=True)
+    else:
+        click.echo(f"error: internal: {sanitize(what)} (rerun with --debug)", err=True)
+    sys.exit(6)
+
+
+_CLICK_EXITS = (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort)
+
+
+@contextlib.contextmanager
+def _boundary():
+    """Every exception other than click's own (usage errors, --help, --version) ends in ``_fail``."""
+    try:
+        yield
+    except _CLICK_EXITS:
+        raise
+    except (Exception, KeyboardInterrupt) as e:
+        _fail(e)
+
+
 def _friendly(fn):
-    """Turns BridgeError into a one-line message and its exit code."""
+    """Turns BridgeError into a one-line message and its exit code (and everything else, see ``_fail``)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        try:
+        with _boundary():
             return fn(*args, **kwargs)
-        except BridgeError as e:
-            click.echo(f"error: {e}", err=True)
-            sys.exit(e.exit_code)
-        except KeyboardInterrupt:
-            click.echo("interrupted; no partial output was left", err=True)
-            sys.exit(130)
 
     return wrapper
+
+
+class _Main(click.Group):
+    """The top-level group: what escapes a command (or the group's own set-up, or option callbacks)
+    goes through ``_fail`` too, so no traceback and no exit 1 (click's "Aborted!") ever reach the user."""
+
+    def invoke(self, ctx: click.Context):
+        with _boundary():
+            result = super().invoke(ctx)
+            signals.check()  # a signal whose exception was swallowed on the way still ends in 128+N
+            return result
 
 
 def _summary_text(s: dict) -> str:
@@ -67,6 +153,45 @@ def _parse_override(text: str) -> tuple[str, object]:
         return name, value
 
 
+_POSITIVE = click.IntRange(min=1)
+_NON_NEGATIVE = click.IntRange(min=0)
+
+
+class _Tolerance(click.FloatRange):
+    """A float >= 0; NaN (which every comparison, the range check's too, lets through) is refused."""
+
+    def convert(self, value, param, ctx):
+        number = super().convert(value, param, ctx)
+        if math.isnan(number):
+            self.fail(f"{value!r} is not a number >= 0.", param, ctx)
+        return number
+
+
+_TOLERANCE = _Tolerance(min=0.0)
+
+
+def _parse_shard_size(ctx, param, value):
+    """--max-shard-size as ``save_pretrained`` takes it: a size with a unit (5GB, 200MB, 1GiB) or a byte
+    count, > 0. Anything else is a usage error here rather than a failure after the reading started."""
+    from transformers.utils.hub import convert_file_size_to_int
+
+    text = str(value).strip()
+    try:
+        size = int(text) if text.isdigit() else convert_file_size_to_int(text)
+    except ValueError:
+        size = 0
+    if size <= 0:
+        raise click.BadParameter(f"{value!r}: expected a size > 0 such as 5GB, 200MB, 1GiB or a byte count")
+    return size
+
+
+max_shard_size_option = click.option(
+    "--max-shard-size",
+    default="5GB",
+    show_default=True,
+    callback=_parse_shard_size,
+    help="Largest safetensors shard (as save_pretrained: 5GB, 200MB, 1GiB or bytes).",
+)
 json_option = click.option("--json", "as_json", is_flag=True, help="Print a machine-readable JSON report.")
 quiet_option = click.option("--quiet", "-q", is_flag=True, help="No progress output; the summary still prints.")
 force_option = click.option("--force", is_flag=True, help="Replace DST if it exists.")
@@ -143,6 +268,7 @@ def _hub_sources(*names: str, revision: bool = True):
             from bridge.hub_source import resolve_hf_source
 
             rev = kwargs.pop("hub_revision", None)
+            add_secret(token)  # never in an error line
             for name in names:
                 kwargs[name] = resolve_hf_source(kwargs[name], revision=rev, token=token)
             options = kwargs.get("options")
@@ -228,9 +354,15 @@ def _tune_process() -> None:
     gc.freeze()
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=_Main, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="falcon-h1-bridge")
-def main():
+@click.option(
+    "--debug",
+    is_flag=True,
+    envvar="H1BRIDGE_DEBUG",
+    help="On an internal error (exit 6) print the traceback instead of one line [env: H1BRIDGE_DEBUG=1].",
+)
+def main(debug):
     """Exact, streaming Falcon-H1 conversion between Hugging Face and Megatron checkpoints.
 
     \b
@@ -241,6 +373,8 @@ def main():
       h1bridge inspect tiny-meg
       h1bridge mappings
     """
+    del debug  # read by _fail, through the context
+    click.get_current_context().call_on_close(signals.install())  # SIGTERM/SIGHUP end a run like Ctrl-C
     _tune_process()
 
 
@@ -248,8 +382,18 @@ def _parallel_options(tp_names: tuple[str, ...], pp_names: tuple[str, ...]):
     """--tp/--pp plus Megatron-LM's spellings of them (its training arguments; its checkpoint converter's
     --target-* ones), so a command line copied from a Megatron script works as is."""
     return _stack(
-        click.option("--tp", *tp_names, "tp", default=1, show_default=True, help="Tensor-parallel size to write."),
-        click.option("--pp", *pp_names, "pp", default=1, show_default=True, help="Pipeline-parallel size to write."),
+        click.option(
+            "--tp", *tp_names, "tp", type=_POSITIVE, default=1, show_default=True, help="Tensor-parallel size to write."
+        ),
+        click.option(
+            "--pp",
+            *pp_names,
+            "pp",
+            type=_POSITIVE,
+            default=1,
+            show_default=True,
+            help="Pipeline-parallel size to write.",
+        ),
     )
 
 
@@ -264,10 +408,10 @@ def _target_options(keep_source: bool):
     return _stack(
         click.option(
             "--layout",
-            type=click.Choice(api.LAYOUT_CHOICES),
-            default=None if keep_source else "bridge",
-            show_default=not keep_source,
-            help="Megatron key layout to write." + kept,
+            type=click.Choice(api.ALL_LAYOUT_CHOICES),
+            default=None,
+            help="Megatron key layout to write."
+            + (kept or " [default: the model family's: bridge for Falcon-H1, te for Llama]"),
         ),
         click.option(
             "--target",
@@ -307,6 +451,7 @@ def _target_options(keep_source: bool):
     "--vocab-divisible-by",
     "--make-vocab-size-divisible-by",
     "vocab_divisible_by",
+    type=_POSITIVE,
     default=128,
     show_default=True,
     help="Megatron make_vocab_size_divisible_by (vocab padded to a multiple of this x TP; megatron-bridge "
@@ -394,7 +539,7 @@ def reshard(src, dst, tp, pp, layout, target, fmt, expand_groups, dtype, force, 
 @main.command("megatron-to-hf")
 @click.argument("src", type=PathArg)
 @click.argument("dst", type=PathArg)
-@click.option("--max-shard-size", default="5GB", show_default=True, help="Largest safetensors shard.")
+@max_shard_size_option
 @click.option("--push-to", metavar="REPO_ID", help="After converting, upload DST to this Hub repo.")
 @_push_options
 @click.option("--fold-mup", is_flag=True, help="Fold the µP multipliers into the weights (see `h1bridge mup`).")
@@ -484,7 +629,9 @@ def inspect(path, as_json, options):
     show_default=True,
     help="Model family (HF model_type) whose table to print.",
 )
-@click.option("--layout", type=click.Choice(api.LAYOUT_CHOICES), default="bridge", show_default=True)
+@click.option(
+    "--layout", type=click.Choice(api.ALL_LAYOUT_CHOICES), default=None, help="[default: the family's default layout]"
+)
 @json_option
 def mappings(family, layout, as_json):
     """Print a model family's mapping table: Megatron key, HF key(s), TP rule, condition."""
@@ -501,9 +648,9 @@ def mappings(family, layout, as_json):
 
 @main.command("make-tiny")
 @click.argument("dst", type=PathArg)
-@click.option("--preset", type=click.Choice(api.PRESET_CHOICES), default="tiny", show_default=True)
-@click.option("--seed", default=0, show_default=True)
-@click.option("--full", is_flag=True, help="Released full shape (family presets; streamed random weights).")
+@click.option("--preset", type=click.Choice(api.ALL_PRESET_CHOICES), default="tiny", show_default=True)
+@click.option("--seed", type=_NON_NEGATIVE, default=0, show_default=True)
+@click.option("--full", is_flag=True, help="Released full shape (Falcon-H1 family presets; streamed random weights).")
 @click.option(
     "--dtype",
     type=click.Choice(["fp32", "bf16", "fp16", "float32", "bfloat16", "float16"]),
@@ -542,7 +689,7 @@ def make_tiny(dst, preset, seed, full, dtype, overrides, force, as_json, quiet):
         **fields,
     )
     info = {"destination": str(dst), "preset": preset, "full": full, "config": cfg.to_diff_dict()}
-    _emit(info, as_json, f"wrote {preset}{' (full shape)' if full else ''} Falcon-H1 to {dst}")
+    _emit(info, as_json, f"wrote {preset}{' (full shape)' if full else ''} {cfg.model_type} model to {dst}")
 
 
 @main.command()
@@ -564,6 +711,7 @@ def push(hf_dir, repo_id, private, revision, commit_message, create_pr, dry_run,
       h1bridge push Falcon-H1-0.5B-ft my-org/Falcon-H1-0.5B-ft --private --dry-run
       h1bridge push Falcon-H1-0.5B-ft my-org/Falcon-H1-0.5B-ft --revision megatron-step-1000
     """
+    add_secret(token)  # never in an error line
     _check_push_order(hf_dir, repo_id)
     result = api.push(
         hf_dir,
@@ -633,7 +781,7 @@ def _mup_options(fn):
         [
             click.argument("src", type=PathArg),
             click.argument("dst", type=PathArg),
-            click.option("--max-shard-size", default="5GB", show_default=True, help="Largest safetensors shard."),
+            max_shard_size_option,
             dtype_option,
             force_option,
             json_option,
@@ -689,7 +837,9 @@ def _report_exit(report, as_json: bool) -> None:
 @main.command()
 @click.argument("a", type=PathArg)
 @click.argument("b", type=PathArg)
-@click.option("--atol", default=0.0, show_default=True, help="Largest |Δ| per element still accepted (0: exact).")
+@click.option(
+    "--atol", type=_TOLERANCE, default=0.0, show_default=True, help="Largest |Δ| per element still accepted (0: exact)."
+)
 @_read_options
 @json_option
 @quiet_option
@@ -712,10 +862,12 @@ def verify(a, b, atol, as_json, quiet, options):
 @main.command()
 @click.argument("hf_dir", type=PathArg)
 @click.argument("megatron_dir", type=PathArg)
-@click.option("--tokens", default=32, show_default=True, help="Tokens per random sequence.")
-@click.option("--seed", default=0, show_default=True, help="Seed of the random token ids.")
-@click.option("--batch", default=2, show_default=True, help="Random sequences per batch.")
-@click.option("--atol", default=1e-5, show_default=True, help="Largest max|Δ logits| still accepted (fp32).")
+@click.option("--tokens", type=_POSITIVE, default=32, show_default=True, help="Tokens per random sequence.")
+@click.option("--seed", type=_NON_NEGATIVE, default=0, show_default=True, help="Seed of the random token ids.")
+@click.option("--batch", type=_POSITIVE, default=2, show_default=True, help="Random sequences per batch.")
+@click.option(
+    "--atol", type=_TOLERANCE, default=1e-5, show_default=True, help="Largest max|Δ logits| still accepted (fp32)."
+)
 @_read_options
 @json_option
 @quiet_option

@@ -16,23 +16,37 @@ from transformers import FalconH1Config
 
 from bridge.engine.layout import expected_hf_shapes
 from bridge.errors import InputError
+from bridge.families import FAMILIES, ModelFamily
 from bridge.families.falcon_h1 import FALCON_H1_FAMILY
 from bridge.formats.hf import LazyTensors, write_hf_weights
 from bridge.plumbing.atomic import atomic_output_dir
 
 PRESETS = FALCON_H1_FAMILY.presets
 FAMILY = FALCON_H1_FAMILY.released
+# Every registered family's presets (names are unique across families).
+ALL_PRESETS: dict[str, dict] = {name: fields for f in FAMILIES.values() for name, fields in f.presets.items()}
+
+
+def preset_family(name: str) -> ModelFamily:
+    return next((f for f in FAMILIES.values() if name in f.presets), FALCON_H1_FAMILY)
+
+
 # ``PreTrainedModel.save_pretrained``'s default ``max_shard_size`` in the installed transformers (a test
 # holds the two equal): make-tiny shards as a model saved by transformers would be.
 SAVE_PRETRAINED_MAX_SHARD_SIZE = "50GB"
 
 
-def preset_config(name: str, full: bool = False, **overrides) -> FalconH1Config:
-    """The FalconH1Config of a preset (``full``: the unscaled released shape, family presets only)."""
+def preset_config(name: str, full: bool = False, **overrides):
+    """The config of a preset (``full``: the unscaled released shape, family presets only): a
+    FalconH1Config, or the config class of the family the preset belongs to."""
     if full and name not in FAMILY:
         raise InputError(f"--full: preset {name!r} has no released full shape; choose one of {', '.join(FAMILY)}")
+    family = preset_family(name)
+    if family is not FALCON_H1_FAMILY:
+        fields = {**family.presets[name], **overrides}
+        return family.config_class(**fields, architectures=[family.hf_architecture])
     if name not in PRESETS:
-        raise InputError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+        raise InputError(f"unknown preset {name!r}; choose one of {', '.join(ALL_PRESETS)}")
     fields = {**(FAMILY[name] if full else PRESETS[name]), **overrides}
     fields["mamba_d_ssm"] = fields["mamba_n_heads"] * fields["mamba_d_head"]
     return FalconH1Config(**fields, architectures=["FalconH1ForCausalLM"])
@@ -79,6 +93,12 @@ def make_tiny(
                 max_shard_size=max_shard_size,
             )
             cfg.save_pretrained(tmp)
+        elif preset_family(preset) is not FALCON_H1_FAMILY:
+            from transformers import AutoModelForCausalLM  # ~2 s of imports; only this branch needs it
+
+            torch.manual_seed(seed)
+            model = AutoModelForCausalLM.from_config(cfg).to(torch_dtype)
+            model.save_pretrained(tmp, max_shard_size=max_shard_size)
         else:
             from transformers import (
                 FalconH1ForCausalLM,  # ~2 s of imports; only this branch needs it

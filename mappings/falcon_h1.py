@@ -213,23 +213,28 @@ def _suffix(param: Param) -> str:
     return param.megatron.rpartition(LAYER + ".")[2]
 
 
-def megatron_keys(param: Param, layout: str = DEFAULT_LAYOUT) -> tuple[str, ...]:
+def _spec(layout: str | Layout) -> Layout:
+    """A layout by name (Falcon-H1's ``LAYOUTS``), or given as a ``Layout`` (any family's)."""
+    return LAYOUTS[layout] if isinstance(layout, str) else layout
+
+
+def megatron_keys(param: Param, layout: str | Layout = DEFAULT_LAYOUT) -> tuple[str, ...]:
     """The entry's Megatron key pattern(s) in the given layout, ``{L}`` standing for the Megatron
     layer (see ``megatron_layer``); the first is the one read."""
     if not param.is_layer:
         return (param.megatron,)
     prefix = param.megatron[: -len(_suffix(param))]
-    return tuple(prefix + r for r in LAYOUTS[layout].renames.get(_suffix(param), (_suffix(param),)))
+    return tuple(prefix + r for r in _spec(layout).renames.get(_suffix(param), (_suffix(param),)))
 
 
-def megatron_key(param: Param, layout: str = DEFAULT_LAYOUT) -> str:
+def megatron_key(param: Param, layout: str | Layout = DEFAULT_LAYOUT) -> str:
     return megatron_keys(param, layout)[0]
 
 
-def megatron_layer(param: Param, layout: str, hf_layer: int) -> int:
+def megatron_layer(param: Param, layout: str | Layout, hf_layer: int) -> int:
     """Megatron layer index holding a layer entry of HF layer ``hf_layer`` (both global, or both
     local to one pipeline stage)."""
-    spec = LAYOUTS[layout]
+    spec = _spec(layout)
     return hf_layer * len(spec.pattern) + spec.sublayer(_suffix(param))
 
 

@@ -83,9 +83,9 @@ HF_CASES = {
         "not a readable safetensors",
     ),
     "other model type": (
-        lambda hf: (hf / "config.json").write_text('{"model_type": "llama"}'),
+        lambda hf: (hf / "config.json").write_text('{"model_type": "gpt2"}'),
         3,
-        "model_type is 'llama', expected 'falcon_h1'",
+        "model_type is 'gpt2', expected one of 'falcon_h1', 'llama'",
     ),
     "invalid config json": (lambda hf: (hf / "config.json").write_text("{nope"), 3, "invalid JSON"),
     "missing key": (drop_key, 3, "missing tensor"),

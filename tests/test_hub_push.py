@@ -153,13 +153,13 @@ def _missing_shard(folder: Path) -> str:
 
 def _other_model_type(folder: Path) -> str:
     cfg = json.loads((folder / "config.json").read_text())
-    (folder / "config.json").write_text(json.dumps({**cfg, "model_type": "llama"}))
-    return "config.json: model_type is 'llama'"
+    (folder / "config.json").write_text(json.dumps({**cfg, "model_type": "gpt2"}))
+    return "config.json: model_type is 'gpt2'"
 
 
 def _unknown_model_type(folder: Path) -> str:
     (folder / "config.json").write_text(json.dumps({"model_type": "no-such-model"}))
-    return "config.json: model_type is 'no-such-model', expected 'falcon_h1'"
+    return "config.json: model_type is 'no-such-model', expected one of 'falcon_h1', 'llama'"
 
 
 def _no_config(folder: Path) -> str:

@@ -243,7 +243,7 @@ HF_CASES = {
         ["TP=3 does not divide num_attention_heads=8"],
     ),
     "PP does not divide layers": (lambda w: w.hf, ["--pp", "3"], 5, ["PP=3 does not divide num_hidden_layers=4"]),
-    "TP=0": (lambda w: w.hf, ["--tp", "0"], 5, ["TP and PP must be >= 1"]),
+    # --tp 0 is a usage error now (exit 2, click's range check): tests/test_error_lines.py
 }
 
 

@@ -102,16 +102,16 @@ def hf_to_megatron(
     dtype: str = "keep",
     force: bool = False,
     divisible_by: int = 128,
-    layout: str = "bridge",
+    layout: str | None = None,
     fmt: str | None = None,
     expand_groups: bool = False,
     progress: bool = False,
     target: str = DEFAULT_TARGET,
     iteration: int | str | None = None,
 ) -> Summary:
-    """Converts an HF Falcon-H1 folder into a Megatron checkpoint (legacy per-rank files or torch_dist)
+    """Converts an HF folder of a registered family into a Megatron checkpoint (legacy per-rank files or torch_dist)
     that ``target``'s loader accepts with its default settings (see ``bridge.targets``); ``fmt`` and
-    ``iteration`` default to the target's.
+    ``iteration`` default to the target's, ``layout`` to the family's first (``bridge``, ``te``).
 
     ``expand_groups`` replicates Mamba B/C groups when TP exceeds them (see ``bridge.groups``)."""
     from bridge.features import bitnet  # builds on this module
@@ -156,7 +156,7 @@ def write_megatron(
     dtype: str,
     force: bool,
     divisible_by: int,
-    layout: str,
+    layout: str | None,
     fmt: str | None,
     progress: bool,
     inputs: list[Path],
@@ -171,7 +171,11 @@ def write_megatron(
     checkpoint being re-sharded (its tensors merged on the fly). ``extra_args`` are stored in ``args``
     as given (e.g. BitNet's flag and scales). ``expand_groups``: see ``bridge.groups``. ``target``,
     ``iteration``: see ``bridge.targets``."""
-    stack = resolve_target(target, fmt, layout, iteration)
+    family = family_of(cfg)
+    layout = layout or next(iter(family.layouts))
+    stack = resolve_target(
+        target, fmt, layout, iteration, next(iter(family.layouts)), family.display_name or family.name
+    )
     fmt = stack.fmt
     out_dtype = target_dtype(dtype)
     nonfinite = NonFiniteCount()
@@ -255,6 +259,8 @@ def _export_transform(
     packing = bitnet.export_transform(cfg, vars(meg.args) if meg.args is not None else {}, target, bitnet_pack)
     if not fold_mup:
         return packing
+    if not plan.family.mup_fields:
+        raise UnsupportedError(f"--fold-mup: a {cfg.model_type} model has no µP multipliers to fold")
     if packing is not None:
         raise UnsupportedError(
             "--fold-mup with BitNet weights: per-row µP factors change the ternary pattern; "

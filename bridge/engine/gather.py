@@ -38,7 +38,8 @@ def _detect_layout(meg: MegatronCheckpoint, cfg, hf_shapes, divisible_by: int, p
         plan = ParallelPlan(cfg, meg.tp, meg.pp, divisible_by, name, padded_vocab=padded)
         if set(expected_rank_shapes(plan, hf_shapes, 0)) == found:
             return plan
-    return ParallelPlan(cfg, meg.tp, meg.pp, divisible_by, "bridge", padded_vocab=padded)
+    default = next(iter(family_of(cfg).layouts))
+    return ParallelPlan(cfg, meg.tp, meg.pp, divisible_by, default, padded_vocab=padded)
 
 
 def megatron_plan(meg: MegatronCheckpoint, cfg) -> tuple[ParallelPlan, dict[str, torch.Size]]:

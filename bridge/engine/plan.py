@@ -26,7 +26,7 @@ class ParallelPlan:
     divisible_by: int = 128
     layout: str = "bridge"
     padded_vocab: int | None = None  # as found in an existing checkpoint; computed when None
-    dims: Any = field(init=False)  # the family's sizes (FalconH1Dims)
+    dims: Any = field(init=False)  # the family's sizes (FalconH1Dims, LlamaDims)
 
     def __post_init__(self):
         check_parallel_sizes(self.hf_config, self.tp, self.pp)
@@ -71,10 +71,11 @@ class ParallelPlan:
     def megatron_names(self, param: Param, layer: int | None) -> tuple[str, ...]:
         """Every key the entry is stored under in this layout (copies for fused norms). ``layer`` is the
         HF layer: local to the stage for legacy files, global for torch_dist."""
-        keys = megatron_keys(param, self.layout)
+        spec = self.family.layouts[self.layout]
+        keys = megatron_keys(param, spec)
         if layer is None:
             return keys
-        index = str(megatron_layer(param, self.layout, layer))
+        index = str(megatron_layer(param, spec, layer))
         return tuple(k.replace("{L}", index) for k in keys)
 
     def megatron_name(self, param: Param, local_layer: int | None) -> str:

@@ -60,7 +60,7 @@ def kept_settings(
       expanded just as far as the new TP needs (not at all when TP divides the model's own groups).
     """
     if target is None:
-        wants_bridge = fmt in (None, "torch_dist") and layout in (None, "bridge")
+        wants_bridge = fmt in (None, "torch_dist") and layout in (None, next(iter(plan.family.layouts)))
         target = MEGATRON_BRIDGE if meg.run_config is not None and wants_bridge else DEFAULT_TARGET
     if fmt is None:
         fmt = "torch_dist" if target == MEGATRON_BRIDGE else meg.format

@@ -71,7 +71,8 @@ def _config_from_training(meg: MegatronCheckpoint):
     else:
         return None, None
     cfg = family.from_args(args, label)
-    cfg.mamba_n_groups = args.get("expanded_from_groups", cfg.mamba_n_groups)
+    if "expanded_from_groups" in args:  # --expand-groups (families with Mamba groups)
+        cfg.mamba_n_groups = args["expanded_from_groups"]
     return cfg, where
 
 

@@ -71,7 +71,14 @@ class Target:
         }
 
 
-def resolve_target(name: str, fmt: str | None, layout: str, iteration: int | str | None) -> Target:
+def resolve_target(
+    name: str,
+    fmt: str | None,
+    layout: str,
+    iteration: int | str | None,
+    default_layout: str = "bridge",
+    spec: str = "Falcon-H1",
+) -> Target:
     """Checks the options against the stack and fills in its defaults (see the module docstring)."""
     if name not in TARGETS:
         raise UnsupportedError(f"--target {name!r}: expected one of {', '.join(TARGETS)}")
@@ -83,9 +90,9 @@ def resolve_target(name: str, fmt: str | None, layout: str, iteration: int | str
         return Target(name, fmt or "legacy", RELEASE if iteration is None else iteration)
     if fmt not in (None, "torch_dist"):
         raise UnsupportedError(f"--target {MEGATRON_BRIDGE} loads only torch_dist checkpoints, not --format {fmt}")
-    if layout != "bridge":
+    if layout != default_layout:
         raise UnsupportedError(
-            f"--target {MEGATRON_BRIDGE} needs --layout bridge (its current Falcon-H1 spec), not {layout}"
+            f"--target {MEGATRON_BRIDGE} needs --layout {default_layout} (its current {spec} spec), not {layout}"
         )
     if iteration == RELEASE:
         raise UnsupportedError(

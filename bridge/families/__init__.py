@@ -42,6 +42,8 @@ class ModelFamily:
     positive_sizes: tuple[str, ...] = ()  # config fields that must be positive integers
     optional_sizes: tuple[str, ...] = ()  # the same, or None (derived when absent)
     compared_fields: tuple[str, ...] = ()  # fields a sidecar config and args / run_config must agree on
+    display_name: str = ""  # how messages name the family (its ``name`` when empty)
+    args_markers: tuple[str, ...] = ()  # prefixes of Megatron-LM args names only this family's args have
 
     @property
     def model_roots(self) -> frozenset[str]:
@@ -84,12 +86,19 @@ def family_of(config: Any) -> ModelFamily:
 
 
 def family_for_args(args: Mapping[str, Any], where: str) -> ModelFamily:
-    """Megatron-LM args name no architecture unless this tool wrote them (``model_type``); a hybrid
-    layer pattern or Mamba fields then mean the only hybrid family registered."""
+    """Megatron-LM args name no architecture unless this tool wrote them (``model_type``); else a family
+    whose ``args_markers`` some args name starts with (a hybrid layer pattern or Mamba fields mean the
+    hybrid family), else the one family without markers (a plain GPT)."""
     if "model_type" in args:
         return family_for_model_type(args["model_type"], where)
     if len(FAMILIES) == 1:
         return next(iter(FAMILIES.values()))
+    for family in FAMILIES.values():
+        if family.args_markers and any(str(k).startswith(family.args_markers) for k in args):
+            return family
+    plain = [f for f in FAMILIES.values() if not f.args_markers]
+    if len(plain) == 1:
+        return plain[0]
     raise InputError(f"{where}: args name no model type; pass --hf-config DIR")
 
 

@@ -215,5 +215,7 @@ FALCON_H1_FAMILY = register(
         positive_sizes=POSITIVE_SIZES,
         optional_sizes=OPTIONAL_SIZES,
         compared_fields=COMPARED_FIELDS + MUP_FIELDS,
+        display_name="Falcon-H1",
+        args_markers=("mamba_", "hybrid_override_pattern"),
     )
 )

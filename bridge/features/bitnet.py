@@ -139,6 +139,11 @@ def quant_config(cfg) -> dict | None:
     quant = getattr(cfg, "quantization_config", None)
     if not quant:
         return None
+    if getattr(cfg, "model_type", None) != "falcon_h1":
+        raise UnsupportedError(
+            f"config.json: quantization_config on a {getattr(cfg, 'model_type', None)} model; "
+            "BitNet checkpoints are supported for Falcon-H1 only"
+        )
     method = quant.get("quant_method") if isinstance(quant, dict) else None
     if method != "bitnet":
         raise UnsupportedError(f"config.json: quantization_config quant_method={method!r}; only 'bitnet' is supported")

@@ -28,6 +28,8 @@ _BC_TENSORS = {
 
 def expansion_factor(cfg, tp: int) -> int:
     """How many times each group must be replicated for ``tp`` ranks (1: none needed)."""
+    if not hasattr(cfg, "mamba_n_groups"):
+        raise UnsupportedError(f"--expand-groups: a {cfg.model_type} model has no Mamba groups to expand")
     groups = cfg.mamba_n_groups
     if groups % tp == 0:
         return 1

@@ -24,6 +24,7 @@ import torch
 from bridge.engine.hf_rewrite import rewrite_hf, target_dtype
 from bridge.engine.layout import check_tensor_set, expected_hf_shapes
 from bridge.errors import InputError, UnsupportedError
+from bridge.families import family_of
 from bridge.families.falcon_h1_args import MUP_FIELDS, MUP_LISTS, MUP_SCALARS
 from bridge.formats.hf import HFCheckpoint
 from mappings import FalconH1Dims
@@ -224,6 +225,10 @@ def _rescale(
     src, dst = Path(src), Path(dst)
     target = target_dtype(dtype)
     ckpt = HFCheckpoint(src)
+    if not family_of(ckpt.config).mup_fields:
+        raise UnsupportedError(
+            f"{src / 'config.json'}: a {ckpt.config.model_type} model has no µP multipliers to {direction}"
+        )
     scaler = make(ckpt.config, FalconH1Dims.from_hf_config(ckpt.config), str(src / "config.json"))
     shapes = {k: ckpt.shape(k) for k in ckpt.keys()}
     check_tensor_set(str(src), shapes, expected_hf_shapes(ckpt.config))
