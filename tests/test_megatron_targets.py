@@ -439,3 +439,37 @@ def test_iteration_option(hf, tmp_path):
     )
     assert result.exit_code == 5 and "loads only torch_dist" in result.stderr
     assert not (tmp_path / "zero").exists() and not (tmp_path / "x").exists()
+
+
+# megatron-core 0.16.1 models/gpt/gpt_layer_specs.py, Transformer Engine spec: TELayerNormColumnParallelLinear
+# linear_qkv and linear_fc1, TEDotProductAttention core_attention, TERowParallelLinear linear_proj and
+# linear_fc2; the block's final_layernorm is a TENorm.
+GPT_TE_MODULES = (
+    "self_attention.linear_qkv",
+    "self_attention.core_attention",
+    "self_attention.linear_proj",
+    "mlp.linear_fc1",
+    "mlp.linear_fc2",
+)
+
+
+def test_llama_bridge_target_loads_under_default_strictness(tmp_path, dist_checkpointing):
+    """The GPT-style family through the same loader: the TE GPT model's request, TP=2, both ranks."""
+    from bridge.tiny import make_tiny
+
+    make_tiny(tmp_path / "hf", "llama-tiny", seed=3)
+    hf_to_megatron(tmp_path / "hf", tmp_path / "mb", tp=2, target="megatron-bridge")
+    iter_dir = mb_resolve_iteration_dir(tmp_path / "mb")
+    reader = TorchDistReader(iter_dir)
+    layers = HFCheckpoint(tmp_path / "hf").config.num_hidden_layers
+    modules = [f"decoder.layers.{i}.{m}" for i in range(layers) for m in GPT_TE_MODULES] + ["decoder.final_layernorm"]
+    for rank in range(2):
+        with cpu_writer(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            loaded = dist_checkpointing.load(
+                {"model": _request(reader, 2, rank, modules)}, str(iter_dir), validate_access_integrity=False
+            )["model"]
+        qkv = "decoder.layers.0.self_attention.linear_qkv.weight"
+        assert torch.equal(loaded[qkv], reader.load([qkv])[qkv].chunk(2)[rank])
+    report = verify(tmp_path / "hf", tmp_path / "mb")
+    assert report.ok, report.format()
