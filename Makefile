@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 H1 := $(VENV)/bin/h1bridge
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint fuzz bench clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -39,6 +39,11 @@ lint: $(STAMP)
 test: $(STAMP) $(MCORE019) lint
 	$(PY) -m pytest
 	PYTHONPATH=$(CURDIR)/.mcore019:$(CURDIR) $(PY) -m pytest $(MCORE_TESTS)
+
+# More hypothesis examples per input class than `make test` draws (tests/test_fuzz.py, default 12).
+FUZZ_EXAMPLES ?= 200
+fuzz: $(STAMP)
+	H1BRIDGE_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest tests/test_fuzz.py
 
 bench: $(STAMP)
 	$(PY) bench/convert_bench.py --presets 0.5b,1.5b,3b

@@ -34,6 +34,7 @@ from huggingface_hub.utils import (
 from bridge.engine.layout import check_tensor_set, expected_hf_shapes
 from bridge.errors import InputError, OutputError
 from bridge.formats.hf import HFCheckpoint
+from bridge.plumbing.safe_files import MAX_JSON_BYTES, carried_file, read_text_capped
 
 SINGLE_WEIGHTS = "model.safetensors"
 WEIGHTS_INDEX = "model.safetensors.index.json"
@@ -175,11 +176,11 @@ def build_model_card(folder: Path, provenance: dict[str, Any], *, title: str | N
     )
     section = _provenance_section(folder, provenance)
     readme = folder / "README.md"
-    if not readme.is_file():
+    if not os.path.lexists(readme):
         title = title or folder.resolve().name
         body = f"\n# {title}\n\nFalcon-H1 checkpoint in Hugging Face transformers format.\n\n{section}"
         return ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")
-    card = ModelCard(readme.read_text(encoding="utf-8"), ignore_metadata_errors=True)
+    card = ModelCard(read_text_capped(carried_file(readme, folder), MAX_JSON_BYTES), ignore_metadata_errors=True)
     for key, value in data.to_dict().items():
         if key == "tags":
             existing = list(card.data.get("tags") or [])
@@ -255,9 +256,10 @@ def plan_push(
         validate_repo_id(repo_id)
     except HFValidationError as e:
         raise HubValidationError(f"repo id {repo_id!r}: {_first_line(e)}") from None
+    uploads = _folder_files(folder)  # first: no file of the folder is read before this check
     warnings = validate_hf_folder(folder)
     card_text = str(build_model_card(folder, provenance or {}, title=repo_id.split("/")[-1]))
-    files = [PlannedFile(rel, path.stat().st_size, path) for rel, path in _folder_files(folder).items()]
+    files = [PlannedFile(rel, path.stat().st_size, path) for rel, path in uploads.items()]
     files.append(PlannedFile("README.md", len(card_text.encode("utf-8")), None))
     files.sort(key=lambda f: f.path)
     return PushPlan(folder, repo_id, revision or "main", create_pr, private, files, card_text, warnings)
@@ -339,10 +341,15 @@ def push(
 
 
 def _folder_files(folder: Path) -> dict[str, Path]:
-    """Files to upload: everything but .git/ and huggingface_hub's .cache/; README.md is replaced by the card."""
-    files = {p.relative_to(folder).as_posix(): p for p in sorted(folder.rglob("*")) if p.is_file()}
+    """Files to upload: everything but .git/ and huggingface_hub's .cache/; README.md is replaced by the card.
+    Each must be a regular file inside ``folder`` (or its Hub cache ``blobs/``): a FIFO, device, socket,
+    ``/proc`` file or a symlink out of the folder is refused before anything is sent."""
+    files = {p.relative_to(folder).as_posix(): p for p in sorted(folder.rglob("*")) if not p.is_dir()}
     kept = filter_repo_objects(list(files), ignore_patterns=DEFAULT_IGNORE_PATTERNS)
-    return {rel: files[rel] for rel in kept if rel != "README.md"}
+    try:
+        return {rel: carried_file(files[rel], folder) for rel in kept if rel != "README.md"}
+    except InputError as e:
+        raise HubValidationError(str(e)) from None
 
 
 def _describe(exc: BaseException) -> str:

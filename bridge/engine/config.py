@@ -48,15 +48,23 @@ def hf_config_from_json(text: str, where: str):
         raise InputError(f"{where}: not a valid {config_class.__name__} ({detail})") from None
 
 
+# No real model has a size near this; a larger one is a corrupt or hostile config, refused before
+# anything (transformers, the table, a per-layer expansion) is built from it.
+MAX_SIZE = 2**31
+
+
 def check_sizes(fields: dict, where: str, positive: tuple[str, ...], optional: tuple[str, ...] = ()) -> None:
     """One-line error for the first size field that is not a positive integer (``optional`` ones may be
-    None): transformers would build a model from a negative or zero size, or fail deep inside."""
+    None) or is absurdly large: transformers would build a model from a negative or zero size, or fail
+    deep inside; a huge one would be expanded per layer before any tensor is compared."""
     for name in positive + optional:
         if name not in fields or (fields[name] is None and name in optional):
             continue
         value = fields[name]
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise InputError(f"{where}: {name} is {value!r}; expected a positive integer")
+            raise InputError(f"{where}: {name} is {value!r:.60}; expected a positive integer")
+        if value > MAX_SIZE:
+            raise InputError(f"{where}: {name} is {value}; expected at most {MAX_SIZE} (no model is that large)")
 
 
 def rope_theta(cfg) -> float:

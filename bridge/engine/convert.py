@@ -8,7 +8,6 @@ memory-mapped rank files.
 
 from __future__ import annotations
 
-import shutil
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
@@ -67,6 +66,7 @@ from bridge.formats.registry import FORMATS
 from bridge.hub import build_model_card
 from bridge.plumbing.atomic import atomic_output_dir
 from bridge.plumbing.progress import Progress
+from bridge.plumbing.safe_files import carried_file, copy_regular
 
 
 @dataclass
@@ -135,7 +135,7 @@ def hf_to_megatron(
         expand_groups=expand_groups,
         progress=progress,
         inputs=[src],
-        config_json=src / "config.json",
+        config_json=carried_file(src / "config.json", src),  # copied: must not link out
         assets=ckpt.asset_files() + ckpt.card_files(),
         extra_args=extra_args,
         target=target,
@@ -322,7 +322,7 @@ def megatron_to_hf(
         copy_assets(carried_assets(meg, options), tmp)
         card = source_card(meg, options)
         if card is not None:
-            shutil.copyfile(card, tmp / "README.md")
+            copy_regular(card, tmp / "README.md")
         provenance = {
             "source_format": info.format,
             "source": Path(info.path).name,  # the folder's name: a local path has no place in a public card

@@ -11,6 +11,7 @@ import torch
 from bridge.engine.hf_rewrite import materialize
 from bridge.engine.layout import (
     check_float_dtypes,
+    check_megatron_layers,
     check_tensor_set,
     expected_hf_shapes,
     expected_rank_shapes,
@@ -45,6 +46,7 @@ def _detect_layout(meg: MegatronCheckpoint, cfg, hf_shapes, divisible_by: int, p
 def megatron_plan(meg: MegatronCheckpoint, cfg) -> tuple[ParallelPlan, dict[str, torch.Size]]:
     """Plan of an existing checkpoint, with every rank's keys and shapes validated against it, and the
     HF shapes of the model it holds. With expanded groups the plan describes the shards (more groups)."""
+    check_megatron_layers(str(meg.rank_file(0, 0)), cfg, [meg.tensor_meta(0, pp) for pp in range(meg.pp)])
     hf_model_shapes = expected_hf_shapes(cfg)
     factor = _groups_factor(meg, cfg)
     if factor > 1:

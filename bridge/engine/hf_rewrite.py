@@ -16,6 +16,7 @@ from bridge.errors import InputError
 from bridge.formats.hf import LazyTensors, copy_assets, write_hf_weights
 from bridge.plumbing.atomic import atomic_output_dir
 from bridge.plumbing.progress import Progress
+from bridge.plumbing.safe_files import MAX_JSON_BYTES, carried_file, read_bytes_capped
 
 DTYPE_CHOICES = ("keep", *DTYPES, *DTYPE_ALIASES)
 
@@ -48,9 +49,10 @@ def dir_bytes(folder: Path) -> tuple[int, list[str]]:
 
 def config_bytes(config_json: Path, dtype: torch.dtype | None) -> bytes:
     """config.json as-is, or with its dtype fields updated when the conversion changed the dtype."""
+    raw = read_bytes_capped(config_json, MAX_JSON_BYTES)  # a FIFO or an oversized file is refused
     if dtype is None:
-        return config_json.read_bytes()
-    data = json.loads(config_json.read_text())
+        return raw
+    data = json.loads(raw)
     data["dtype"] = HF_DTYPE_NAMES[dtype]
     if "torch_dtype" in data:
         data["torch_dtype"] = HF_DTYPE_NAMES[dtype]
@@ -103,7 +105,7 @@ def rewrite_hf(
         bar = Progress(total=len(layout), unit="tensor", desc=desc, disable=not progress)
         produce = transform.producer(lambda keys: LazyTensors(keys, source.get), layout)
         write_hf_weights(tmp, layout, produce, max_shard_size, progress=bar.update)
-        (tmp / "config.json").write_bytes(config_bytes(src / "config.json", target))
+        (tmp / "config.json").write_bytes(config_bytes(carried_file(src / "config.json", src), target))
         transform.edit_config(tmp / "config.json")
         copy_assets(source.asset_files(), tmp)
         written, _ = dir_bytes(tmp)

@@ -9,6 +9,7 @@ Megatron-Bridge's ``run_config.yaml``. ``--hf-config DIR`` overrides all three.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from bridge.formats.iterations import is_iteration_dir, resolve_iteration_dir
 from bridge.formats.legacy import HF_ASSETS
 from bridge.formats.registry import format_of
 from bridge.formats.run_config import RUN_CONFIG, args_from_run_config, read_run_config
+from bridge.plumbing.safe_files import MAX_JSON_BYTES, carried_file, folder_files, read_text_capped
 
 _log = logging.getLogger(__name__)
 MegatronCheckpoint = MegatronReader
@@ -82,8 +84,8 @@ def megatron_hf_config(meg: MegatronCheckpoint, options: ReadOptions = ReadOptio
         return load_hf_config(Path(options.hf_config)), Path(options.hf_config) / "config.json"
     sidecar = hf_assets_dir(meg) / "config.json"
     rebuilt, where = _config_from_training(meg)
-    if sidecar.is_file():
-        cfg = hf_config_from_json(sidecar.read_text(), str(sidecar))
+    if os.path.lexists(sidecar):  # a FIFO or a link out is refused, not skipped
+        cfg = hf_config_from_json(read_text_capped(carried_file(sidecar, sidecar.parent), MAX_JSON_BYTES), str(sidecar))
         if rebuilt is not None:
             for name in family_of(cfg).compared_fields:
                 if getattr(cfg, name, None) != getattr(rebuilt, name, None):
@@ -101,18 +103,15 @@ def megatron_hf_config(meg: MegatronCheckpoint, options: ReadOptions = ReadOptio
 
 
 def _files(folder: Path, names=None) -> list[Path]:
-    if not folder.is_dir():
-        return []
-    return sorted(
-        p
-        for p in folder.iterdir()
-        if p.is_file()
-        and not p.is_symlink()
-        and (
+    """The files of ``folder`` to carry (``names``, else every non-weight file but config.json and the
+    card): each a regular file inside the folder, or its Hub cache ``blobs/``; anything else refused."""
+    return folder_files(
+        folder,
+        lambda p: (
             p.name in names
             if names
             else p.name not in NOT_ASSETS | {"config.json"} and not p.name.endswith(WEIGHT_SUFFIXES)
-        )
+        ),
     )
 
 
@@ -150,6 +149,6 @@ def source_card(meg: MegatronCheckpoint, options: ReadOptions = ReadOptions()) -
     """The model card of the HF model the checkpoint came from: carried in our sidecar by
     ``hf-to-megatron``, else ``--hf-reference``'s; its front matter (license, base_model) is kept."""
     for folder in (hf_assets_dir(meg), Path(options.hf_reference) if options.hf_reference else None):
-        if folder is not None and (folder / CARD).is_file() and not (folder / CARD).is_symlink():
-            return folder / CARD
+        if folder is not None and os.path.lexists(folder / CARD):
+            return carried_file(folder / CARD, folder)
     return None

@@ -24,6 +24,7 @@ from bridge.families import ModelFamily
 from bridge.formats.iterations import LATEST_TRAIN_STATE, RELEASE, TRAIN_STATE
 from bridge.formats.run_config import RUN_CONFIG, run_config_yaml
 from bridge.plumbing.atomic import torch_save
+from bridge.plumbing.safe_files import copy_regular
 from mappings import padded_vocab_size
 
 MEGATRON_LM = "megatron-lm"
@@ -145,4 +146,4 @@ def write_bridge_files(
     if tokenizer:
         (iter_dir / MB_TOKENIZER).mkdir()
         for path in tokenizer:
-            (iter_dir / MB_TOKENIZER / path.name).write_bytes(path.read_bytes())
+            copy_regular(path, iter_dir / MB_TOKENIZER / path.name)

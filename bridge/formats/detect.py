@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from bridge.errors import InputError
@@ -13,8 +14,9 @@ LEGACY = "megatron-legacy"
 
 
 def is_torch_dist(iter_dir: Path) -> bool:
-    """Same test as megatron-core's ``check_is_distributed_checkpoint``: ``metadata.json`` exists."""
-    return (Path(iter_dir) / "metadata.json").is_file()
+    """Same test as megatron-core's ``check_is_distributed_checkpoint``: ``metadata.json`` exists (as
+    any kind of file: a FIFO of that name is then refused by the reader, not mistaken for legacy)."""
+    return os.path.lexists(Path(iter_dir) / "metadata.json")
 
 
 def detect_format(path: Path) -> str:

@@ -11,7 +11,6 @@ import json
 import logging
 import math
 import os
-import shutil
 import struct
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -21,9 +20,18 @@ from huggingface_hub import split_torch_state_dict_into_shards
 from safetensors import SafetensorError, safe_open
 
 from bridge.engine.config import load_hf_config
+from bridge.engine.layout import check_hf_sizes
 from bridge.errors import InputError
 from bridge.plumbing.direct_io import DirectFile
 from bridge.plumbing.pipeline import read_ahead
+from bridge.plumbing.safe_files import (
+    MAX_JSON_BYTES,
+    carried_file,
+    copy_regular,
+    folder_files,
+    read_text_capped,
+    regular_file,
+)
 
 INDEX = "model.safetensors.index.json"
 _UMASK = os.umask(0o022)  # read once: written files get the mode the user's umask asks for
@@ -47,10 +55,13 @@ class HFCheckpoint:
         self.config = load_hf_config(self.folder)
         self._handles: dict[str, object] = {}
         self.key_to_file = self._read_layout()
+        # Sizes against the headers before any caller expands the config per layer: a 1 KB config.json
+        # naming ten million layers is refused here, not after building ten million expected shapes.
+        check_hf_sizes(str(self.folder / "config.json"), self.config, {k: self.shape(k) for k in self.key_to_file})
 
     def _open(self, filename: str):
         if filename not in self._handles:
-            path = self.folder / filename
+            path = regular_file(self.folder / filename)
             try:
                 self._handles[filename] = safe_open(str(path), framework="pt")
             except (SafetensorError, OSError) as e:
@@ -59,15 +70,15 @@ class HFCheckpoint:
 
     def _read_layout(self) -> dict[str, str]:
         index_path = self.folder / INDEX
-        if index_path.is_file():
+        if os.path.lexists(index_path):  # a FIFO or dangling link is refused, not skipped
             return self._read_index(index_path)
-        if (self.folder / SINGLE).is_file():
+        if os.path.lexists(self.folder / SINGLE):
             return {k: SINGLE for k in self._open(SINGLE).keys()}
         raise InputError(f"{self.folder}: no {SINGLE} or {INDEX}; expected safetensors weights")
 
     def _read_index(self, index_path: Path) -> dict[str, str]:
         try:
-            weight_map = json.loads(index_path.read_text())["weight_map"]
+            weight_map = json.loads(read_text_capped(index_path, MAX_JSON_BYTES))["weight_map"]
             assert isinstance(weight_map, dict)
         except (json.JSONDecodeError, KeyError, TypeError, AssertionError):
             raise InputError(f"{index_path}: invalid index; expected JSON with a 'weight_map' object") from None
@@ -119,17 +130,14 @@ class HFCheckpoint:
             raise InputError(f"{path}: cannot read {key!r} ({e})") from None
 
     def asset_files(self) -> list[Path]:
-        """Tokenizer, generation config and other non-weight files to carry along."""
-        return sorted(
-            p
-            for p in self.folder.iterdir()
-            if p.is_file() and p.name not in NOT_ASSETS and not p.name.endswith(WEIGHT_SUFFIXES)
-        )
+        """Tokenizer, generation config and other non-weight files to carry along: regular files inside
+        the folder (or its Hub cache ``blobs/``); a special file or a symlink out is refused."""
+        return folder_files(self.folder, lambda p: p.name not in NOT_ASSETS and not p.name.endswith(WEIGHT_SUFFIXES))
 
     def card_files(self) -> list[Path]:
         """The model card, kept beside a Megatron conversion so the way back can carry its front matter."""
         card = self.folder / "README.md"
-        return [card] if card.is_file() else []
+        return [carried_file(card, self.folder)] if os.path.lexists(card) else []
 
 
 _SAFETENSORS_DTYPES = {
@@ -149,7 +157,7 @@ def copy_assets(files: Iterable[Path], dst: Path) -> list[str]:
     dst.mkdir(parents=True, exist_ok=True)
     names = []
     for f in files:
-        shutil.copy2(f, dst / f.name)
+        copy_regular(f, dst / f.name)
         names.append(f.name)
     return names
 

@@ -9,12 +9,14 @@ an iteration directory itself.
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
 import torch
 
-from bridge.errors import InputError
+from bridge.errors import InputError, sanitize
+from bridge.plumbing.safe_files import MAX_TRACKER_BYTES, read_bytes_capped, regular_file
 from bridge.plumbing.safe_pickle import safe_torch_load
 
 TRACKER = "latest_checkpointed_iteration.txt"
@@ -34,7 +36,7 @@ def iteration_dir_name(iteration: int | str) -> str:
 
 
 def is_iteration_dir(path: Path) -> bool:
-    if any((path / name).is_file() for name in _ITERATION_FILES):
+    if any(os.path.lexists(path / name) for name in _ITERATION_FILES):  # a FIFO too: its reader refuses it
         return True
     return any(_RANK_DIR.match(p.name) for p in path.iterdir() if p.is_dir())
 
@@ -53,25 +55,26 @@ def parse_iteration(text: str) -> int | str:
     if text == RELEASE:
         return RELEASE
     if not (text.isascii() and text.isdigit() and len(text) <= 12):
-        raise ValueError(f"expected an iteration number or 'release', found {text[:40]!r}")
+        raise ValueError(f"expected an iteration number or 'release', found {sanitize(repr(text[:40]), 60)}")
     return int(text)
 
 
 def _tracked(root: Path) -> int | str | None:
     tracker = root / TRACKER
-    if tracker.is_file():
+    if os.path.lexists(tracker):  # a FIFO or a dangling link is refused, not skipped
         try:
-            return parse_iteration(tracker.read_text(errors="replace")[:64])
+            return parse_iteration(read_bytes_capped(tracker, MAX_TRACKER_BYTES).decode(errors="replace"))
         except ValueError as e:
             raise InputError(f"{tracker}: {e}") from None
     state_file = root / LATEST_TRAIN_STATE
-    if state_file.is_file():
-        state = safe_torch_load(state_file, str(state_file))
+    if os.path.lexists(state_file):
+        state = safe_torch_load(regular_file(state_file), str(state_file))
         step = state.get("step") if isinstance(state, dict) else None
         if isinstance(step, torch.Tensor) and step.numel() == 1 and not step.is_floating_point():
             step = int(step.item())
         if not isinstance(step, int) or isinstance(step, bool) or step < 0:
-            raise InputError(f"{state_file}: expected a train state with an integer 'step', found {step!r:.40}")
+            found = sanitize(repr(step), 40)
+            raise InputError(f"{state_file}: expected a train state with an integer 'step', found {found}")
         return step
     return None
 

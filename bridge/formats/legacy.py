@@ -8,6 +8,7 @@ disk until a rule touches them.
 from __future__ import annotations
 
 import argparse
+import os
 import re
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from bridge.plumbing.atomic import torch_save
 from bridge.plumbing.buffers import BufferPool, fill
 from bridge.plumbing.pages import drop_resident
 from bridge.plumbing.progress import Progress
+from bridge.plumbing.safe_files import regular_file
 from bridge.plumbing.safe_pickle import safe_torch_load
 
 RANK_FILE = "model_optim_rng.pt"
@@ -35,7 +37,7 @@ def rank_dir_name(tp_rank: int, pp_rank: int, pp: int) -> str:
 
 def safe_load(path: Path) -> object:
     """Loads a rank file memory-mapped, never unpickling code (see ``safe_pickle``)."""
-    return safe_torch_load(path, str(path), mmap=True)
+    return safe_torch_load(regular_file(path), str(path), mmap=True)
 
 
 class LegacyCheckpoint:
@@ -92,7 +94,7 @@ class LegacyCheckpoint:
     def _load(self, tp_rank: int, pp_rank: int) -> dict:
         if (tp_rank, pp_rank) not in self._cache:
             path = self.rank_file(tp_rank, pp_rank)
-            if not path.is_file():
+            if not os.path.lexists(path):
                 raise InputError(f"{path}: missing rank file")
             state = safe_load(path)
             if not isinstance(state, dict) or "model" not in state:

@@ -10,12 +10,14 @@ differ from Megatron-LM's argparse names are renamed here, and then one code pat
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
 import yaml
 
-from bridge.errors import InputError
+from bridge.errors import InputError, sanitize
+from bridge.plumbing.safe_files import read_bytes_capped
 
 RUN_CONFIG = "run_config.yaml"
 MAX_RUN_CONFIG_BYTES = 4 * 2**20  # a real one is ~30 kB; anything far larger is not a run config
@@ -30,18 +32,13 @@ _PROVIDER_TO_ARGS = {
 def read_run_config(iter_dir: Path) -> dict | None:
     """The parsed ``run_config.yaml`` of an iteration, or None when there is none."""
     path = Path(iter_dir) / RUN_CONFIG
-    if not path.exists():
+    if not os.path.lexists(path):
         return None
-    if not path.is_file():
-        raise InputError(f"{path}: not a regular file")
-    with path.open("rb") as f:
-        raw = f.read(MAX_RUN_CONFIG_BYTES + 1)
-    if len(raw) > MAX_RUN_CONFIG_BYTES:
-        raise InputError(f"{path}: larger than {MAX_RUN_CONFIG_BYTES} bytes; not a Megatron-Bridge run config")
+    raw = read_bytes_capped(path, MAX_RUN_CONFIG_BYTES)  # a FIFO, device or oversized file is refused
     try:
         data = yaml.safe_load(raw.decode("utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError, RecursionError) as e:
-        detail = str(e).splitlines()[0] if str(e) else type(e).__name__
+        detail = sanitize(str(e).splitlines()[0], 80) if str(e) else type(e).__name__
         raise InputError(f"{path}: not valid YAML ({detail})") from None
     if not isinstance(data, dict) or not isinstance(data.get("model"), dict):
         raise InputError(f"{path}: no 'model:' section; expected a Megatron-Bridge run config")

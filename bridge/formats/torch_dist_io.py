@@ -18,10 +18,11 @@ import dataclasses
 import enum
 import io
 import json
+import os
 import pickle
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import torch
 import torch.distributed.checkpoint as dcp
@@ -42,10 +43,11 @@ from torch.distributed.checkpoint.metadata import (
 )
 from torch.distributed.checkpoint.storage import WriteResult
 
-from bridge.errors import InputError
+from bridge.errors import InputError, sanitize
 from bridge.plumbing.atomic import torch_save, torch_saves_surfaced
 from bridge.plumbing.direct_io import DirectFile
 from bridge.plumbing.pipeline import read_ahead
+from bridge.plumbing.safe_files import MAX_JSON_BYTES, open_regular, read_text_capped, regular_file
 from bridge.plumbing.safe_pickle import safe_torch_load
 
 METADATA_JSON = {
@@ -160,25 +162,27 @@ class TorchDistReader:
     def __init__(self, iter_dir: Path):
         self.iter_dir = Path(iter_dir)
         config = self.iter_dir / "metadata.json"
+        if not os.path.lexists(config):
+            raise TorchDistFormatError(f"{config}: missing; not a torch_dist checkpoint directory")
         try:
-            backend = json.loads(config.read_text()).get("sharded_backend")
-        except FileNotFoundError:
-            raise TorchDistFormatError(f"{config}: missing; not a torch_dist checkpoint directory") from None
+            backend = json.loads(read_text_capped(config, MAX_JSON_BYTES)).get("sharded_backend")
         except (OSError, ValueError, AttributeError) as e:
-            raise TorchDistFormatError(f"{config}: unreadable ({e})") from None
+            raise TorchDistFormatError(f"{config}: unreadable ({sanitize(str(e), 120)})") from None
         if backend != "torch_dist":
             raise TorchDistFormatError(f"{config}: sharded_backend is {backend!r}; only 'torch_dist' is supported")
         try:
             metadata = _SafeFileSystemReader(self.iter_dir).read_metadata()
         except FileNotFoundError:
             raise TorchDistFormatError(f"{self.iter_dir / '.metadata'}: missing; the DCP index is required") from None
+        except TorchDistFormatError:
+            raise
         except _RefusedGlobal as e:
             raise TorchDistFormatError(
                 f"{self.iter_dir / '.metadata'}: refused to load: pickle contains disallowed "
                 f"global {e} (only DCP metadata types allowed)"
             ) from None
         except (OSError, pickle.UnpicklingError, EOFError, AttributeError, ImportError, ValueError) as e:
-            raise TorchDistFormatError(f"{self.iter_dir / '.metadata'}: unreadable ({e})") from None
+            raise TorchDistFormatError(f"{self.iter_dir / '.metadata'}: unreadable ({sanitize(str(e), 120)})") from None
         self._tensors = {k: v for k, v in metadata.state_dict_metadata.items() if isinstance(v, TensorStorageMetadata)}
         self._objects = {
             k.removesuffix(OBJECT_SUFFIX): k
@@ -191,7 +195,9 @@ class TorchDistReader:
         """``common.pt`` (megatron-core < 0.19, and read first by 0.19 too when present), else the
         ``common_state`` object megatron-core >= 0.19 keeps inside the shards."""
         path = self.iter_dir / "common.pt"
-        if path.exists() or COMMON_STATE not in self._objects:
+        if os.path.lexists(path) or COMMON_STATE not in self._objects:
+            if os.path.lexists(path):
+                regular_file(path)  # a FIFO would block torch.load
             common, where = _safe_load(path, str(path)), str(path)
         else:
             common, where = self.load_object(COMMON_STATE), f"{self.iter_dir}: object {COMMON_STATE!r}"
@@ -243,7 +249,9 @@ class TorchDistReader:
                     no_dist=True,
                 )
         except CheckpointException as e:  # a BaseException: would slip past `except Exception`
-            raise TorchDistFormatError(f"{self.iter_dir}: reading {sorted(state_dict)[:3]} failed: {e}") from None
+            raise TorchDistFormatError(
+                f"{self.iter_dir}: reading {sorted(state_dict)[:3]} failed: {_first_failure(e)}"
+            ) from None
         return state_dict
 
 
@@ -289,15 +297,67 @@ class _SafeFileSystemReader(FileSystemReader):
     run code just by being opened. This one admits only the metadata types (``_METADATA_GLOBALS``)."""
 
     def read_metadata(self, *args, **kwargs) -> Metadata:
-        with open(self._get_metadata_path(kwargs.get("rank")), "rb") as f:
+        path = Path(self._get_metadata_path(kwargs.get("rank")))
+        if not os.path.lexists(path):
+            raise FileNotFoundError(str(path))
+        with open_regular(path) as f:  # a FIFO is refused, not waited on
             metadata = _MetadataUnpickler(f).load()
         if not isinstance(metadata, Metadata):
             raise pickle.UnpicklingError(f"expected DCP Metadata, found {type(metadata).__name__}")
+        self._check_storage_paths(path, metadata)
         storage_meta = getattr(metadata, "storage_meta", None)
         if storage_meta is None:
             storage_meta = metadata.storage_meta = StorageMeta()
         storage_meta.load_id = self.load_id
         return metadata
+
+    def _check_storage_paths(self, where: Path, metadata: Metadata) -> None:
+        """Every data file the index names is a plain relative path (no ``..``, not absolute) to a
+        regular file inside the checkpoint directory: a crafted ``.metadata`` must not make the reader
+        open ``../../elsewhere.distcp`` or a FIFO."""
+        storage = metadata.storage_data
+        if storage is None:
+            return
+        if not isinstance(storage, dict):
+            raise TorchDistFormatError(f"{where}: storage_data is a {type(storage).__name__}; expected a dict")
+        root = Path(self.path)
+        real_root = root.resolve()
+        checked: set[str] = set()
+        for info in storage.values():
+            rel = getattr(info, "relative_path", None)
+            if rel in checked:
+                continue
+            if not isinstance(rel, str) or not _plain_relative(rel):
+                raise TorchDistFormatError(
+                    f"{where}: data file path {sanitize(repr(rel), 80)} is outside the checkpoint directory "
+                    "(expected a relative path inside it)"
+                )
+            target = root / rel
+            real = target.resolve()
+            if real_root not in real.parents:
+                raise TorchDistFormatError(
+                    f"{where}: data file {sanitize(rel, 80)} resolves to {sanitize(str(real), 120)}, outside the "
+                    "checkpoint directory"
+                )
+            if not os.path.lexists(target):
+                raise TorchDistFormatError(f"{target}: missing; {where.name} names it as a data file")
+            regular_file(target)
+            checked.add(rel)
+
+
+def _first_failure(e: CheckpointException) -> str:
+    """The first rank's error, one short line: the exception's own text carries every traceback."""
+    failures = list(getattr(e, "failures", {}).values())
+    if not failures:
+        return sanitize(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__, 160)
+    exc = getattr(failures[0], "exception", failures[0])
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {sanitize(lines[0] if lines else '', 160)}"
+
+
+def _plain_relative(rel: str) -> bool:
+    pure = PurePosixPath(rel)
+    return rel not in ("", ".") and not pure.is_absolute() and ".." not in pure.parts and "\\" not in rel
 
 
 class _SafeLoadPlanner(DefaultLoadPlanner):
