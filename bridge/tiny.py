@@ -8,14 +8,17 @@ cover (several Mamba groups, gated RMSNorm, biases, tied embeddings, µP multipl
 
 from __future__ import annotations
 
+import copy
+import math
 import zlib
 from pathlib import Path
 
 import torch
 from transformers import FalconH1Config
 
+from bridge.engine.config import check_sizes
 from bridge.engine.layout import expected_hf_shapes
-from bridge.errors import InputError
+from bridge.errors import InputError, UnsupportedError
 from bridge.families import FAMILIES, ModelFamily
 from bridge.families.falcon_h1 import FALCON_H1_FAMILY
 from bridge.formats.hf import LazyTensors, write_hf_weights
@@ -42,6 +45,7 @@ def preset_config(name: str, full: bool = False, **overrides):
     if full and name not in FAMILY:
         raise InputError(f"--full: preset {name!r} has no released full shape; choose one of {', '.join(FAMILY)}")
     family = preset_family(name)
+    check_sizes(overrides, "make-tiny --set", family.positive_sizes, family.optional_sizes)
     if family is not FALCON_H1_FAMILY:
         fields = {**family.presets[name], **overrides}
         return family.config_class(**fields, architectures=[family.hf_architecture])
@@ -50,6 +54,20 @@ def preset_config(name: str, full: bool = False, **overrides):
     fields = {**(FAMILY[name] if full else PRESETS[name]), **overrides}
     fields["mamba_d_ssm"] = fields["mamba_n_heads"] * fields["mamba_d_head"]
     return FalconH1Config(**fields, architectures=["FalconH1ForCausalLM"])
+
+
+# A scaled preset is built whole by transformers: this bounds its memory (4 GiB in fp32).
+MAX_IN_MEMORY_PARAMETERS = 2**30
+
+
+def _parameters(cfg) -> int:
+    """Parameter count from one layer's shapes times the layers, so an absurd layer count costs nothing."""
+    layers = cfg.num_hidden_layers
+    one = copy.copy(cfg)
+    one.num_hidden_layers = 1
+    shapes = expected_hf_shapes(one)
+    per_layer = sum(math.prod(s) for k, s in shapes.items() if k.startswith("model.layers."))
+    return sum(math.prod(s) for k, s in shapes.items() if not k.startswith("model.layers.")) + per_layer * layers
 
 
 def _random_tensor(key: str, shape: torch.Size, dtype: torch.dtype, seed: int) -> torch.Tensor:
@@ -81,6 +99,11 @@ def make_tiny(
     max_shard_size = SAVE_PRETRAINED_MAX_SHARD_SIZE if max_shard_size is None else max_shard_size
     torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
     cfg = preset_config(preset, full, **overrides)
+    if not full and _parameters(cfg) > MAX_IN_MEMORY_PARAMETERS:
+        raise UnsupportedError(
+            f"make-tiny: {preset} with these settings has {_parameters(cfg):,} parameters, more than the "
+            f"{MAX_IN_MEMORY_PARAMETERS:,} a model built in memory may have; use --full, which streams"
+        )
     cfg.dtype = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[torch_dtype]
     with atomic_output_dir(dst, force=force) as tmp:
         if full:

@@ -321,3 +321,62 @@ def test_hf_index_naming_a_shard_outside_the_folder_is_refused(base, tmp_path):
     before = listing(tmp_path)
     code, err, out = run("hf-to-megatron", src, tmp_path / "out", "--json")
     assert_refused(code, err, out, expected=3, names="outside the checkpoint folder", tmp_path=tmp_path, before=before)
+
+
+def _cli(*args):
+    from click.testing import CliRunner
+
+    import cli
+
+    result = CliRunner().invoke(cli.main, [str(a) for a in args])
+    return result.exit_code, result.stderr.strip()
+
+
+def test_u32_safetensors_dtype_is_named_not_internal(tmp_path):
+    import json
+    import struct
+
+    from bridge.tiny import make_tiny
+
+    make_tiny(tmp_path / "hf", "tiny")
+    path = tmp_path / "hf" / "model.safetensors"
+    raw = path.read_bytes()
+    n = struct.unpack("<Q", raw[:8])[0]
+    header = json.loads(raw[8 : 8 + n])
+    header["lm_head.weight"]["dtype"] = "U32"
+    blob = json.dumps(header).encode()
+    blob += b" " * (-len(blob) % 8)
+    path.write_bytes(struct.pack("<Q", len(blob)) + blob + raw[8 + n :])
+    code, err = _cli("inspect", tmp_path / "hf")
+    assert code == 0, err
+    code, err = _cli("hf-to-megatron", tmp_path / "hf", tmp_path / "out")
+    assert code == 3 and "'lm_head.weight' has dtype uint32" in err and err.count("\n") == 0
+
+
+@pytest.mark.parametrize(
+    ("setting", "code", "text"),
+    [
+        ("hidden_size=99999999999", 3, "expected at most"),
+        ("num_attention_heads=0", 3, "expected a positive integer"),
+        ("num_hidden_layers=10000000", 5, "use --full"),
+    ],
+)
+def test_absurd_make_tiny_settings_are_one_line(tmp_path, setting, code, text):
+    got, err = _cli("make-tiny", tmp_path / "x", "--set", setting)
+    assert got == code and text in err and err.count("\n") == 0 and not (tmp_path / "x").exists()
+
+
+def test_sparse_tensor_in_a_rank_file_is_bad_input(tmp_path):
+    import torch
+
+    from bridge.engine.convert import hf_to_megatron
+    from bridge.tiny import make_tiny
+
+    make_tiny(tmp_path / "hf", "tiny")
+    hf_to_megatron(tmp_path / "hf", tmp_path / "meg")
+    path = tmp_path / "meg" / "release" / "mp_rank_00" / "model_optim_rng.pt"
+    state = torch.load(path, weights_only=False)
+    state["model"]["embedding.word_embeddings.weight"] = state["model"]["embedding.word_embeddings.weight"].to_sparse()
+    torch.save(state, path)
+    code, err = _cli("megatron-to-hf", tmp_path / "meg", tmp_path / "out")
+    assert code == 3 and "is a torch.sparse_coo tensor; expected a dense tensor" in err

@@ -114,7 +114,13 @@ class HFCheckpoint:
         return torch.Size(self._open(self.key_to_file[key]).get_slice(key).get_shape())
 
     def dtype(self, key: str) -> torch.dtype:
-        return _SAFETENSORS_DTYPES[self._open(self.key_to_file[key]).get_slice(key).get_dtype()]
+        code = self._open(self.key_to_file[key]).get_slice(key).get_dtype()
+        if code not in _SAFETENSORS_DTYPES:
+            raise InputError(
+                f"{self.folder / self.key_to_file[key]}: {key} has safetensors dtype {code[:16]!r}, "
+                f"which torch cannot hold here; expected one of {', '.join(_SAFETENSORS_DTYPES)}"
+            )
+        return _SAFETENSORS_DTYPES[code]
 
     def get(self, key: str) -> torch.Tensor:
         """Reads one tensor through a fresh handle: a long-lived handle's mapping keeps every page it
@@ -146,6 +152,12 @@ _SAFETENSORS_DTYPES = {
     "F32": torch.float32,
     "F64": torch.float64,
     "U8": torch.uint8,
+    "U16": torch.uint16,
+    "U32": torch.uint32,
+    "U64": torch.uint64,
+    "I16": torch.int16,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
     "I8": torch.int8,
     "I32": torch.int32,
     "I64": torch.int64,

@@ -104,6 +104,7 @@ class LegacyCheckpoint:
                     else ""
                 )
                 raise InputError(f"{path}: no 'model' state dict{extra}")
+            _check_state(path, state)
             self._cache[(tp_rank, pp_rank)] = state
         return self._cache[(tp_rank, pp_rank)]
 
@@ -132,6 +133,24 @@ def write_rank_file(path: Path, model: dict[str, torch.Tensor], args: argparse.N
 
 def write_tracker(root: Path, iteration: int | str) -> None:
     (root / TRACKER).write_text(str(iteration))
+
+
+def _check_state(path: Path, state: dict) -> None:
+    """What Megatron's loader would trip over later, named now: ``model`` a dict of dense tensors
+    (``_extra_state`` entries are TE's own objects), ``args`` a Namespace."""
+    model, args = state["model"], state.get("args")
+    if not isinstance(model, dict):
+        raise InputError(f"{path}: 'model' is a {type(model).__name__}; expected a dict of tensors")
+    if args is not None and not isinstance(args, argparse.Namespace):
+        raise InputError(f"{path}: 'args' is a {type(args).__name__}; expected an argparse Namespace")
+    for key, value in model.items():
+        if not isinstance(key, str):
+            raise InputError(f"{path}: model key {key!r:.40} is not a string")
+        if key.endswith("_extra_state"):
+            continue
+        if not isinstance(value, torch.Tensor) or value.layout != torch.strided:
+            what = f"a {value.layout} tensor" if isinstance(value, torch.Tensor) else f"a {type(value).__name__}"
+            raise InputError(f"{path}: {key} is {what}; expected a dense tensor")
 
 
 def is_legacy(iter_dir: Path) -> bool:
