@@ -74,3 +74,29 @@ def rope_theta(cfg) -> float:
 def config_dtype(cfg) -> torch.dtype:
     dtype = getattr(cfg, "dtype", None) or getattr(cfg, "torch_dtype", None) or torch.float32
     return getattr(torch, dtype) if isinstance(dtype, str) else dtype
+
+
+def config_from_fields(
+    config_class,
+    fields: dict,
+    *,
+    args: dict,
+    where: str,
+    positive: tuple[str, ...],
+    optional: tuple[str, ...],
+    name: str,
+    architecture: str,
+):
+    """The HF config a family rebuilt from Megatron args: dtype from ``params_dtype``, sizes checked,
+    and transformers' own validation turned into one line naming ``where``."""
+    params_dtype = args.get("params_dtype")
+    if isinstance(params_dtype, torch.dtype):
+        fields["dtype"] = HF_DTYPE_NAMES.get(params_dtype, "float32")
+    check_sizes(fields, where, positive, optional)
+    try:
+        cfg = config_class(**fields)
+    except (TypeError, ValueError, AttributeError, KeyError, StrictDataclassError) as e:
+        detail = " ".join(line.strip() for line in str(e).splitlines())
+        raise InputError(f"{where}: do not describe a valid {name} model ({detail})") from None
+    cfg.architectures = [architecture]
+    return cfg

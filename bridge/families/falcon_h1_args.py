@@ -12,10 +12,9 @@ import logging
 from argparse import Namespace
 
 import torch
-from huggingface_hub.errors import StrictDataclassError
 from transformers import FalconH1Config
 
-from bridge.engine.config import HF_DTYPE_NAMES, check_sizes, rope_theta
+from bridge.engine.config import config_from_fields, rope_theta
 from bridge.errors import InputError, UnsupportedError
 
 _log = logging.getLogger(__name__)
@@ -205,17 +204,16 @@ def hf_config_from_args(args: Namespace | dict, where: str = "checkpoint args") 
     if missing:
         which = "all" if len(missing) == len(MUP_FIELDS) else ", ".join(missing)
         _log.warning("%s: µP multipliers missing (%s); treating them as 1.0", where, which)
-    params_dtype = a.get("params_dtype")
-    if isinstance(params_dtype, torch.dtype):
-        fields["dtype"] = HF_DTYPE_NAMES.get(params_dtype, "float32")
-    check_sizes(fields, where, POSITIVE_SIZES, OPTIONAL_SIZES)
-    try:
-        cfg = FalconH1Config(**fields)
-    except (TypeError, ValueError, AttributeError, KeyError, StrictDataclassError) as e:
-        detail = " ".join(line.strip() for line in str(e).splitlines())
-        raise InputError(f"{where}: do not describe a valid Falcon-H1 model ({detail})") from None
-    cfg.architectures = ["FalconH1ForCausalLM"]
-    return cfg
+    return config_from_fields(
+        FalconH1Config,
+        fields,
+        args=a,
+        where=where,
+        positive=POSITIVE_SIZES,
+        optional=OPTIONAL_SIZES,
+        name="Falcon-H1",
+        architecture="FalconH1ForCausalLM",
+    )
 
 
 MB_PROVIDER_TARGET = "megatron.bridge.models.falcon_h1.falconh1_provider.FalconH1ModelProvider"

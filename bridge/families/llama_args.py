@@ -11,10 +11,9 @@ from __future__ import annotations
 from argparse import Namespace
 
 import torch
-from huggingface_hub.errors import StrictDataclassError
 from transformers import LlamaConfig
 
-from bridge.engine.config import HF_DTYPE_NAMES, check_sizes
+from bridge.engine.config import config_from_fields
 from bridge.errors import InputError, UnsupportedError
 
 POSITIVE_SIZES = (
@@ -158,17 +157,16 @@ def hf_config_from_args(args: Namespace | dict, where: str = "checkpoint args") 
         mlp_bias=bool(a.get("mlp_bias", a.get("add_bias_linear", False) and not a.get("add_qkv_bias", False))),
         hidden_act="silu",
     )
-    params_dtype = a.get("params_dtype")
-    if isinstance(params_dtype, torch.dtype):
-        fields["dtype"] = HF_DTYPE_NAMES.get(params_dtype, "float32")
-    check_sizes(fields, where, POSITIVE_SIZES, OPTIONAL_SIZES)
-    try:
-        cfg = LlamaConfig(**fields)
-    except (TypeError, ValueError, AttributeError, KeyError, StrictDataclassError) as e:
-        detail = " ".join(line.strip() for line in str(e).splitlines())
-        raise InputError(f"{where}: do not describe a valid Llama model ({detail})") from None
-    cfg.architectures = ["LlamaForCausalLM"]
-    return cfg
+    return config_from_fields(
+        LlamaConfig,
+        fields,
+        args=a,
+        where=where,
+        positive=POSITIVE_SIZES,
+        optional=OPTIONAL_SIZES,
+        name="Llama",
+        architecture="LlamaForCausalLM",
+    )
 
 
 # Megatron-Bridge 067f987df03b builds Llama through the generic GPT provider (LlamaBridge.provider_bridge);
