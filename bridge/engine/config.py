@@ -100,3 +100,36 @@ def config_from_fields(
         raise InputError(f"{where}: do not describe a valid {name} model ({detail})") from None
     cfg.architectures = [architecture]
     return cfg
+
+
+def transformer_args(
+    cfg, *, head_dim: int, rope: dict, tp: int, pp: int, padded_vocab: int, divisible_by: int, params_dtype: torch.dtype
+) -> dict:
+    """The Megatron-LM args every decoder family shares, in the order they are stored (a legacy rank
+    file pickles them in this order); ``rope`` holds the family's rotary fields."""
+    kv = cfg.num_key_value_heads or cfg.num_attention_heads
+    return dict(
+        hidden_size=cfg.hidden_size,
+        ffn_hidden_size=cfg.intermediate_size,
+        num_attention_heads=cfg.num_attention_heads,
+        group_query_attention=kv != cfg.num_attention_heads,
+        num_query_groups=kv,
+        kv_channels=head_dim,
+        max_position_embeddings=cfg.max_position_embeddings,
+        seq_length=cfg.max_position_embeddings,
+        position_embedding_type="rope",
+        **rope,
+        normalization="RMSNorm",
+        norm_epsilon=cfg.rms_norm_eps,
+        swiglu=True,
+        add_position_embedding=False,
+        untie_embeddings_and_output_weights=not cfg.tie_word_embeddings,
+        vocab_size=cfg.vocab_size,
+        padded_vocab_size=padded_vocab,
+        make_vocab_size_divisible_by=divisible_by,
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        params_dtype=params_dtype,
+        bf16=params_dtype == torch.bfloat16,
+        fp16=params_dtype == torch.float16,
+    )

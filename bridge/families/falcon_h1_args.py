@@ -14,7 +14,7 @@ from argparse import Namespace
 import torch
 from transformers import FalconH1Config
 
-from bridge.engine.config import config_from_fields, rope_theta
+from bridge.engine.config import config_from_fields, rope_theta, transformer_args
 from bridge.errors import InputError, UnsupportedError
 
 _log = logging.getLogger(__name__)
@@ -99,30 +99,16 @@ def megatron_args(
     args = dict(
         num_layers=cfg.num_hidden_layers * len(pattern),
         hybrid_override_pattern=pattern * cfg.num_hidden_layers,
-        hidden_size=cfg.hidden_size,
-        ffn_hidden_size=cfg.intermediate_size,
-        num_attention_heads=cfg.num_attention_heads,
-        group_query_attention=cfg.num_key_value_heads != cfg.num_attention_heads,
-        num_query_groups=cfg.num_key_value_heads,
-        kv_channels=head_dim,
-        max_position_embeddings=cfg.max_position_embeddings,
-        seq_length=cfg.max_position_embeddings,
-        position_embedding_type="rope",
-        rotary_base=rope_theta(cfg),
-        rotary_percent=1.0,
-        normalization="RMSNorm",
-        norm_epsilon=cfg.rms_norm_eps,
-        swiglu=True,
-        add_position_embedding=False,
-        untie_embeddings_and_output_weights=not cfg.tie_word_embeddings,
-        vocab_size=cfg.vocab_size,
-        padded_vocab_size=padded_vocab,
-        make_vocab_size_divisible_by=divisible_by,
-        tensor_model_parallel_size=tp,
-        pipeline_model_parallel_size=pp,
-        params_dtype=params_dtype,
-        bf16=params_dtype == torch.bfloat16,
-        fp16=params_dtype == torch.float16,
+        **transformer_args(
+            cfg,
+            head_dim=head_dim,
+            rope=dict(rotary_base=rope_theta(cfg), rotary_percent=1.0),
+            tp=tp,
+            pp=pp,
+            padded_vocab=padded_vocab,
+            divisible_by=divisible_by,
+            params_dtype=params_dtype,
+        ),
         add_bias_linear=bool(cfg.projectors_bias),
         add_qkv_bias=bool(cfg.attention_bias),
         mamba_proj_bias=bool(cfg.mamba_proj_bias),

@@ -13,7 +13,7 @@ from argparse import Namespace
 import torch
 from transformers import LlamaConfig
 
-from bridge.engine.config import config_from_fields
+from bridge.engine.config import config_from_fields, transformer_args
 from bridge.errors import InputError, UnsupportedError
 
 POSITIVE_SIZES = (
@@ -84,36 +84,24 @@ def megatron_args(
     check_megatron_runs(cfg)
     r = rope(cfg)
     rope_type = r.get("rope_type", "default")
-    kv = cfg.num_key_value_heads or cfg.num_attention_heads
     args = dict(
         num_layers=cfg.num_hidden_layers,
-        hidden_size=cfg.hidden_size,
-        ffn_hidden_size=cfg.intermediate_size,
-        num_attention_heads=cfg.num_attention_heads,
-        group_query_attention=kv != cfg.num_attention_heads,
-        num_query_groups=kv,
-        kv_channels=head_dim(cfg),
-        max_position_embeddings=cfg.max_position_embeddings,
-        seq_length=cfg.max_position_embeddings,
-        position_embedding_type="rope",
-        rotary_base=float(r.get("rope_theta", 10000.0)),
-        rotary_percent=1.0,
-        use_rope_scaling=rope_type == "llama3",
-        rope_scaling_factor=float(r.get("factor", 8.0)) if rope_type == "llama3" else 1.0,
-        rotary_seq_len_interpolation_factor=float(r["factor"]) if rope_type == "linear" else None,
-        normalization="RMSNorm",
-        norm_epsilon=cfg.rms_norm_eps,
-        swiglu=True,
-        add_position_embedding=False,
-        untie_embeddings_and_output_weights=not cfg.tie_word_embeddings,
-        vocab_size=cfg.vocab_size,
-        padded_vocab_size=padded_vocab,
-        make_vocab_size_divisible_by=divisible_by,
-        tensor_model_parallel_size=tp,
-        pipeline_model_parallel_size=pp,
-        params_dtype=params_dtype,
-        bf16=params_dtype == torch.bfloat16,
-        fp16=params_dtype == torch.float16,
+        **transformer_args(
+            cfg,
+            head_dim=head_dim(cfg),
+            rope=dict(
+                rotary_base=float(r.get("rope_theta", 10000.0)),
+                rotary_percent=1.0,
+                use_rope_scaling=rope_type == "llama3",
+                rope_scaling_factor=float(r.get("factor", 8.0)) if rope_type == "llama3" else 1.0,
+                rotary_seq_len_interpolation_factor=float(r["factor"]) if rope_type == "linear" else None,
+            ),
+            tp=tp,
+            pp=pp,
+            padded_vocab=padded_vocab,
+            divisible_by=divisible_by,
+            params_dtype=params_dtype,
+        ),
         # Megatron has one switch for the biases of linear_proj, linear_fc1 and linear_fc2, another for qkv.
         add_bias_linear=bool(cfg.attention_bias or cfg.mlp_bias),
         add_qkv_bias=bool(cfg.attention_bias),
