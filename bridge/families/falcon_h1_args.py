@@ -16,6 +16,7 @@ from transformers import FalconH1Config
 
 from bridge.engine.config import config_from_fields, rope_theta, transformer_args
 from bridge.errors import InputError, UnsupportedError
+from bridge.formats.run_config import transformer_provider_fields
 
 _log = logging.getLogger(__name__)
 
@@ -203,23 +204,8 @@ def hf_config_from_args(args: Namespace | dict, where: str = "checkpoint args") 
 
 
 MB_PROVIDER_TARGET = "megatron.bridge.models.falcon_h1.falconh1_provider.FalconH1ModelProvider"
-# Megatron-LM args copied unchanged into the provider (TransformerConfig / FalconH1Config names).
-_SAME_NAME = (
-    "num_layers",
-    "hidden_size",
-    "ffn_hidden_size",
-    "num_attention_heads",
-    "num_query_groups",
-    "kv_channels",
-    "vocab_size",
-    "make_vocab_size_divisible_by",
-    "rotary_percent",
-    "position_embedding_type",
-    "normalization",
-    "add_bias_linear",
-    "add_qkv_bias",
-    "hidden_dropout",
-    "attention_dropout",
+# Megatron-LM args FalconH1Config takes under the same name, beyond the TransformerConfig ones.
+_FALCON_H1_FIELDS = (
     "mamba_state_dim",
     "mamba_head_dim",
     "mamba_num_heads",
@@ -230,19 +216,7 @@ _SAME_NAME = (
     "chunk_size",
     "rmsnorm",
     "norm_before_gate",
-    "bf16",
-    "fp16",
-    "tensor_model_parallel_size",
-    "pipeline_model_parallel_size",
-    "embedding_multiplier",
-    "lm_head_multiplier",
-    "key_multiplier",
-    "attention_in_multiplier",
-    "attention_out_multiplier",
-    "ssm_in_multiplier",
-    "ssm_out_multiplier",
-    "mlp_multipliers",
-    "ssm_multipliers",
+    *MUP_FIELDS,
 )
 
 
@@ -250,19 +224,9 @@ def provider_fields(args: dict, *, init_method_std: float) -> dict:
     """The ``model:`` section Megatron-Bridge writes for this model: what ``FalconH1Bridge.provider_bridge``
     sets (base ``CONFIG_MAPPING`` plus Falcon-H1's, Megatron-Bridge 067f987df03b), serialized the way
     ``ConfigContainer.to_yaml`` does (dtypes and functions as ``_target_`` dicts, tuples as lists)."""
-    fields = {name: args[name] for name in _SAME_NAME}
+    fields = transformer_provider_fields(args, target=MB_PROVIDER_TARGET, init_method_std=init_method_std)
+    fields.update((name, args[name]) for name in _FALCON_H1_FIELDS)
     fields.update(
-        _target_=MB_PROVIDER_TARGET,
-        seq_length=args["max_position_embeddings"],
-        layernorm_epsilon=args["norm_epsilon"],
-        rotary_base=int(args["rotary_base"]),
-        share_embeddings_and_output_weights=not args["untie_embeddings_and_output_weights"],
-        should_pad_vocab=args["padded_vocab_size"] != args["vocab_size"],
-        params_dtype={"_target_": str(args["params_dtype"]), "_call_": False},
-        gated_linear_unit=True,
-        activation_func={"_target_": "torch.nn.functional.silu", "_call_": False},
-        init_method_std=init_method_std,
-        perform_initialization=False,
         falconh1_ratio=1.0,
         hybrid_override_pattern=None,
         use_mamba=True,

@@ -15,6 +15,7 @@ from transformers import LlamaConfig
 
 from bridge.engine.config import config_from_fields, transformer_args
 from bridge.errors import InputError, UnsupportedError
+from bridge.formats.run_config import transformer_provider_fields
 
 POSITIVE_SIZES = (
     "hidden_size",
@@ -160,47 +161,15 @@ def hf_config_from_args(args: Namespace | dict, where: str = "checkpoint args") 
 # Megatron-Bridge 067f987df03b builds Llama through the generic GPT provider (LlamaBridge.provider_bridge);
 # older releases had megatron.bridge.models.llama.llama_provider.LlamaModelProvider.
 MB_PROVIDER_TARGET = "megatron.bridge.models.gpt_provider.GPTModelProvider"
-_SAME_NAME = (
-    "num_layers",
-    "hidden_size",
-    "ffn_hidden_size",
-    "num_attention_heads",
-    "num_query_groups",
-    "kv_channels",
-    "vocab_size",
-    "make_vocab_size_divisible_by",
-    "rotary_percent",
-    "rope_scaling_factor",
-    "position_embedding_type",
-    "normalization",
-    "add_bias_linear",
-    "add_qkv_bias",
-    "hidden_dropout",
-    "attention_dropout",
-    "bf16",
-    "fp16",
-    "tensor_model_parallel_size",
-    "pipeline_model_parallel_size",
-)
 
 
 def provider_fields(args: dict, *, init_method_std: float) -> dict:
     """The ``model:`` section Megatron-Bridge writes for a Llama (``LlamaBridge.hf_config_to_model_config_kwargs``
     on top of the base mapping), serialized as ``ConfigContainer.to_yaml`` does."""
-    fields = {name: args[name] for name in _SAME_NAME}
+    fields = transformer_provider_fields(args, target=MB_PROVIDER_TARGET, init_method_std=init_method_std)
     fields.update(
-        _target_=MB_PROVIDER_TARGET,
-        seq_length=args["max_position_embeddings"],
-        layernorm_epsilon=args["norm_epsilon"],
-        rotary_base=int(args["rotary_base"]),
+        rope_scaling_factor=args["rope_scaling_factor"],
         rope_scaling=bool(args["use_rope_scaling"]),
         seq_len_interpolation_factor=args["rotary_seq_len_interpolation_factor"],
-        share_embeddings_and_output_weights=not args["untie_embeddings_and_output_weights"],
-        should_pad_vocab=args["padded_vocab_size"] != args["vocab_size"],
-        params_dtype={"_target_": str(args["params_dtype"]), "_call_": False},
-        gated_linear_unit=True,
-        activation_func={"_target_": "torch.nn.functional.silu", "_call_": False},
-        init_method_std=init_method_std,
-        perform_initialization=False,
     )
     return dict(fields)

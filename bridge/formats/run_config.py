@@ -102,3 +102,48 @@ def run_config_yaml(model: dict, *, save: str, with_tokenizer: bool) -> str:
         "env_vars": {},
     }
     return yaml.safe_dump(config, default_flow_style=False)
+
+
+# Megatron-LM args that Megatron-Bridge's providers take under the same name (TransformerConfig fields).
+TRANSFORMER_FIELDS = (
+    "num_layers",
+    "hidden_size",
+    "ffn_hidden_size",
+    "num_attention_heads",
+    "num_query_groups",
+    "kv_channels",
+    "vocab_size",
+    "make_vocab_size_divisible_by",
+    "rotary_percent",
+    "position_embedding_type",
+    "normalization",
+    "add_bias_linear",
+    "add_qkv_bias",
+    "hidden_dropout",
+    "attention_dropout",
+    "bf16",
+    "fp16",
+    "tensor_model_parallel_size",
+    "pipeline_model_parallel_size",
+)
+
+
+def transformer_provider_fields(args: dict, *, target: str, init_method_std: float) -> dict:
+    """What every decoder provider's ``model:`` section holds, from Megatron-LM ``args``: the
+    TransformerConfig fields, the renamed ones, and a SwiGLU model built from loaded weights, serialized
+    as ``ConfigContainer.to_yaml`` does (a dtype or function as a ``_target_`` dict)."""
+    fields = {name: args[name] for name in TRANSFORMER_FIELDS}
+    fields.update(
+        _target_=target,
+        seq_length=args["max_position_embeddings"],
+        layernorm_epsilon=args["norm_epsilon"],
+        rotary_base=int(args["rotary_base"]),
+        share_embeddings_and_output_weights=not args["untie_embeddings_and_output_weights"],
+        should_pad_vocab=args["padded_vocab_size"] != args["vocab_size"],
+        params_dtype={"_target_": str(args["params_dtype"]), "_call_": False},
+        gated_linear_unit=True,
+        activation_func={"_target_": "torch.nn.functional.silu", "_call_": False},
+        init_method_std=init_method_std,
+        perform_initialization=False,
+    )
+    return fields
