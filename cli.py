@@ -31,12 +31,14 @@ import click
 from bridge import api
 from bridge.engine.config import dtype_name
 from bridge.errors import BridgeError, add_secret, redact, sanitize
-from bridge.plumbing import signals
+from bridge.plumbing import distributed, signals
 
 PathArg = click.Path(path_type=Path)
 
 
 def _emit(result: dict, as_json: bool, text: str) -> None:
+    if distributed.current().rank != 0:  # under torchrun process 0 reports for all
+        return
     click.echo(json.dumps(result, indent=2, default=str) if as_json else text)
 
 
@@ -140,6 +142,7 @@ def _summary_text(s: dict) -> str:
         f"{s['direction']}: {s['source']} -> {s['destination']}\n"
         f"  format={s['format']} TP={s['tp']} PP={s['pp']} layout={s['layout']} dtype={s['dtype']}\n"
         f"  {s['tensors']} tensors, {len(s['files'])} files, {size:.1f} MiB in {s['seconds']:.2f}s"
+        + (f" by {s['processes']} processes" if s.get("processes", 1) > 1 else "")
     )
 
 
@@ -206,8 +209,39 @@ dtype_option = click.option(
 
 
 def _shows_progress(as_json: bool, quiet: bool) -> bool:
-    """Progress goes to stderr, but --json callers are scripts: neither they nor --quiet get any."""
-    return not (as_json or quiet)
+    """Progress goes to stderr, but --json callers are scripts: neither they nor --quiet get any; under
+    torchrun only process 0 shows its own."""
+    return not (as_json or quiet) and distributed.current().rank == 0
+
+
+# The commands that split their work over the processes torchrun starts (README "Scaling out").
+SPREAD_COMMANDS = ("hf-to-megatron", "megatron-to-hf", "reshard")
+
+
+def _spread(fn):
+    """Runs the command in the group of processes torchrun started (``distributed.processes``), each
+    doing its share; an error in any of them ends all of them. Without torchrun: a plain run."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with distributed.processes():
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
+def _refuse_torchrun(command: str | None) -> None:
+    """Only SPREAD_COMMANDS split their work: N processes running another command would each do all of it
+    (and race for the same DST)."""
+    world = os.environ.get("WORLD_SIZE", "1")
+    if command in SPREAD_COMMANDS or not distributed.launched() or world == "1":
+        return
+    click.echo(
+        f"error: h1bridge {command} runs in one process, started {world} times here by torchrun; only "
+        f"{', '.join(SPREAD_COMMANDS)} split their work over processes: run it without torchrun",
+        err=True,
+    )
+    sys.exit(2)
 
 
 def _parse_iteration(ctx, param, value):
@@ -374,7 +408,9 @@ def main(debug):
       h1bridge mappings
     """
     del debug  # read by _fail, through the context
-    click.get_current_context().call_on_close(signals.install())  # SIGTERM/SIGHUP end a run like Ctrl-C
+    ctx = click.get_current_context()
+    _refuse_torchrun(ctx.invoked_subcommand)
+    ctx.call_on_close(signals.install())  # SIGTERM/SIGHUP end a run like Ctrl-C
     _tune_process()
 
 
@@ -464,6 +500,7 @@ def _target_options(keep_source: bool):
     help="Write iter_N (N >= 1) [default: release for megatron-lm, 1 for megatron-bridge].",
 )
 @_friendly
+@_spread
 @_hub_sources("src")
 def hf_to_megatron(
     src, dst, tp, pp, layout, target, vocab_divisible_by, iteration, fmt, expand_groups, dtype, force, as_json, quiet
@@ -507,6 +544,7 @@ def hf_to_megatron(
 @_target_options(keep_source=True)
 @_read_options
 @_friendly
+@_spread
 @_hub_sources(revision=False)
 def reshard(src, dst, tp, pp, layout, target, fmt, expand_groups, dtype, force, as_json, quiet, options):
     """Re-shard a Megatron checkpoint SRC (legacy or torch_dist) to another TP/PP/format/layout, no HF detour.
@@ -549,6 +587,7 @@ def reshard(src, dst, tp, pp, layout, target, fmt, expand_groups, dtype, force, 
 @json_option
 @quiet_option
 @_friendly
+@_spread
 @_hub_sources(revision=False)
 def megatron_to_hf(
     src,
@@ -589,7 +628,7 @@ def megatron_to_hf(
         options=options,
     ).to_dict()
     text = _summary_text(s)
-    if push_to:  # the card with the conversion's provenance is in DST already
+    if push_to and distributed.current().rank == 0:  # the card with the conversion's provenance is in DST already
         result = api.push(
             dst,
             push_to,

@@ -8,6 +8,7 @@ memory-mapped rank files.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
@@ -64,7 +65,9 @@ from bridge.formats.legacy import (
 )
 from bridge.formats.registry import FORMATS
 from bridge.hub import build_model_card
+from bridge.plumbing import distributed
 from bridge.plumbing.atomic import atomic_output_dir
+from bridge.plumbing.direct_io import tally
 from bridge.plumbing.progress import Progress
 from bridge.plumbing.safe_files import carried_file, copy_regular
 
@@ -88,9 +91,36 @@ class Summary:
     target: str | None = None
     iteration: int | str | None = None
     source_info: dict | None = None  # megatron-to-hf: what the source is (``CheckpointInfo``)
+    processes: int = 1  # torchrun processes that shared the work
+    per_process: list[dict] = field(default_factory=list)  # each one's rank, tensors, files, bytes
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def account(self, tmp: Path, shares: list[dict]) -> None:
+        """Totals from the finished folder ``tmp``, and what each process wrote (``shares``, by rank, from
+        ``share_report``); process 0's part is every file no other process reports."""
+        self.bytes_written, self.files = dir_bytes(tmp)
+        others = [
+            {"rank": s["rank"], "tensors": s["tensors"], "files": sorted(s["files"]), "bytes": sum(s["files"].values())}
+            for s in shares[1:]
+        ]
+        theirs = {name for share in others for name in share["files"]}
+        first = {
+            "rank": 0,
+            "tensors": shares[0]["tensors"],
+            "files": [name for name in self.files if name not in theirs],
+            "bytes": self.bytes_written - sum(share["bytes"] for share in others),
+        }
+        self.per_process = [first, *others]
+        self.processes = len(shares)
+        self.tensors = sum(share["tensors"] for share in shares)
+
+
+def share_report(tmp: Path, tensors: int, written: dict[str, int]) -> dict:
+    """What this process wrote into ``tmp``: its tensors, and its files (``direct_io.tally``) with their sizes."""
+    group = distributed.current()
+    return {"rank": group.rank, "tensors": tensors, "files": {os.path.relpath(p, tmp): n for p, n in written.items()}}
 
 
 def hf_to_megatron(
@@ -215,31 +245,34 @@ def write_megatron(
     summary = Summary(
         "", str(dst), "", tp, pp, layout=layout, dtype=dtype, format=fmt, target=stack.name, iteration=stack.iteration
     )
-    with atomic_output_dir(dst, force=force, inputs=inputs) as tmp:
+    group = distributed.current()
+    with atomic_output_dir(dst, force=force, inputs=inputs) as tmp, tally() as written:
         iter_dir = tmp / iteration_dir_name(stack.iteration)
         objects = extra_state_objects(plan.family, cfg.num_hidden_layers) if stack.is_bridge else None
-        summary.tensors = FORMATS[fmt].write(
+        count = FORMATS[fmt].write(
             iter_dir, source, plan, dtype=out_dtype, args=args, iteration=step, objects=objects, progress=progress
         )
-        if stack.is_bridge:
-            write_bridge_files(
-                plan.family,
-                tmp,
-                iter_dir,
-                args,
-                save=str(dst),
-                init_method_std=cfg.initializer_range,
-                iteration=step,
-                assets=assets,
-            )
-        write_tracker(tmp, stack.iteration)
-        hf_assets = tmp / HF_ASSETS
-        copy_assets(assets, hf_assets)
-        if config_json is not None:
-            (hf_assets / "config.json").write_bytes(config_bytes(config_json, out_dtype))
-        else:
-            write_hf_config(hf_assets, cfg, None, out_dtype)
-        summary.bytes_written, summary.files = dir_bytes(tmp)
+        shares = group.exchange(share_report(tmp, count, written))  # every process's share is written
+        if group.rank == 0:  # process 0 writes the rest and reports
+            if stack.is_bridge:
+                write_bridge_files(
+                    plan.family,
+                    tmp,
+                    iter_dir,
+                    args,
+                    save=str(dst),
+                    init_method_std=cfg.initializer_range,
+                    iteration=step,
+                    assets=assets,
+                )
+            write_tracker(tmp, stack.iteration)
+            hf_assets = tmp / HF_ASSETS
+            copy_assets(assets, hf_assets)
+            if config_json is not None:
+                (hf_assets / "config.json").write_bytes(config_bytes(config_json, out_dtype))
+            else:
+                write_hf_config(hf_assets, cfg, None, out_dtype)
+            summary.account(tmp, shares)
     nonfinite.warn()
     return summary
 
@@ -313,31 +346,34 @@ def megatron_to_hf(
         iteration=info.iteration,
         source_info=info.to_dict(),
     )
-    with atomic_output_dir(dst, force=force, inputs=[src]) as tmp:
-        bar = Progress(total=len(layout), unit="tensor", desc="megatron→hf", disable=not progress)
-        write_hf_weights(tmp, layout, produce, max_shard_size, progress=bar.update)
-        write_hf_config(tmp, cfg, sidecar, target)
-        if transform:
-            transform.edit_config(tmp / "config.json")
-        copy_assets(carried_assets(meg, options), tmp)
-        card = source_card(meg, options)
-        if card is not None:
-            copy_regular(card, tmp / "README.md")
-        provenance = {
-            "source_format": info.format,
-            "source": Path(info.path).name,  # the folder's name: a local path has no place in a public card
-            "tp": info.tp,
-            "pp": info.pp,
-            "iteration": info.iteration,
-            "source_writer": info.writer,
-            "dtype": dtype_name(dtype),
-            "mup_policy": "fold (originals in config.json mup_folded)"
-            if fold_mup
-            else "keep (multipliers in config.json)",
-        }
-        (tmp / "README.md").write_text(str(build_model_card(tmp, provenance, title=Path(dst).name)))
-        summary.tensors = len(layout)
-        summary.bytes_written, summary.files = dir_bytes(tmp)
-    bar.close()
+    group = distributed.current()
+    with atomic_output_dir(dst, force=force, inputs=[src]) as tmp, tally() as written:
+        total = len(layout) if group.size == 1 else None  # under torchrun the bar counts this process's share
+        bar = Progress(total=total, unit="tensor", desc="megatron→hf", disable=not progress)
+        count = write_hf_weights(tmp, layout, produce, max_shard_size, progress=bar.update)
+        shares = group.exchange(share_report(tmp, count, written))  # every process's shards are written
+        bar.close()
+        if group.rank == 0:  # process 0 writes the rest and reports
+            write_hf_config(tmp, cfg, sidecar, target)
+            if transform:
+                transform.edit_config(tmp / "config.json")
+            copy_assets(carried_assets(meg, options), tmp)
+            card = source_card(meg, options)
+            if card is not None:
+                copy_regular(card, tmp / "README.md")
+            provenance = {
+                "source_format": info.format,
+                "source": Path(info.path).name,  # the folder's name: a local path has no place in a public card
+                "tp": info.tp,
+                "pp": info.pp,
+                "iteration": info.iteration,
+                "source_writer": info.writer,
+                "dtype": dtype_name(dtype),
+                "mup_policy": "fold (originals in config.json mup_folded)"
+                if fold_mup
+                else "keep (multipliers in config.json)",
+            }
+            (tmp / "README.md").write_text(str(build_model_card(tmp, provenance, title=Path(dst).name)))
+            summary.account(tmp, shares)
     summary.seconds = round(time.perf_counter() - start, 3)
     return summary

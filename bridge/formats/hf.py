@@ -22,6 +22,7 @@ from safetensors import SafetensorError, safe_open
 from bridge.engine.config import load_hf_config
 from bridge.engine.layout import check_hf_sizes
 from bridge.errors import InputError
+from bridge.plumbing import distributed
 from bridge.plumbing.direct_io import DirectFile
 from bridge.plumbing.pipeline import read_ahead
 from bridge.plumbing.safe_files import (
@@ -272,20 +273,24 @@ def write_hf_weights(
     produce: Callable[[list[str]], Mapping[str, torch.Tensor]],
     max_shard_size: str | int = "5GB",
     progress: Callable[[int], object] | None = None,
-) -> list[str]:
+) -> int:
     """Writes ``layout`` as safetensors shards (+ index). ``produce(keys)`` gives one shard's tensors;
-    return a ``LazyTensors`` to keep only one tensor in memory."""
+    return a ``LazyTensors`` to keep only one tensor in memory. Under torchrun each process writes its
+    share of the shards and process 0 the index (``distributed``). Returns how many tensors this
+    process wrote."""
     metas = {k: torch.empty(shape, dtype=dtype, device="meta") for k, (shape, dtype) in layout.items()}
     split = split_torch_state_dict_into_shards(metas, max_shard_size=max_shard_size)
     counts = NonFiniteCount()
-    for filename, keys in split.filename_to_tensors.items():
+    group = distributed.current()
+    mine = group.share(list(split.filename_to_tensors.items()))
+    for filename, keys in mine:
         path = folder / filename
         _write_safetensors(path, keys, layout, produce(keys), counts)
         path.chmod(0o666 & ~_UMASK)
         if progress:
             progress(len(keys))
-    if split.is_sharded:
+    if split.is_sharded and group.rank == 0:
         index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}
         (folder / INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
     counts.warn()
-    return list(split.filename_to_tensors)
+    return sum(len(keys) for _, keys in mine)

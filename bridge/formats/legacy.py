@@ -18,6 +18,7 @@ from bridge.engine.plan import ParallelPlan, hf_name
 from bridge.errors import InputError, UnsupportedError
 from bridge.formats.base import MegatronFormat
 from bridge.formats.iterations import TRACKER, resolve_iteration_dir
+from bridge.plumbing import distributed
 from bridge.plumbing.atomic import torch_save
 from bridge.plumbing.buffers import BufferPool, fill
 from bridge.plumbing.pages import drop_resident
@@ -173,7 +174,8 @@ def write(
     rank), so memory is one output file. ``objects`` are not stored: legacy files keep none."""
     pool = BufferPool()
     count = 0
-    for tp_rank, pp_rank in Progress(plan.ranks(), unit="rank", desc="→megatron", disable=not progress):
+    mine = distributed.current().share(plan.ranks())  # under torchrun: this process's rank files
+    for tp_rank, pp_rank in Progress(mine, unit="rank", desc="→megatron", disable=not progress):
         model: dict[str, torch.Tensor] = {}
         for param, layer, local in plan.stage_entries(pp_rank):
             hf = [source.get(hf_name(k, layer)) for k in param.hf]

@@ -21,6 +21,7 @@ from bridge.families import all_block_keys, all_model_roots
 from bridge.formats.base import MegatronFormat
 from bridge.formats.detect import is_torch_dist
 from bridge.formats.hf import LazyTensors
+from bridge.plumbing import distributed
 from bridge.plumbing.progress import Progress
 from mappings.rules import Blockwise
 
@@ -35,9 +36,10 @@ def _block_names(key: str) -> tuple[str, ...]:
     return ()
 
 
-def global_tensors(source, plan: ParallelPlan, materialize) -> Iterator[tuple[str, torch.Tensor]]:
-    """(sharded key, global tensor) pairs of a whole model, one at a time, for ``write_torch_dist``."""
-    for param, layer, _ in plan.stage_entries(0):
+def global_tensors(source, plan: ParallelPlan, materialize, entries=None) -> Iterator[tuple[str, torch.Tensor]]:
+    """(sharded key, global tensor) pairs of a whole model (or of ``entries``, some of
+    ``plan.stage_entries(0)``), one at a time, for ``write_torch_dist``."""
+    for param, layer, _ in plan.stage_entries(0) if entries is None else entries:
         full = param.rule.shard([source.get(hf_name(k, layer)) for k in param.hf], plan.dims, 1, 0)
         for key in plan.megatron_names(param, layer):
             names = _block_names(key)
@@ -47,6 +49,16 @@ def global_tensors(source, plan: ParallelPlan, materialize) -> Iterator[tuple[st
                     yield f"{key}.{name}", materialize(block)
             else:
                 yield key, materialize(full)
+
+
+def global_keys(plan: ParallelPlan) -> list[str]:
+    """The keys ``global_tensors`` yields for the whole model, in its order, computed without a tensor."""
+    return [
+        f"{key}.{name}" if name else key
+        for param, layer, _ in plan.stage_entries(0)
+        for key in plan.megatron_names(param, layer)
+        for name in _block_names(key) or ("",)
+    ]
 
 
 def write(
@@ -61,7 +73,8 @@ def write(
     progress: bool = False,
 ) -> int:
     """Global tensors streamed through DCP one batch at a time; ``objects``: ShardedObject payloads
-    by key (Transformer Engine ``_extra_state``)."""
+    by key (Transformer Engine ``_extra_state``). Under torchrun each process writes its share of the
+    parameters (``distributed``)."""
     from bridge.formats.torch_dist_io import (
         write_torch_dist,  # DCP costs ~1 s of imports; only torch_dist pays it
     )
@@ -74,14 +87,15 @@ def write(
     def counted():
         nonlocal count
         with Progress(unit="tensor", desc="→torch_dist", disable=not progress) as bar:
-            for item in global_tensors(source, whole, lambda t: materialize(t, dtype)):
+            mine = distributed.current().share(whole.stage_entries(0))
+            for item in global_tensors(source, whole, lambda t: materialize(t, dtype), mine):
                 count += 1
                 bar.update()
                 yield item
                 del item
 
     common = {"args": args, "checkpoint_version": 3.0, "iteration": iteration, "content_metadata": CONTENT_METADATA}
-    write_torch_dist(iter_dir, counted(), common, objects=objects)
+    write_torch_dist(iter_dir, counted(), common, objects=objects, order=global_keys(whole))
     return count
 
 

@@ -44,6 +44,7 @@ from torch.distributed.checkpoint.metadata import (
 from torch.distributed.checkpoint.storage import WriteResult
 
 from bridge.errors import InputError, sanitize
+from bridge.plumbing import distributed
 from bridge.plumbing.atomic import torch_save, torch_saves_surfaced
 from bridge.plumbing.direct_io import DirectFile
 from bridge.plumbing.pipeline import read_ahead
@@ -92,12 +93,13 @@ def write_torch_dist(
     *,
     objects: dict[str, object] | None = None,
     batch_bytes: int = 128 * 2**20,
+    order: Sequence[str] = (),
 ) -> None:
     """Writes ``iter_dir`` (absent or empty) as a torch_dist checkpoint megatron-core can load.
 
     ``tensors`` are global tensors under their final sharded keys. They are gathered into batches
     of about ``batch_bytes`` (a larger tensor is a batch of its own), each written as one
-    ``__0_{n}_0.distcp`` file while the next batch is produced on a second thread, so peak memory
+    ``__{rank}_{n}_0.distcp`` file while the next batch is produced on a second thread, so peak memory
     is about two batches plus one tensor, not the checkpoint. ``objects`` are ShardedObject
     payloads keyed without the ``/shard_0_1`` suffix. ``metadata.json`` is written last, so an
     interrupted write is not mistaken for a checkpoint.
@@ -106,14 +108,22 @@ def write_torch_dist(
     batch at a time and calling ``finish`` once with the merged metadata: ``dcp.save`` must plan
     every entry (shape and dtype) before it writes any, and it may be called only once per
     directory. Files are not fsynced one by one: the caller syncs the finished tree once.
+
+    Under torchrun (``distributed``) every process calls this with its own share of ``tensors`` and
+    writes its own files, as DCP's multi-writer save does (file prefix ``__{rank}_``); process 0 also
+    writes ``objects``, then gathers every process's index entries and file locations into the one
+    ``.metadata`` (DCP's coordinator step), listing the tensors in ``order`` (every key, in the order
+    one process would write them) so that the index is the one a single process writes.
     """
+    group = distributed.current()
     iter_dir = Path(iter_dir)
-    if iter_dir.exists() and any(iter_dir.iterdir()):
+    if group.rank == 0 and iter_dir.exists() and any(iter_dir.iterdir()):
         raise FileExistsError(f"{iter_dir}: not empty; a torch_dist checkpoint needs a fresh directory")
+    group.exchange()  # no process writes before process 0 has seen the directory empty
     iter_dir.mkdir(parents=True, exist_ok=True)
     writer = FileSystemWriter(iter_dir, sync_files=False)
     writer.fs = _DirectFileSystem()
-    writer.set_up_storage_writer(True)
+    writer.set_up_storage_writer(group.rank == 0)
     entries: dict[str, TensorStorageMetadata | BytesStorageMetadata] = {}
     results: list[WriteResult] = []
 
@@ -125,20 +135,30 @@ def write_torch_dist(
         if duplicates := entries.keys() & metadata.state_dict_metadata.keys():
             raise ValueError(f"{iter_dir}: key written twice: {sorted(duplicates)[0]!r}")
         entries.update(metadata.state_dict_metadata)
-        plan = dataclasses.replace(planner.finish_plan(plan), storage_data=_StoragePrefix(f"__0_{part}_"))
+        plan = dataclasses.replace(planner.finish_plan(plan), storage_data=_StoragePrefix(f"__{group.rank}_{part}_"))
         # A full disk: the OSError, not torch's RuntimeError about zip positions; DCP torch.saves each
         # tensor into the file.
         with torch_saves_surfaced():
             results.extend(writer.write_data(plan, planner).value())
 
-    if objects:
+    if objects and group.rank == 0:
         write_part(0, {key + OBJECT_SUFFIX: [obj] for key, obj in objects.items()})
     part = 0
     for batch in read_ahead(_batches(tensors, batch_bytes)):
         part += 1
         write_part(part, batch)
         del batch  # release it before the next one is taken
-    writer.finish(Metadata(entries), [results])
+    shares = group.exchange((entries, results))
+    if group.rank != 0:
+        return
+    merged: dict[str, TensorStorageMetadata | BytesStorageMetadata] = {}
+    for theirs, _ in shares:
+        if duplicates := merged.keys() & theirs.keys():
+            raise ValueError(f"{iter_dir}: key written twice: {sorted(duplicates)[0]!r}")
+        merged.update(theirs)
+    position = {key: i for i, key in enumerate(order)}  # objects (not in it) first, as written
+    merged = dict(sorted(merged.items(), key=lambda item: position.get(item[0], -1)))
+    writer.finish(Metadata(merged), [located for _, located in shares])
     torch_save(common, iter_dir / "common.pt")
     (iter_dir / "metadata.json").write_text(json.dumps(METADATA_JSON))
 
@@ -350,9 +370,10 @@ def _first_failure(e: CheckpointException) -> str:
     failures = list(getattr(e, "failures", {}).values())
     if not failures:
         return sanitize(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__, 160)
-    exc = getattr(failures[0], "exception", failures[0])
+    first = failures[0]  # DCP keeps (exception, stack summary) per rank
+    exc = first[0] if isinstance(first, tuple) and first else getattr(first, "exception", first)
     lines = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {sanitize(lines[0] if lines else '', 160)}"
+    return f"{type(exc).__name__}: {sanitize(lines[0], 160)}" if lines else type(exc).__name__
 
 
 def _plain_relative(rel: str) -> bool:

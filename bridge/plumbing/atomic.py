@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import IO, cast
 
 from bridge.errors import OutputError
-from bridge.plumbing import signals
+from bridge.plumbing import distributed, signals
 
 
 def _inside(a: Path, b: Path) -> bool:
@@ -298,6 +298,74 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+class _Partial:
+    """The hidden ``.NAME.partial-PID`` sibling of one run: created under the lock, put in place by
+    ``commit``, or removed by ``abort``."""
+
+    def __init__(self, dst: Path, *, force: bool, inputs: Sequence[Path]):
+        self.dst = check_output(dst, force=force, inputs=inputs)
+        self.expected = _identity(self.dst)
+        self.created = [p for p in (self.dst.parent, *self.dst.parent.parents) if not p.exists()]
+        self.lock: _Lock | None = None
+        self.tmp: Path | None = None
+        try:
+            self.dst.parent.mkdir(parents=True, exist_ok=True)
+            self.lock = _Lock.acquire(self.dst)
+            _remove_stale(self.dst, "partial")
+            self.tmp = _sibling(self.dst, "partial", os.getpid())
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            self.tmp.mkdir()
+        except OSError as e:
+            self.abort()
+            raise OutputError(f"{self.dst.parent}: cannot create output here ({e.strerror})") from None
+        except BaseException:
+            self.abort()
+            raise
+
+    def commit(self) -> None:
+        assert self.tmp is not None
+        _fsync_tree(self.tmp)
+        signals.check()  # a signal whose exception something swallowed still stops the run here
+        _put_in_place(self.tmp, self.dst, self.expected)
+        _fsync_dir(self.dst.parent)
+
+    def abort(self) -> None:
+        """Removes the partial output, the lock and the parents made for it (innermost first, while empty)."""
+        if self.tmp is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+        if self.lock is not None:
+            self.lock.release()
+        for p in self.created:
+            try:
+                p.rmdir()
+            except OSError:
+                break
+
+    def finish(self) -> None:
+        try:
+            _remove_stale(self.dst, "old")
+        finally:
+            if self.lock is not None:
+                self.lock.release()
+
+
+def remove_abandoned(dst: Path, tmp: Path) -> None:
+    """Removes the partial ``tmp`` of ``dst`` when the process that made it (and holds ``dst``'s lock) is
+    gone: another process of its torchrun group cleans up after a killed rank 0. Taking the lock
+    proves it is gone (the kernel drops a dead holder's lock); a live holder cleans up itself."""
+    dst = Path(os.path.abspath(dst))
+    try:
+        lock = _Lock.acquire(dst)
+    except (OutputError, OSError):  # held: its owner is alive
+        return
+    if lock is None:  # no flock here: cannot tell, leave it to the next run's stale cleanup
+        return
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+    finally:
+        lock.release()
+
+
 @contextmanager
 def atomic_output_dir(dst: Path, *, force: bool, inputs: Sequence[Path] = ()) -> Iterator[Path]:
     """Yields a temporary sibling directory; on success it replaces ``dst``, on any failure it vanishes.
@@ -307,42 +375,46 @@ def atomic_output_dir(dst: Path, *, force: bool, inputs: Sequence[Path] = ()) ->
     those of dead processes before it starts, and a ``.NAME.old-PID`` (killed while swapping an
     existing ``dst`` under --force) once it has put its own output in place. A second run on the same
     ``dst`` is refused while this one holds ``.NAME.lock``; what appears at ``dst`` during the run is
-    never replaced."""
-    dst = check_output(dst, force=force, inputs=inputs)
-    expected = _identity(dst)
-    created = [p for p in (dst.parent, *dst.parent.parents) if not p.exists()]
-    lock: _Lock | None = None
+    never replaced.
+
+    Under torchrun (``distributed.current()``) every process gets the same directory: process 0 holds
+    the lock and makes it, the others write their shares into it; once every process has reported its
+    share written, process 0 renames it, and the others learn whether that worked. A failure in any
+    process fails them all and leaves nothing behind (a killed process 0's partial is removed by the
+    others, see ``remove_abandoned``)."""
+    dst = Path(os.path.abspath(dst))
+    group = distributed.current()
+    partial: _Partial | None = None
     tmp: Path | None = None
     try:
-        try:
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            lock = _Lock.acquire(dst)
-            _remove_stale(dst, "partial")
-            tmp = _sibling(dst, "partial", os.getpid())
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir()
-        except OSError as e:
-            raise OutputError(f"{dst.parent}: cannot create output here ({e.strerror})") from None
+        if group.rank == 0:
+            partial = _Partial(dst, force=force, inputs=inputs)
+        tmp = group.exchange(partial and partial.tmp)[0]
+        assert tmp is not None
+        if not tmp.is_dir():
+            raise OutputError(
+                f"{tmp}: the output being built by process 0 is not visible here; "
+                "every process needs DST on a filesystem they all share"
+            )
         yield tmp
-        _fsync_tree(tmp)
-        signals.check()  # a signal whose exception something swallowed still stops the run here
-        _put_in_place(tmp, dst, expected)
-        _fsync_dir(dst.parent)
+        group.exchange()  # every process has written its share
+        if partial is not None:
+            partial.commit()
+        try:
+            group.exchange()  # the others learn that the output is in place
+        except distributed.PeerLost:
+            if partial is None:
+                raise  # process 0 died: whether it committed is unknown here
+        group.close()
     except BaseException as e:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
-        if lock is not None:
-            lock.release()
-        for p in created:  # parents made for this output, innermost first; only while still empty
-            try:
-                p.rmdir()
-            except OSError:
-                break
+        with signals.held():  # torchrun's SIGTERM, sent when another process died, must not cut this short
+            if partial is not None:
+                partial.abort()
+            group.fail(e)  # after the cleanup: the others may exit (and torchrun end this one) once told
+            if partial is None and group.state == "broken":  # process 0 may be dead
+                remove_abandoned(dst, tmp or _sibling(dst, "partial", group.leader_pid))
         if isinstance(e, OSError):
             raise OutputError(f"{dst}: writing failed ({e.strerror or e}); nothing was left behind") from None
         raise
-    try:
-        _remove_stale(dst, "old")
-    finally:
-        if lock is not None:
-            lock.release()
+    if partial is not None:
+        partial.finish()

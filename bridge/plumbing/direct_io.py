@@ -14,15 +14,31 @@ import errno
 import fcntl
 import mmap
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 _BLOCK = 4096  # covers every logical block size O_DIRECT asks alignment to
+_tallies: list[dict[str, int]] = []
+
+
+@contextmanager
+def tally() -> Iterator[dict[str, int]]:
+    """The files written through ``DirectFile`` while active, path -> bytes: which files this process
+    wrote, when several processes write into one output (every weight file goes through here)."""
+    record: dict[str, int] = {}
+    _tallies.append(record)
+    try:
+        yield record
+    finally:
+        _tallies.remove(record)
 
 
 class DirectFile:
     """A write-only binary file object (``write``, ``tell``, ``flush``, context manager)."""
 
     def __init__(self, path: Path | str, buffer_bytes: int = 32 * 2**20):
+        self.path = os.fspath(path)
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
         direct = getattr(os, "O_DIRECT", 0)
         try:
@@ -78,6 +94,8 @@ class DirectFile:
                 self._view[self._used : padded] = bytes(padded - self._used)
                 self._drain(padded)
             os.ftruncate(self._fd, self._written)
+            for record in _tallies:
+                record[self.path] = self._written
         finally:
             self._abandon()
 

@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import signal
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 HANDLED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 _received: int | None = None
+_holding = False
 
 
 class Interrupted(KeyboardInterrupt):
@@ -47,11 +49,24 @@ def check() -> None:
         raise Interrupted(_received)
 
 
+@contextmanager
+def held() -> Iterator[None]:
+    """A cleanup that must run to its end: a signal arriving inside is only recorded (``received()``),
+    not raised, so the exception already on its way up is not replaced halfway through."""
+    global _holding
+    previous, _holding = _holding, True
+    try:
+        yield
+    finally:
+        _holding = previous
+
+
 def _handler(signum: int, frame: object) -> None:
     global _received
     if _received is None:
         _received = signum
-        raise Interrupted(signum)
+        if not _holding:
+            raise Interrupted(signum)
 
 
 def install() -> Callable[[], None]:
