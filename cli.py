@@ -135,12 +135,31 @@ class _Main(click.Group):
 
 
 def _summary_text(s: dict) -> str:
+    if s.get("dry_run"):
+        return _plan_text(s)
     size = s["bytes_written"] / 2**20
     return (
         f"{s['direction']}: {s['source']} -> {s['destination']}\n"
         f"  format={s['format']} TP={s['tp']} PP={s['pp']} layout={s['layout']} dtype={s['dtype']}\n"
         f"  {s['tensors']} tensors, {len(s['files'])} files, {size:.1f} MiB in {s['seconds']:.2f}s"
     )
+
+
+def _plan_text(s: dict) -> str:
+    """A dry run: what would be written, file by file, and whether the disk and memory suffice."""
+    plan, gib = s["plan"], 2**30
+    lines = [
+        f"dry run, nothing written: {s['direction']}: {s['source']} -> {s['destination']}",
+        f"  format={s['format']} TP={s['tp']} PP={s['pp']} layout={s['layout']} dtype={s['dtype']}",
+    ]
+    lines += [f"  {size:>15,d}  {name}" for name, size in plan["files"].items()]
+    verdict = "fits" if plan["fits"] else "DOES NOT FIT"
+    lines += [
+        f"  {len(plan['files'])} files, {plan['bytes'] / gib:.2f} GiB; "
+        f"{plan['disk_free'] / gib:.2f} GiB free where DST goes: {verdict}",
+        f"  estimated peak RSS {plan['peak_rss_estimate'] / gib:.2f} GiB",
+    ]
+    return "\n".join(lines)
 
 
 def _parse_override(text: str) -> tuple[str, object]:
@@ -195,6 +214,12 @@ max_shard_size_option = click.option(
 json_option = click.option("--json", "as_json", is_flag=True, help="Print a machine-readable JSON report.")
 quiet_option = click.option("--quiet", "-q", is_flag=True, help="No progress output; the summary still prints.")
 force_option = click.option("--force", is_flag=True, help="Replace DST if it exists.")
+dry_run_option = click.option(
+    "--dry-run",
+    is_flag=True,
+    help="Write nothing: list the files and bytes the output would have, disk needed against free, and the "
+    "estimated peak memory. Reads headers and indexes only, no tensor data.",
+)
 dtype_option = click.option(
     "--dtype",
     type=click.Choice(api.DTYPE_CHOICES),
@@ -437,6 +462,7 @@ def _target_options(keep_source: bool):
         ),
         dtype_option,
         force_option,
+        dry_run_option,
         json_option,
         quiet_option,
     )
@@ -466,7 +492,21 @@ def _target_options(keep_source: bool):
 @_friendly
 @_hub_sources("src")
 def hf_to_megatron(
-    src, dst, tp, pp, layout, target, vocab_divisible_by, iteration, fmt, expand_groups, dtype, force, as_json, quiet
+    src,
+    dst,
+    tp,
+    pp,
+    layout,
+    target,
+    vocab_divisible_by,
+    iteration,
+    fmt,
+    expand_groups,
+    dtype,
+    force,
+    dry_run,
+    as_json,
+    quiet,
 ):
     """Convert an HF Falcon-H1 folder SRC into a Megatron checkpoint DST.
 
@@ -477,6 +517,7 @@ def hf_to_megatron(
       h1bridge hf-to-megatron Falcon-H1-7B mb-7b --target megatron-bridge --dtype bf16
       h1bridge hf-to-megatron Falcon-H1-7B meg-7b --tensor-model-parallel-size 2 --dtype bfloat16
       h1bridge hf-to-megatron tiiuae/Falcon-H1-0.5B-Instruct meg-0.5b --tp 2   # a Hub id (cached snapshot)
+      h1bridge hf-to-megatron Falcon-H1-34B meg-34b --tp 8 --dry-run   # files, bytes, disk and memory needed
     """
     s = api.hf_to_megatron(
         src,
@@ -489,9 +530,10 @@ def hf_to_megatron(
         layout=layout,
         fmt=fmt,
         expand_groups=expand_groups,
-        progress=_shows_progress(as_json, quiet),
+        progress=_shows_progress(as_json, quiet) and not dry_run,
         target=target,
         iteration=iteration,
+        dry_run=dry_run,
     ).to_dict()
     _emit(s, as_json, _summary_text(s))
 
@@ -508,7 +550,7 @@ def hf_to_megatron(
 @_read_options
 @_friendly
 @_hub_sources(revision=False)
-def reshard(src, dst, tp, pp, layout, target, fmt, expand_groups, dtype, force, as_json, quiet, options):
+def reshard(src, dst, tp, pp, layout, target, fmt, expand_groups, dtype, force, dry_run, as_json, quiet, options):
     """Re-shard a Megatron checkpoint SRC (legacy or torch_dist) to another TP/PP/format/layout, no HF detour.
 
     \b
@@ -516,6 +558,7 @@ def reshard(src, dst, tp, pp, layout, target, fmt, expand_groups, dtype, force, 
       h1bridge reshard meg-tp2 meg-tp4-pp2 --tp 4 --pp 2
       h1bridge reshard meg-tp2 meg-dist --tp 2 --format torch_dist
       h1bridge reshard meg-tp2 meg-tp4 --target-tensor-parallel-size 4
+      h1bridge reshard meg-tp2 meg-tp8 --tp 8 --dry-run
 
     Format, layout, target stack and group expansion stay the source's unless given.
     """
@@ -529,9 +572,10 @@ def reshard(src, dst, tp, pp, layout, target, fmt, expand_groups, dtype, force, 
         dtype=dtype,
         force=force,
         expand_groups=expand_groups,
-        progress=_shows_progress(as_json, quiet),
+        progress=_shows_progress(as_json, quiet) and not dry_run,
         options=options,
         target=target,
+        dry_run=dry_run,
     ).to_dict()
     _emit(s, as_json, _summary_text(s))
 
@@ -546,6 +590,7 @@ def reshard(src, dst, tp, pp, layout, target, fmt, expand_groups, dtype, force, 
 @dtype_option
 @_read_options
 @force_option
+@dry_run_option
 @json_option
 @quiet_option
 @_friendly
@@ -562,6 +607,7 @@ def megatron_to_hf(
     fold_mup,
     dtype,
     force,
+    dry_run,
     as_json,
     quiet,
     options,
@@ -577,6 +623,9 @@ def megatron_to_hf(
       h1bridge megatron-to-hf meg-0.5b Falcon-H1-0.5B-ft --dtype bf16
       h1bridge megatron-to-hf mb-run/checkpoints ft-hf --iteration 1000 --hf-reference Falcon-H1-0.5B
       h1bridge megatron-to-hf meg-0.5b Falcon-H1-0.5B-ft --push-to my-org/Falcon-H1-0.5B-ft --private
+      h1bridge megatron-to-hf meg-0.5b Falcon-H1-0.5B-ft --dry-run --json   # the plan only
+
+    With --dry-run, --push-to uploads nothing.
     """
     s = api.megatron_to_hf(
         src,
@@ -584,12 +633,13 @@ def megatron_to_hf(
         dtype=dtype,
         force=force,
         max_shard_size=max_shard_size,
-        progress=_shows_progress(as_json, quiet),
+        progress=_shows_progress(as_json, quiet) and not dry_run,
         fold_mup=fold_mup,
         options=options,
+        dry_run=dry_run,
     ).to_dict()
     text = _summary_text(s)
-    if push_to:  # the card with the conversion's provenance is in DST already
+    if push_to and not dry_run:  # the card with the conversion's provenance is in DST already
         result = api.push(
             dst,
             push_to,

@@ -8,6 +8,7 @@ memory-mapped rank files.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
@@ -16,6 +17,14 @@ from pathlib import Path
 import torch
 
 from bridge.engine.config import config_dtype, dtype_name
+from bridge.engine.dry_run import (
+    FakeSource,
+    check_free_space,
+    fake_producer,
+    output_dir,
+    output_plan,
+    payload_bytes,
+)
 from bridge.engine.gather import MegatronToHF, megatron_plan
 from bridge.engine.hf_rewrite import (
     ExportTransform,
@@ -64,7 +73,6 @@ from bridge.formats.legacy import (
 )
 from bridge.formats.registry import FORMATS
 from bridge.hub import build_model_card
-from bridge.plumbing.atomic import atomic_output_dir
 from bridge.plumbing.progress import Progress
 from bridge.plumbing.safe_files import carried_file, copy_regular
 
@@ -88,6 +96,8 @@ class Summary:
     target: str | None = None
     iteration: int | str | None = None
     source_info: dict | None = None  # megatron-to-hf: what the source is (``CheckpointInfo``)
+    dry_run: bool = False
+    plan: dict | None = None  # --dry-run: ``OutputPlan`` (files and bytes, disk, peak RSS estimate)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -108,12 +118,14 @@ def hf_to_megatron(
     progress: bool = False,
     target: str = DEFAULT_TARGET,
     iteration: int | str | None = None,
+    dry_run: bool = False,
 ) -> Summary:
     """Converts an HF folder of a registered family into a Megatron checkpoint (legacy per-rank files or torch_dist)
     that ``target``'s loader accepts with its default settings (see ``bridge.targets``); ``fmt`` and
     ``iteration`` default to the target's, ``layout`` to the family's first (``bridge``, ``te``).
 
-    ``expand_groups`` replicates Mamba B/C groups when TP exceeds them (see ``bridge.groups``)."""
+    ``expand_groups`` replicates Mamba B/C groups when TP exceeds them (see ``bridge.groups``).
+    ``dry_run``: write nothing; the summary's ``plan`` lists the files and bytes (see ``dry_run``)."""
     from bridge.features import bitnet  # builds on this module
 
     start = time.perf_counter()
@@ -122,7 +134,7 @@ def hf_to_megatron(
     check_tensor_set(str(src), {k: source.shape(k) for k in source.keys()}, expected_hf_shapes(ckpt.config))
     check_float_dtypes(str(src), {k: source.dtype(k) for k in source.keys()})
     summary = write_megatron(
-        source,
+        FakeSource(source) if dry_run else source,
         ckpt.config,
         dst,
         tp=tp,
@@ -140,6 +152,8 @@ def hf_to_megatron(
         extra_args=extra_args,
         target=target,
         iteration=iteration,
+        hf_layout={k: (source.shape(k), source.dtype(k)) for k in source.keys()},
+        dry_run=dry_run,
     )
     summary.source, summary.direction = str(src), "hf-to-megatron"
     summary.seconds = round(time.perf_counter() - start, 3)
@@ -166,11 +180,14 @@ def write_megatron(
     expand_groups: bool = False,
     target: str = DEFAULT_TARGET,
     iteration: int | str | None = None,
+    hf_layout: Layout,
+    dry_run: bool = False,
 ) -> Summary:
     """Writes a Megatron checkpoint from any ``source.get(hf_key)``: an HF folder, or another Megatron
     checkpoint being re-sharded (its tensors merged on the fly). ``extra_args`` are stored in ``args``
     as given (e.g. BitNet's flag and scales). ``expand_groups``: see ``bridge.groups``. ``target``,
-    ``iteration``: see ``bridge.targets``."""
+    ``iteration``: see ``bridge.targets``. ``hf_layout``: the model's HF shapes and dtypes, to size the
+    output before writing; ``dry_run``: ``source`` gives fake tensors, nothing is written."""
     family = family_of(cfg)
     layout = layout or next(iter(family.layouts))
     stack = resolve_target(
@@ -215,7 +232,10 @@ def write_megatron(
     summary = Summary(
         "", str(dst), "", tp, pp, layout=layout, dtype=dtype, format=fmt, target=stack.name, iteration=stack.iteration
     )
-    with atomic_output_dir(dst, force=force, inputs=inputs) as tmp:
+    if not dry_run:
+        check_free_space(dst, payload_bytes(hf_layout, out_dtype))
+    summary.dry_run = dry_run
+    with output_dir(dst, force=force, inputs=inputs, dry_run=dry_run) as tmp:
         iter_dir = tmp / iteration_dir_name(stack.iteration)
         objects = extra_state_objects(plan.family, cfg.num_hidden_layers) if stack.is_bridge else None
         summary.tensors = FORMATS[fmt].write(
@@ -240,8 +260,14 @@ def write_megatron(
         else:
             write_hf_config(hf_assets, cfg, None, out_dtype)
         summary.bytes_written, summary.files = dir_bytes(tmp)
+        if dry_run:
+            summary.plan = output_plan(tmp, dst, _largest(hf_layout, out_dtype), fmt).to_dict()
     nonfinite.warn()
     return summary
+
+
+def _largest(layout: Layout, dtype: torch.dtype | None) -> int:
+    return max(math.prod(shape) * (dtype or stored).itemsize for shape, stored in layout.values())
 
 
 def _export_transform(
@@ -280,6 +306,7 @@ def megatron_to_hf(
     fold_mup: bool = False,
     bitnet_pack: bool | None = None,
     options: ReadOptions = ReadOptions(),
+    dry_run: bool = False,
 ) -> Summary:
     """Converts a Megatron checkpoint (legacy any TP/PP, or torch_dist) into an HF Falcon-H1 folder.
 
@@ -287,6 +314,7 @@ def megatron_to_hf(
     ``bitnet_pack`` writes BitNet linears ternary-packed (see ``bridge.bitnet``); by default a BitNet
     checkpoint (``args.use_bitnet`` or a packed-origin config) is packed, others are not.
     ``options``: which iteration, and where the config and tokenizer come from (``ReadOptions``).
+    ``dry_run``: write nothing, read no tensor data; the summary's ``plan`` lists files and bytes.
     """
     start = time.perf_counter()
     target = target_dtype(dtype)
@@ -300,6 +328,10 @@ def megatron_to_hf(
     if transform:
         layout = transform.layout(layout)
         produce = transform.producer(gather.tensors, layout)
+    if dry_run:
+        produce = fake_producer(layout)
+    else:
+        check_free_space(dst, payload_bytes(layout, None))
     info = megatron_info(meg, sidecar, plan)
     summary = Summary(
         str(src),
@@ -312,8 +344,9 @@ def megatron_to_hf(
         format=info.format,
         iteration=info.iteration,
         source_info=info.to_dict(),
+        dry_run=dry_run,
     )
-    with atomic_output_dir(dst, force=force, inputs=[src]) as tmp:
+    with output_dir(dst, force=force, inputs=[src], dry_run=dry_run) as tmp:
         bar = Progress(total=len(layout), unit="tensor", desc="megatron→hf", disable=not progress)
         write_hf_weights(tmp, layout, produce, max_shard_size, progress=bar.update)
         write_hf_config(tmp, cfg, sidecar, target)
@@ -338,6 +371,8 @@ def megatron_to_hf(
         (tmp / "README.md").write_text(str(build_model_card(tmp, provenance, title=Path(dst).name)))
         summary.tensors = len(layout)
         summary.bytes_written, summary.files = dir_bytes(tmp)
+        if dry_run:
+            summary.plan = output_plan(tmp, dst, _largest(layout, None), "safetensors").to_dict()
     bar.close()
     summary.seconds = round(time.perf_counter() - start, 3)
     return summary

@@ -31,7 +31,7 @@ def materialize(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
         and t.untyped_storage().nbytes() == t.numel() * t.element_size()
     ):
         return t
-    out = torch.empty(t.shape, dtype=dtype or t.dtype)
+    out = torch.empty_like(t, dtype=dtype or t.dtype, memory_format=torch.contiguous_format)  # fake stays fake
     out.copy_(t)
     return out
 
