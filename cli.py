@@ -135,23 +135,20 @@ class _Main(click.Group):
 
 
 def _summary_text(s: dict) -> str:
-    if s.get("dry_run"):
-        return _plan_text(s)
-    size = s["bytes_written"] / 2**20
-    return (
+    what = (
         f"{s['direction']}: {s['source']} -> {s['destination']}\n"
-        f"  format={s['format']} TP={s['tp']} PP={s['pp']} layout={s['layout']} dtype={s['dtype']}\n"
-        f"  {s['tensors']} tensors, {len(s['files'])} files, {size:.1f} MiB in {s['seconds']:.2f}s"
+        f"  format={s['format']} TP={s['tp']} PP={s['pp']} layout={s['layout']} dtype={s['dtype']}"
     )
+    if s.get("dry_run"):
+        return _plan_text(s["plan"], what)
+    size = s["bytes_written"] / 2**20
+    return f"{what}\n  {s['tensors']} tensors, {len(s['files'])} files, {size:.1f} MiB in {s['seconds']:.2f}s"
 
 
-def _plan_text(s: dict) -> str:
+def _plan_text(plan: dict, what: str) -> str:
     """A dry run: what would be written, file by file, and whether the disk and memory suffice."""
-    plan, gib = s["plan"], 2**30
-    lines = [
-        f"dry run, nothing written: {s['direction']}: {s['source']} -> {s['destination']}",
-        f"  format={s['format']} TP={s['tp']} PP={s['pp']} layout={s['layout']} dtype={s['dtype']}",
-    ]
+    gib = 2**30
+    lines = [f"dry run, nothing written: {what}"]
     lines += [f"  {size:>15,d}  {name}" for name, size in plan["files"].items()]
     verdict = "fits" if plan["fits"] else "DOES NOT FIT"
     lines += [
@@ -795,6 +792,8 @@ def _check_push_order(hf_dir: Path, repo_id: str) -> None:
 
 
 def _fold_text(r: dict) -> str:
+    if r["dry_run"]:
+        return _plan_text(r["plan"], f"mup {r['direction']}: {r['source']} -> {r['destination']} dtype={r['dtype']}")
     after = (
         "multipliers now 1.0, originals in config.json mup_folded"
         if r["direction"] == "fold"
@@ -834,6 +833,7 @@ def _mup_options(fn):
             max_shard_size_option,
             dtype_option,
             force_option,
+            dry_run_option,
             json_option,
             quiet_option,
         ]
@@ -845,7 +845,7 @@ def _mup_options(fn):
 @mup.command("fold")
 @_mup_options
 @_friendly
-def mup_fold(src, dst, max_shard_size, dtype, force, as_json, quiet):
+def mup_fold(src, dst, max_shard_size, dtype, force, dry_run, as_json, quiet):
     """Fold the µP multipliers of HF folder SRC into its weights, writing DST.
 
     Each factor is multiplied into the linear map it scales (in fp32, stored as --dtype) and its
@@ -856,7 +856,13 @@ def mup_fold(src, dst, max_shard_size, dtype, force, as_json, quiet):
       h1bridge mup fold Falcon-H1-0.5B Falcon-H1-0.5B-folded --dtype bf16
     """
     r = api.fold_mup(
-        src, dst, dtype=dtype, force=force, max_shard_size=max_shard_size, progress=_shows_progress(as_json, quiet)
+        src,
+        dst,
+        dtype=dtype,
+        force=force,
+        max_shard_size=max_shard_size,
+        progress=_shows_progress(as_json, quiet),
+        dry_run=dry_run,
     ).to_dict()
     _emit(r, as_json, _fold_text(r))
 
@@ -864,7 +870,7 @@ def mup_fold(src, dst, max_shard_size, dtype, force, as_json, quiet):
 @mup.command("unfold")
 @_mup_options
 @_friendly
-def mup_unfold(src, dst, max_shard_size, dtype, force, as_json, quiet):
+def mup_unfold(src, dst, max_shard_size, dtype, force, dry_run, as_json, quiet):
     """Undo `mup fold`: divide the recorded factors out of SRC's weights and restore its config, writing DST.
 
     \b
@@ -872,7 +878,13 @@ def mup_unfold(src, dst, max_shard_size, dtype, force, as_json, quiet):
       h1bridge mup unfold Falcon-H1-0.5B-folded Falcon-H1-0.5B-mup
     """
     r = api.unfold_mup(
-        src, dst, dtype=dtype, force=force, max_shard_size=max_shard_size, progress=_shows_progress(as_json, quiet)
+        src,
+        dst,
+        dtype=dtype,
+        force=force,
+        max_shard_size=max_shard_size,
+        progress=_shows_progress(as_json, quiet),
+        dry_run=dry_run,
     ).to_dict()
     _emit(r, as_json, _fold_text(r))
 

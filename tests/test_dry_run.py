@@ -66,6 +66,18 @@ def test_reshard_plan_is_the_output(megatron_sources, tmp_path, fmt, options):
     assert planned.plan["files"] == file_sizes(tmp_path / "r")
 
 
+@pytest.mark.parametrize("fn", [api.fold_mup, api.unfold_mup])
+def test_mup_plan_is_the_output(hf_preset, tmp_path, fn):
+    src = hf_preset("tiny")
+    if fn is api.unfold_mup:
+        api.fold_mup(src, tmp_path / "folded")
+        src = tmp_path / "folded"
+    planned = fn(src, tmp_path / "out", dtype="bf16", dry_run=True)
+    assert not (tmp_path / "out").exists()
+    fn(src, tmp_path / "out", dtype="bf16")
+    assert planned.plan["files"] == file_sizes(tmp_path / "out")
+
+
 def _resident_pages(path: Path) -> int:
     """Pages of ``path`` in the page cache (mincore over a fresh shared mapping)."""
     libc = ctypes.CDLL(None, use_errno=True)

@@ -8,7 +8,6 @@ memory-mapped rank files.
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
@@ -21,6 +20,8 @@ from bridge.engine.dry_run import (
     FakeSource,
     check_free_space,
     fake_producer,
+    file_sizes,
+    largest_tensor,
     output_dir,
     output_plan,
     payload_bytes,
@@ -261,13 +262,9 @@ def write_megatron(
             write_hf_config(hf_assets, cfg, None, out_dtype)
         summary.bytes_written, summary.files = dir_bytes(tmp)
         if dry_run:
-            summary.plan = output_plan(tmp, dst, _largest(hf_layout, out_dtype), fmt).to_dict()
+            summary.plan = output_plan(file_sizes(tmp), dst, largest_tensor(hf_layout, out_dtype), fmt).to_dict()
     nonfinite.warn()
     return summary
-
-
-def _largest(layout: Layout, dtype: torch.dtype | None) -> int:
-    return max(math.prod(shape) * (dtype or stored).itemsize for shape, stored in layout.values())
 
 
 def _export_transform(
@@ -372,7 +369,7 @@ def megatron_to_hf(
         summary.tensors = len(layout)
         summary.bytes_written, summary.files = dir_bytes(tmp)
         if dry_run:
-            summary.plan = output_plan(tmp, dst, _largest(layout, None), "safetensors").to_dict()
+            summary.plan = output_plan(file_sizes(tmp), dst, largest_tensor(layout, None), "safetensors").to_dict()
     bar.close()
     summary.seconds = round(time.perf_counter() - start, 3)
     return summary

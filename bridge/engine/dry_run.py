@@ -76,6 +76,10 @@ def payload_bytes(shapes: Mapping[str, tuple[torch.Size, torch.dtype]], dtype: t
     return sum(math.prod(shape) * (dtype or stored).itemsize for shape, stored in shapes.values())
 
 
+def largest_tensor(shapes: Mapping[str, tuple[torch.Size, torch.dtype]], dtype: torch.dtype | None) -> int:
+    return max(math.prod(shape) * (dtype or stored).itemsize for shape, stored in shapes.values())
+
+
 def peak_rss_estimate(largest_tensor: int, fmt: str) -> int:
     """This process's RSS so far plus what a conversion keeps alive (see ``_TENSORS_ALIVE``)."""
     now = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -96,8 +100,8 @@ def output_dir(dst: Path, *, force: bool, inputs: Sequence[Path], dry_run: bool)
         yield Path(scratch)
 
 
-def output_plan(scratch: Path, dst: Path, largest_tensor: int, fmt: str) -> OutputPlan:
-    files = file_sizes(scratch)
+def output_plan(files: dict[str, int], dst: Path, largest_tensor: int, fmt: str) -> OutputPlan:
+    """``files``: the scratch tree's ``file_sizes``."""
     total, free = sum(files.values()), disk_free(dst)
     return OutputPlan(files, total, free, total <= free, peak_rss_estimate(largest_tensor, fmt))
 

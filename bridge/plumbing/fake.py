@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import BinaryIO
+from typing import Protocol
 
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode, is_fake
@@ -29,7 +29,13 @@ def holds_data(t: torch.Tensor) -> bool:
     return not is_fake(t)
 
 
-def write_tensor(f: BinaryIO, t: torch.Tensor) -> None:
+class Sink(Protocol):
+    def write(self, data, /) -> int: ...
+
+    def seek(self, offset: int, whence: int = ..., /) -> int: ...
+
+
+def write_tensor(f: Sink, t: torch.Tensor) -> None:
     """A contiguous tensor's bytes, or a hole of their size for a fake tensor."""
     if is_fake(t):
         f.seek(t.numel() * t.element_size(), os.SEEK_CUR)
