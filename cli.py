@@ -137,13 +137,29 @@ class _Main(click.Group):
 
 
 def _summary_text(s: dict) -> str:
-    size = s["bytes_written"] / 2**20
-    return (
+    what = (
         f"{s['direction']}: {s['source']} -> {s['destination']}\n"
-        f"  format={s['format']} TP={s['tp']} PP={s['pp']} layout={s['layout']} dtype={s['dtype']}\n"
-        f"  {s['tensors']} tensors, {len(s['files'])} files, {size:.1f} MiB in {s['seconds']:.2f}s"
-        + (f" by {s['processes']} processes" if s.get("processes", 1) > 1 else "")
+        f"  format={s['format']} TP={s['tp']} PP={s['pp']} layout={s['layout']} dtype={s['dtype']}"
     )
+    if s.get("dry_run"):
+        return _plan_text(s["plan"], what)
+    size = s["bytes_written"] / 2**20
+    spread = f" by {s['processes']} processes" if s.get("processes", 1) > 1 else ""
+    return f"{what}\n  {s['tensors']} tensors, {len(s['files'])} files, {size:.1f} MiB in {s['seconds']:.2f}s{spread}"
+
+
+def _plan_text(plan: dict, what: str) -> str:
+    """A dry run: what would be written, file by file, and whether the disk and memory suffice."""
+    gib = 2**30
+    lines = [f"dry run, nothing written: {what}"]
+    lines += [f"  {size:>15,d}  {name}" for name, size in plan["files"].items()]
+    verdict = "fits" if plan["fits"] else "DOES NOT FIT"
+    lines += [
+        f"  {len(plan['files'])} files, {plan['bytes'] / gib:.2f} GiB; "
+        f"{plan['disk_free'] / gib:.2f} GiB free where DST goes: {verdict}",
+        f"  estimated peak RSS {plan['peak_rss_estimate'] / gib:.2f} GiB",
+    ]
+    return "\n".join(lines)
 
 
 def _parse_override(text: str) -> tuple[str, object]:
@@ -198,6 +214,12 @@ max_shard_size_option = click.option(
 json_option = click.option("--json", "as_json", is_flag=True, help="Print a machine-readable JSON report.")
 quiet_option = click.option("--quiet", "-q", is_flag=True, help="No progress output; the summary still prints.")
 force_option = click.option("--force", is_flag=True, help="Replace DST if it exists.")
+dry_run_option = click.option(
+    "--dry-run",
+    is_flag=True,
+    help="Write nothing: list the files and bytes the output would have, disk needed against free, and the "
+    "estimated peak memory. Reads headers and indexes only, no tensor data.",
+)
 dtype_option = click.option(
     "--dtype",
     type=click.Choice(api.DTYPE_CHOICES),
@@ -224,24 +246,31 @@ def _spread(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        if kwargs.get("dry_run") and _several_processes():
+            _usage_error("--dry-run plans the output in one process; run it without torchrun")
         with distributed.processes():
             return fn(*args, **kwargs)
 
     return wrapper
 
 
+def _several_processes() -> bool:
+    return distributed.launched() and os.environ.get("WORLD_SIZE", "1") != "1"
+
+
+def _usage_error(message: str):
+    click.echo(f"error: {message}", err=True)
+    sys.exit(2)
+
+
 def _refuse_torchrun(command: str | None) -> None:
     """Only SPREAD_COMMANDS split their work: N processes running another command would each do all of it
     (and race for the same DST)."""
-    world = os.environ.get("WORLD_SIZE", "1")
-    if command in SPREAD_COMMANDS or not distributed.launched() or world == "1":
-        return
-    click.echo(
-        f"error: h1bridge {command} runs in one process, started {world} times here by torchrun; only "
-        f"{', '.join(SPREAD_COMMANDS)} split their work over processes: run it without torchrun",
-        err=True,
-    )
-    sys.exit(2)
+    if command not in SPREAD_COMMANDS and _several_processes():
+        _usage_error(
+            f"h1bridge {command} runs in one process, started {os.environ['WORLD_SIZE']} times here by torchrun; "
+            f"only {', '.join(SPREAD_COMMANDS)} split their work over processes: run it without torchrun"
+        )
 
 
 def _parse_iteration(ctx, param, value):
@@ -467,12 +496,14 @@ def _target_options(keep_source: bool):
         ),
         click.option(
             "--expand-groups/--no-expand-groups" if keep_source else "--expand-groups",
+            is_flag=True,
             default=None if keep_source else False,
             help="Replicate Mamba B/C groups when TP exceeds mamba_n_groups (exact without mamba_rms_norm); "
             "collapsed back on export." + kept,
         ),
         dtype_option,
         force_option,
+        dry_run_option,
         json_option,
         quiet_option,
     )
@@ -503,7 +534,21 @@ def _target_options(keep_source: bool):
 @_spread
 @_hub_sources("src")
 def hf_to_megatron(
-    src, dst, tp, pp, layout, target, vocab_divisible_by, iteration, fmt, expand_groups, dtype, force, as_json, quiet
+    src,
+    dst,
+    tp,
+    pp,
+    layout,
+    target,
+    vocab_divisible_by,
+    iteration,
+    fmt,
+    expand_groups,
+    dtype,
+    force,
+    dry_run,
+    as_json,
+    quiet,
 ):
     """Convert an HF Falcon-H1 folder SRC into a Megatron checkpoint DST.
 
@@ -514,6 +559,7 @@ def hf_to_megatron(
       h1bridge hf-to-megatron Falcon-H1-7B mb-7b --target megatron-bridge --dtype bf16
       h1bridge hf-to-megatron Falcon-H1-7B meg-7b --tensor-model-parallel-size 2 --dtype bfloat16
       h1bridge hf-to-megatron tiiuae/Falcon-H1-0.5B-Instruct meg-0.5b --tp 2   # a Hub id (cached snapshot)
+      h1bridge hf-to-megatron Falcon-H1-34B meg-34b --tp 8 --dry-run   # files, bytes, disk and memory needed
     """
     s = api.hf_to_megatron(
         src,
@@ -526,9 +572,10 @@ def hf_to_megatron(
         layout=layout,
         fmt=fmt,
         expand_groups=expand_groups,
-        progress=_shows_progress(as_json, quiet),
+        progress=_shows_progress(as_json, quiet) and not dry_run,
         target=target,
         iteration=iteration,
+        dry_run=dry_run,
     ).to_dict()
     _emit(s, as_json, _summary_text(s))
 
@@ -546,7 +593,7 @@ def hf_to_megatron(
 @_friendly
 @_spread
 @_hub_sources(revision=False)
-def reshard(src, dst, tp, pp, layout, target, fmt, expand_groups, dtype, force, as_json, quiet, options):
+def reshard(src, dst, tp, pp, layout, target, fmt, expand_groups, dtype, force, dry_run, as_json, quiet, options):
     """Re-shard a Megatron checkpoint SRC (legacy or torch_dist) to another TP/PP/format/layout, no HF detour.
 
     \b
@@ -554,6 +601,7 @@ def reshard(src, dst, tp, pp, layout, target, fmt, expand_groups, dtype, force, 
       h1bridge reshard meg-tp2 meg-tp4-pp2 --tp 4 --pp 2
       h1bridge reshard meg-tp2 meg-dist --tp 2 --format torch_dist
       h1bridge reshard meg-tp2 meg-tp4 --target-tensor-parallel-size 4
+      h1bridge reshard meg-tp2 meg-tp8 --tp 8 --dry-run
 
     Format, layout, target stack and group expansion stay the source's unless given.
     """
@@ -567,9 +615,10 @@ def reshard(src, dst, tp, pp, layout, target, fmt, expand_groups, dtype, force, 
         dtype=dtype,
         force=force,
         expand_groups=expand_groups,
-        progress=_shows_progress(as_json, quiet),
+        progress=_shows_progress(as_json, quiet) and not dry_run,
         options=options,
         target=target,
+        dry_run=dry_run,
     ).to_dict()
     _emit(s, as_json, _summary_text(s))
 
@@ -584,6 +633,7 @@ def reshard(src, dst, tp, pp, layout, target, fmt, expand_groups, dtype, force, 
 @dtype_option
 @_read_options
 @force_option
+@dry_run_option
 @json_option
 @quiet_option
 @_friendly
@@ -601,6 +651,7 @@ def megatron_to_hf(
     fold_mup,
     dtype,
     force,
+    dry_run,
     as_json,
     quiet,
     options,
@@ -616,6 +667,9 @@ def megatron_to_hf(
       h1bridge megatron-to-hf meg-0.5b Falcon-H1-0.5B-ft --dtype bf16
       h1bridge megatron-to-hf mb-run/checkpoints ft-hf --iteration 1000 --hf-reference Falcon-H1-0.5B
       h1bridge megatron-to-hf meg-0.5b Falcon-H1-0.5B-ft --push-to my-org/Falcon-H1-0.5B-ft --private
+      h1bridge megatron-to-hf meg-0.5b Falcon-H1-0.5B-ft --dry-run --json   # the plan only
+
+    With --dry-run, --push-to uploads nothing.
     """
     s = api.megatron_to_hf(
         src,
@@ -623,12 +677,13 @@ def megatron_to_hf(
         dtype=dtype,
         force=force,
         max_shard_size=max_shard_size,
-        progress=_shows_progress(as_json, quiet),
+        progress=_shows_progress(as_json, quiet) and not dry_run,
         fold_mup=fold_mup,
         options=options,
+        dry_run=dry_run,
     ).to_dict()
     text = _summary_text(s)
-    if push_to and distributed.current().rank == 0:  # the card with the conversion's provenance is in DST already
+    if push_to and not dry_run and distributed.current().rank == 0:  # the card with the provenance is in DST already
         result = api.push(
             dst,
             push_to,
@@ -784,6 +839,8 @@ def _check_push_order(hf_dir: Path, repo_id: str) -> None:
 
 
 def _fold_text(r: dict) -> str:
+    if r["dry_run"]:
+        return _plan_text(r["plan"], f"mup {r['direction']}: {r['source']} -> {r['destination']} dtype={r['dtype']}")
     after = (
         "multipliers now 1.0, originals in config.json mup_folded"
         if r["direction"] == "fold"
@@ -823,6 +880,7 @@ def _mup_options(fn):
             max_shard_size_option,
             dtype_option,
             force_option,
+            dry_run_option,
             json_option,
             quiet_option,
         ]
@@ -834,7 +892,7 @@ def _mup_options(fn):
 @mup.command("fold")
 @_mup_options
 @_friendly
-def mup_fold(src, dst, max_shard_size, dtype, force, as_json, quiet):
+def mup_fold(src, dst, max_shard_size, dtype, force, dry_run, as_json, quiet):
     """Fold the µP multipliers of HF folder SRC into its weights, writing DST.
 
     Each factor is multiplied into the linear map it scales (in fp32, stored as --dtype) and its
@@ -845,7 +903,13 @@ def mup_fold(src, dst, max_shard_size, dtype, force, as_json, quiet):
       h1bridge mup fold Falcon-H1-0.5B Falcon-H1-0.5B-folded --dtype bf16
     """
     r = api.fold_mup(
-        src, dst, dtype=dtype, force=force, max_shard_size=max_shard_size, progress=_shows_progress(as_json, quiet)
+        src,
+        dst,
+        dtype=dtype,
+        force=force,
+        max_shard_size=max_shard_size,
+        progress=_shows_progress(as_json, quiet),
+        dry_run=dry_run,
     ).to_dict()
     _emit(r, as_json, _fold_text(r))
 
@@ -853,7 +917,7 @@ def mup_fold(src, dst, max_shard_size, dtype, force, as_json, quiet):
 @mup.command("unfold")
 @_mup_options
 @_friendly
-def mup_unfold(src, dst, max_shard_size, dtype, force, as_json, quiet):
+def mup_unfold(src, dst, max_shard_size, dtype, force, dry_run, as_json, quiet):
     """Undo `mup fold`: divide the recorded factors out of SRC's weights and restore its config, writing DST.
 
     \b
@@ -861,7 +925,13 @@ def mup_unfold(src, dst, max_shard_size, dtype, force, as_json, quiet):
       h1bridge mup unfold Falcon-H1-0.5B-folded Falcon-H1-0.5B-mup
     """
     r = api.unfold_mup(
-        src, dst, dtype=dtype, force=force, max_shard_size=max_shard_size, progress=_shows_progress(as_json, quiet)
+        src,
+        dst,
+        dtype=dtype,
+        force=force,
+        max_shard_size=max_shard_size,
+        progress=_shows_progress(as_json, quiet),
+        dry_run=dry_run,
     ).to_dict()
     _emit(r, as_json, _fold_text(r))
 

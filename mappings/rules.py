@@ -36,7 +36,8 @@ def _chunk(t: Tensor, tp: int, dim: int, what: str) -> tuple[Tensor, ...]:
 
 
 def _identical(shards: Sequence[Tensor]) -> bool:
-    return all(s.shape == shards[0].shape and torch.equal(s, shards[0]) for s in shards[1:])
+    """Replicas agree; the same object is its own replica (a dry run's data-less tensors are shared)."""
+    return all(s is shards[0] or (s.shape == shards[0].shape and torch.equal(s, shards[0])) for s in shards[1:])
 
 
 class Rule:

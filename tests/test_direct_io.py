@@ -54,3 +54,17 @@ def test_filesystem_refusing_direct_writes_falls_back_to_the_page_cache(tmp_path
     with DirectFile(tmp_path / "f.bin", buffer_bytes=4096) as f:
         f.write(b"x" * 5000)
     assert (tmp_path / "f.bin").read_bytes() == b"x" * 5000 and not f.direct and len(calls) == 3
+
+
+@pytest.mark.parametrize("skips", [[(100, 5000), (0, 3)], [(4096, 4096), (7, 0)], [(1, 20_000), (9000, 1)]])
+def test_forward_seek_leaves_a_zero_hole(tmp_path, skips):
+    """``torch.save`` under ``skip_data`` (dry runs) seeks past each storage; the bytes read back as zeros."""
+    path, expected = tmp_path / "h.bin", b""
+    with DirectFile(path, buffer_bytes=8192) as f:
+        for written, hole in skips:
+            f.write(b"x" * written)
+            assert f.seek(hole, os.SEEK_CUR) == len(expected) + written + hole
+            expected += b"x" * written + bytes(hole)
+        with pytest.raises(OSError):
+            f.seek(0)  # backwards: refused, the file is written sequentially
+    assert path.read_bytes() == expected

@@ -60,3 +60,16 @@ def test_diverged_replicas_refuse_to_collapse(one_group, tmp_path):
     torch.save(state, path)
     with pytest.raises(InputError, match="replicated Mamba B/C groups differ"):
         megatron_to_hf(tmp_path / "meg", tmp_path / "back")
+
+
+def test_cli_expand_groups_is_a_flag(one_group, tmp_path):
+    """``hf-to-megatron --expand-groups`` takes no value (click 8.5 no longer infers a flag from a bool default)."""
+    from click.testing import CliRunner
+
+    import cli
+
+    result = CliRunner().invoke(
+        cli.main, ["hf-to-megatron", str(one_group), str(tmp_path / "meg"), "--tp", "4", "--expand-groups"]
+    )
+    assert result.exit_code == 0, result.output
+    assert LegacyCheckpoint(tmp_path / "meg").args.expanded_from_groups == 1

@@ -17,6 +17,16 @@ from pathlib import Path
 import torch
 
 from bridge.engine.config import config_dtype, dtype_name
+from bridge.engine.dry_run import (
+    FakeSource,
+    check_free_space,
+    fake_producer,
+    file_sizes,
+    largest_tensor,
+    output_dir,
+    output_plan,
+    payload_bytes,
+)
 from bridge.engine.gather import MegatronToHF, megatron_plan
 from bridge.engine.hf_rewrite import (
     ExportTransform,
@@ -66,7 +76,6 @@ from bridge.formats.legacy import (
 from bridge.formats.registry import FORMATS
 from bridge.hub import build_model_card
 from bridge.plumbing import distributed
-from bridge.plumbing.atomic import atomic_output_dir
 from bridge.plumbing.direct_io import tally
 from bridge.plumbing.progress import Progress
 from bridge.plumbing.safe_files import carried_file, copy_regular
@@ -91,6 +100,8 @@ class Summary:
     target: str | None = None
     iteration: int | str | None = None
     source_info: dict | None = None  # megatron-to-hf: what the source is (``CheckpointInfo``)
+    dry_run: bool = False
+    plan: dict | None = None  # --dry-run: ``OutputPlan`` (files and bytes, disk, peak RSS estimate)
     processes: int = 1  # torchrun processes that shared the work
     per_process: list[dict] = field(default_factory=list)  # each one's rank, tensors, files, bytes
 
@@ -138,12 +149,14 @@ def hf_to_megatron(
     progress: bool = False,
     target: str = DEFAULT_TARGET,
     iteration: int | str | None = None,
+    dry_run: bool = False,
 ) -> Summary:
     """Converts an HF folder of a registered family into a Megatron checkpoint (legacy per-rank files or torch_dist)
     that ``target``'s loader accepts with its default settings (see ``bridge.targets``); ``fmt`` and
     ``iteration`` default to the target's, ``layout`` to the family's first (``bridge``, ``te``).
 
-    ``expand_groups`` replicates Mamba B/C groups when TP exceeds them (see ``bridge.groups``)."""
+    ``expand_groups`` replicates Mamba B/C groups when TP exceeds them (see ``bridge.groups``).
+    ``dry_run``: write nothing; the summary's ``plan`` lists the files and bytes (see ``dry_run``)."""
     from bridge.features import bitnet  # builds on this module
 
     start = time.perf_counter()
@@ -152,7 +165,7 @@ def hf_to_megatron(
     check_tensor_set(str(src), {k: source.shape(k) for k in source.keys()}, expected_hf_shapes(ckpt.config))
     check_float_dtypes(str(src), {k: source.dtype(k) for k in source.keys()})
     summary = write_megatron(
-        source,
+        FakeSource(source) if dry_run else source,
         ckpt.config,
         dst,
         tp=tp,
@@ -170,6 +183,8 @@ def hf_to_megatron(
         extra_args=extra_args,
         target=target,
         iteration=iteration,
+        hf_layout={k: (source.shape(k), source.dtype(k)) for k in source.keys()},
+        dry_run=dry_run,
     )
     summary.source, summary.direction = str(src), "hf-to-megatron"
     summary.seconds = round(time.perf_counter() - start, 3)
@@ -196,11 +211,14 @@ def write_megatron(
     expand_groups: bool = False,
     target: str = DEFAULT_TARGET,
     iteration: int | str | None = None,
+    hf_layout: Layout,
+    dry_run: bool = False,
 ) -> Summary:
     """Writes a Megatron checkpoint from any ``source.get(hf_key)``: an HF folder, or another Megatron
     checkpoint being re-sharded (its tensors merged on the fly). ``extra_args`` are stored in ``args``
     as given (e.g. BitNet's flag and scales). ``expand_groups``: see ``bridge.groups``. ``target``,
-    ``iteration``: see ``bridge.targets``."""
+    ``iteration``: see ``bridge.targets``. ``hf_layout``: the model's HF shapes and dtypes, to size the
+    output before writing; ``dry_run``: ``source`` gives fake tensors, nothing is written."""
     family = family_of(cfg)
     layout = layout or next(iter(family.layouts))
     stack = resolve_target(
@@ -245,8 +263,11 @@ def write_megatron(
     summary = Summary(
         "", str(dst), "", tp, pp, layout=layout, dtype=dtype, format=fmt, target=stack.name, iteration=stack.iteration
     )
+    if not dry_run:
+        check_free_space(dst, payload_bytes(hf_layout, out_dtype))
+    summary.dry_run = dry_run
     group = distributed.current()
-    with atomic_output_dir(dst, force=force, inputs=inputs) as tmp, tally() as written:
+    with output_dir(dst, force=force, inputs=inputs, dry_run=dry_run) as tmp, tally() as written:
         iter_dir = tmp / iteration_dir_name(stack.iteration)
         objects = extra_state_objects(plan.family, cfg.num_hidden_layers) if stack.is_bridge else None
         count = FORMATS[fmt].write(
@@ -273,6 +294,8 @@ def write_megatron(
             else:
                 write_hf_config(hf_assets, cfg, None, out_dtype)
             summary.account(tmp, shares)
+            if dry_run:
+                summary.plan = output_plan(file_sizes(tmp), dst, largest_tensor(hf_layout, out_dtype), fmt).to_dict()
     nonfinite.warn()
     return summary
 
@@ -313,6 +336,7 @@ def megatron_to_hf(
     fold_mup: bool = False,
     bitnet_pack: bool | None = None,
     options: ReadOptions = ReadOptions(),
+    dry_run: bool = False,
 ) -> Summary:
     """Converts a Megatron checkpoint (legacy any TP/PP, or torch_dist) into an HF Falcon-H1 folder.
 
@@ -320,6 +344,7 @@ def megatron_to_hf(
     ``bitnet_pack`` writes BitNet linears ternary-packed (see ``bridge.bitnet``); by default a BitNet
     checkpoint (``args.use_bitnet`` or a packed-origin config) is packed, others are not.
     ``options``: which iteration, and where the config and tokenizer come from (``ReadOptions``).
+    ``dry_run``: write nothing, read no tensor data; the summary's ``plan`` lists files and bytes.
     """
     start = time.perf_counter()
     target = target_dtype(dtype)
@@ -333,6 +358,10 @@ def megatron_to_hf(
     if transform:
         layout = transform.layout(layout)
         produce = transform.producer(gather.tensors, layout)
+    if dry_run:
+        produce = fake_producer(layout)
+    else:
+        check_free_space(dst, payload_bytes(layout, None))
     info = megatron_info(meg, sidecar, plan)
     summary = Summary(
         str(src),
@@ -345,9 +374,10 @@ def megatron_to_hf(
         format=info.format,
         iteration=info.iteration,
         source_info=info.to_dict(),
+        dry_run=dry_run,
     )
     group = distributed.current()
-    with atomic_output_dir(dst, force=force, inputs=[src]) as tmp, tally() as written:
+    with output_dir(dst, force=force, inputs=[src], dry_run=dry_run) as tmp, tally() as written:
         total = len(layout) if group.size == 1 else None  # under torchrun the bar counts this process's share
         bar = Progress(total=total, unit="tensor", desc="megatron→hf", disable=not progress)
         count = write_hf_weights(tmp, layout, produce, max_shard_size, progress=bar.update)
@@ -375,5 +405,7 @@ def megatron_to_hf(
             }
             (tmp / "README.md").write_text(str(build_model_card(tmp, provenance, title=Path(dst).name)))
             summary.account(tmp, shares)
+            if dry_run:
+                summary.plan = output_plan(file_sizes(tmp), dst, largest_tensor(layout, None), "safetensors").to_dict()
     summary.seconds = round(time.perf_counter() - start, 3)
     return summary

@@ -110,7 +110,7 @@ class MegatronToHF:
         model = self.meg.model(tp_rank, pp_rank)
         tensor = model[name]
         for copy in copies:
-            if not torch.equal(model[copy], tensor):
+            if model[copy] is not tensor and not torch.equal(model[copy], tensor):
                 raise InputError(
                     f"{self.meg.rank_file(tp_rank, pp_rank)}: {copy} differs from {name}; "
                     "they hold the same shared norm"

@@ -12,9 +12,9 @@ from typing import Protocol
 import torch
 
 from bridge.engine.config import DTYPE_ALIASES, DTYPES, HF_DTYPE_NAMES, dtype_name
+from bridge.engine.dry_run import check_free_space, fake_producer, file_sizes, output_dir, payload_bytes
 from bridge.errors import InputError
 from bridge.formats.hf import LazyTensors, copy_assets, write_hf_weights
-from bridge.plumbing.atomic import atomic_output_dir
 from bridge.plumbing.progress import Progress
 from bridge.plumbing.safe_files import MAX_JSON_BYTES, carried_file, read_bytes_capped
 
@@ -31,7 +31,7 @@ def materialize(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
         and t.untyped_storage().nbytes() == t.numel() * t.element_size()
     ):
         return t
-    out = torch.empty(t.shape, dtype=dtype or t.dtype)
+    out = torch.empty_like(t, dtype=dtype or t.dtype, memory_format=torch.contiguous_format)  # fake stays fake
     out.copy_(t)
     return out
 
@@ -98,16 +98,23 @@ def rewrite_hf(
     max_shard_size: str | int,
     progress: bool,
     desc: str,
-) -> int:
+    dry_run: bool = False,
+) -> dict[str, int]:
     """HF -> HF through one transform (µP fold/unfold, BitNet pack/unpack), one tensor in memory at a
-    time; config.json and tokenizer assets carried along. Returns the bytes written."""
-    with atomic_output_dir(dst, force=force, inputs=[src]) as tmp:
-        bar = Progress(total=len(layout), unit="tensor", desc=desc, disable=not progress)
-        produce = transform.producer(lambda keys: LazyTensors(keys, source.get), layout)
+    time; config.json and tokenizer assets carried along. Returns the files written (path -> bytes), or
+    for a ``dry_run`` the files that would be (see ``engine.dry_run``)."""
+    if not dry_run:
+        check_free_space(dst, payload_bytes(layout, None))
+    with output_dir(dst, force=force, inputs=[src], dry_run=dry_run) as tmp:
+        bar = Progress(total=len(layout), unit="tensor", desc=desc, disable=not progress or dry_run)
+        if dry_run:
+            produce = fake_producer(layout)
+        else:
+            produce = transform.producer(lambda keys: LazyTensors(keys, source.get), layout)
         write_hf_weights(tmp, layout, produce, max_shard_size, progress=bar.update)
         (tmp / "config.json").write_bytes(config_bytes(carried_file(src / "config.json", src), target))
         transform.edit_config(tmp / "config.json")
         copy_assets(source.asset_files(), tmp)
-        written, _ = dir_bytes(tmp)
+        files = file_sizes(tmp)
     bar.close()
-    return written
+    return files

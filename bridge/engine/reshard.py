@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bridge.engine.convert import Summary, write_megatron
+from bridge.engine.dry_run import FakeRanks
 from bridge.engine.gather import MegatronToHF, megatron_plan
 from bridge.engine.plan import ParallelPlan
 from bridge.engine.source import (
@@ -89,19 +90,22 @@ def reshard(
     progress: bool = False,
     options: ReadOptions = ReadOptions(),
     target: str | None = None,
+    dry_run: bool = False,
 ) -> Summary:
     """Re-shards a Megatron checkpoint. ``fmt``, ``layout``, ``expand_groups``, ``target``: None keeps the
-    source's (``kept_settings``); ``divisible_by`` defaults to the source's vocab padding rule."""
+    source's (``kept_settings``); ``divisible_by`` defaults to the source's vocab padding rule. ``dry_run``:
+    nothing written, no tensor data read; the summary's ``plan`` lists files and bytes."""
     start = time.perf_counter()
     meg = open_megatron(src, options)
     cfg, sidecar = megatron_hf_config(meg, options)
-    plan, _ = megatron_plan(meg, cfg)
+    plan, hf_shapes = megatron_plan(meg, cfg)
     kept = kept_settings(meg, plan, target=target, fmt=fmt, layout=layout, expand_groups=expand_groups)
     source_divisible = getattr(meg.args, "make_vocab_size_divisible_by", 128) if meg.args is not None else 128
     card = source_card(meg, options)  # kept in the sidecar, for the card of a later export
     assets = carried_assets(meg, options) + ([card] if card is not None else [])
+    gather = MegatronToHF(FakeRanks(meg) if dry_run else meg, plan, None)
     summary = write_megatron(
-        MegatronToHF(meg, plan, None),
+        gather,
         cfg,
         dst,
         tp=tp,
@@ -118,6 +122,8 @@ def reshard(
         assets=assets,
         extra_args=bitnet.carried_args(meg.args),
         target=kept.target,
+        hf_layout={k: (shape, gather.source_dtype(k)) for k, shape in hf_shapes.items()},
+        dry_run=dry_run,
     )
     summary.source, summary.direction = str(src), "reshard"
     summary.seconds = round(time.perf_counter() - start, 3)

@@ -383,7 +383,7 @@ def _rewrite(
     """Streams ``source`` through ``transform`` into an HF folder, config and tokenizer assets included."""
     start = time.perf_counter()
     layout = transform.layout({k: (source.shape(k), target or source.dtype(k)) for k in source.keys()})
-    report.bytes_written = rewrite_hf(
+    files = rewrite_hf(
         src,
         dst,
         source,
@@ -395,6 +395,7 @@ def _rewrite(
         progress=progress,
         desc=f"bitnet {report.direction}",
     )
+    report.bytes_written = sum(files.values())
     report.tensors, report.quantized = len(layout), dict(transform.counts)
     report.linears = sum(is_bitnet_weight(k) for k in layout)
     report.seconds = round(time.perf_counter() - start, 3)

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from bridge.engine.dry_run import largest_tensor, output_plan
 from bridge.engine.hf_rewrite import rewrite_hf, target_dtype
 from bridge.engine.layout import check_tensor_set, expected_hf_shapes
 from bridge.errors import InputError, UnsupportedError
@@ -75,6 +76,8 @@ class FoldReport:
     rounding: dict[str, dict[str, float]] = field(default_factory=dict)
     bytes_written: int = 0
     seconds: float = 0.0
+    dry_run: bool = False
+    plan: dict | None = None  # --dry-run: ``engine.dry_run.OutputPlan``
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -220,6 +223,7 @@ def _rescale(
     force: bool,
     max_shard_size: str | int,
     progress: bool,
+    dry_run: bool,
 ) -> FoldReport:
     start = time.perf_counter()
     src, dst = Path(src), Path(dst)
@@ -233,8 +237,8 @@ def _rescale(
     shapes = {k: ckpt.shape(k) for k in ckpt.keys()}
     check_tensor_set(str(src), shapes, expected_hf_shapes(ckpt.config))
     layout = {k: (shapes[k], target or ckpt.dtype(k)) for k in shapes}
-    report = FoldReport(str(src), str(dst), direction, dtype, scaler.factors, tensors=len(layout))
-    report.bytes_written = rewrite_hf(
+    report = FoldReport(str(src), str(dst), direction, dtype, scaler.factors, tensors=len(layout), dry_run=dry_run)
+    files = rewrite_hf(
         src,
         dst,
         ckpt,
@@ -245,7 +249,11 @@ def _rescale(
         max_shard_size=max_shard_size,
         progress=progress,
         desc=f"mup {direction}",
+        dry_run=dry_run,
     )
+    report.bytes_written = sum(files.values())
+    if dry_run:
+        report.plan = output_plan(files, dst, largest_tensor(layout, None), "safetensors").to_dict()
     report.scaled, report.rounding = scaler.scaled, scaler.rounding
     report.seconds = round(time.perf_counter() - start, 3)
     return report
@@ -259,9 +267,10 @@ def fold_mup(
     force: bool = False,
     max_shard_size: str | int = "5GB",
     progress: bool = False,
+    dry_run: bool = False,
 ) -> FoldReport:
     """Writes ``dst_hf``: ``src_hf`` with every µP factor folded into its weights and the multipliers set to 1.0."""
-    return _rescale(src_hf, dst_hf, "fold", MupScaler.fold, dtype, force, max_shard_size, progress)
+    return _rescale(src_hf, dst_hf, "fold", MupScaler.fold, dtype, force, max_shard_size, progress, dry_run)
 
 
 def unfold_mup(
@@ -272,6 +281,7 @@ def unfold_mup(
     force: bool = False,
     max_shard_size: str | int = "5GB",
     progress: bool = False,
+    dry_run: bool = False,
 ) -> FoldReport:
     """Undoes ``fold_mup``: divides the recorded factors out of the weights and restores the config entries."""
-    return _rescale(src_hf, dst_hf, "unfold", MupScaler.unfold, dtype, force, max_shard_size, progress)
+    return _rescale(src_hf, dst_hf, "unfold", MupScaler.unfold, dtype, force, max_shard_size, progress, dry_run)

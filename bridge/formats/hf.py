@@ -24,6 +24,7 @@ from bridge.engine.layout import check_hf_sizes
 from bridge.errors import InputError
 from bridge.plumbing import distributed
 from bridge.plumbing.direct_io import DirectFile
+from bridge.plumbing.fake import holds_data, write_tensor
 from bridge.plumbing.pipeline import read_ahead
 from bridge.plumbing.safe_files import (
     MAX_JSON_BYTES,
@@ -205,15 +206,15 @@ def _write_safetensors(
     with DirectFile(path) as f:
         f.write(struct.pack("<Q", len(blob)) + blob)
         for t in read_ahead(produced()):  # the next tensor is built while this one is written
-            f.write(t.reshape(-1).view(torch.uint8).numpy().data)
+            write_tensor(f, t)
             del t
 
 
 def count_nonfinite(t: torch.Tensor) -> int:
     """NaN and ±Inf elements of ``t`` (0 for integer tensors). NaN and Inf propagate through a sum, so
     one vectorised sum (~3 GB/s) clears the usual all-finite tensor; only a non-finite sum (or one that
-    overflowed) pays for the exact count, in bounded chunks."""
-    if not t.is_floating_point() or bool(torch.isfinite(t.sum())):
+    overflowed) pays for the exact count, in bounded chunks. A dry run's fake tensors have none."""
+    if not (t.is_floating_point() and holds_data(t)) or bool(torch.isfinite(t.sum())):
         return 0
     return sum(int(torch.count_nonzero(~torch.isfinite(c))) for c in t.reshape(-1).split(_FINITE_CHUNK))
 

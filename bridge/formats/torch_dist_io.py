@@ -34,19 +34,21 @@ from torch.distributed.checkpoint.default_planner import (
     DefaultLoadPlanner,
     DefaultSavePlanner,
 )
-from torch.distributed.checkpoint.filesystem import FileSystem, _StoragePrefix
+from torch.distributed.checkpoint.filesystem import DEFAULT_SUFFIX, FileSystem, _StorageInfo, _StoragePrefix
 from torch.distributed.checkpoint.metadata import (
     BytesStorageMetadata,
     Metadata,
     StorageMeta,
     TensorStorageMetadata,
 )
+from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, WriteItemType
 from torch.distributed.checkpoint.storage import WriteResult
 
 from bridge.errors import InputError, sanitize
 from bridge.plumbing import distributed
 from bridge.plumbing.atomic import torch_save, torch_saves_surfaced
 from bridge.plumbing.direct_io import DirectFile
+from bridge.plumbing.fake import holds_data, torch_save_size
 from bridge.plumbing.pipeline import read_ahead
 from bridge.plumbing.safe_files import MAX_JSON_BYTES, open_regular, read_text_capped, regular_file
 from bridge.plumbing.safe_pickle import safe_torch_load
@@ -121,7 +123,7 @@ def write_torch_dist(
         raise FileExistsError(f"{iter_dir}: not empty; a torch_dist checkpoint needs a fresh directory")
     group.exchange()  # no process writes before process 0 has seen the directory empty
     iter_dir.mkdir(parents=True, exist_ok=True)
-    writer = FileSystemWriter(iter_dir, sync_files=False)
+    writer = _Writer(iter_dir, sync_files=False)
     writer.fs = _DirectFileSystem()
     writer.set_up_storage_writer(group.rank == 0)
     entries: dict[str, TensorStorageMetadata | BytesStorageMetadata] = {}
@@ -138,8 +140,11 @@ def write_torch_dist(
         plan = dataclasses.replace(planner.finish_plan(plan), storage_data=_StoragePrefix(f"__{group.rank}_{part}_"))
         # A full disk: the OSError, not torch's RuntimeError about zip positions; DCP torch.saves each
         # tensor into the file.
-        with torch_saves_surfaced():
-            results.extend(writer.write_data(plan, planner).value())
+        if all(holds_data(t) for t in state_dict.values() if isinstance(t, torch.Tensor)):
+            with torch_saves_surfaced():
+                results.extend(writer.write_data(plan, planner).value())
+        else:
+            results.extend(_sized_write(iter_dir, plan, planner))
 
     if objects and group.rank == 0:
         write_part(0, {key + OBJECT_SUFFIX: [obj] for key, obj in objects.items()})
@@ -161,6 +166,34 @@ def write_torch_dist(
     writer.finish(Metadata(merged), [located for _, located in shares])
     torch_save(common, iter_dir / "common.pt")
     (iter_dir / "metadata.json").write_text(json.dumps(METADATA_JSON))
+
+
+def _sized_write(iter_dir: Path, plan: SavePlan, planner: SavePlanner) -> list[WriteResult]:
+    """What ``FileSystemWriter.write_data`` records for a plan of fake tensors (a dry run): one file, byte
+    entries first, then tensors, each as long as its ``torch.save`` payload; the file is a hole of that
+    size. DCP's stream wrapper cannot seek, so its own writer cannot leave the bytes out."""
+    name = f"{plan.storage_data.prefix}0{DEFAULT_SUFFIX}"
+    items = sorted(plan.items, key=lambda item: item.type != WriteItemType.BYTE_IO)  # stable: plan order kept
+    results, offset = [], 0
+    for item in items:
+        data = planner.resolve_data(item)
+        length = len(data.getbuffer()) if isinstance(data, io.BytesIO) else torch_save_size(data)
+        results.append(
+            WriteResult(index=item.index, size_in_bytes=length, storage_data=_StorageInfo(name, offset, length))
+        )
+        offset += length
+    with open(iter_dir / name, "wb") as f:
+        f.truncate(offset)
+    return results
+
+
+class _Writer(FileSystemWriter):
+    """Records the iteration folder's name as the checkpoint id, not the absolute path it was written
+    to: that path is the hidden partial (gone after the rename), it leaks a local path into a
+    published checkpoint, and a dry run sizing ``.metadata`` in a scratch folder must record the same."""
+
+    def storage_meta(self) -> StorageMeta | None:
+        return StorageMeta(checkpoint_id=Path(self.path).name, save_id=self.save_id)
 
 
 class _DirectFileSystem(FileSystem):

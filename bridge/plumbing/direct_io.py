@@ -68,6 +68,23 @@ class DirectFile:
     def tell(self) -> int:
         return self._written
 
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        """Forward skips only (a hole, read back as zeros): ``torch.save`` under ``skip_data`` leaves
+        each storage's bytes out this way, which is how a dry run sizes files without any data."""
+        target = offset if whence == os.SEEK_SET else self._written + offset if whence == os.SEEK_CUR else -1
+        if target < self._written:
+            raise OSError(errno.ESPIPE, "DirectFile seeks forward only")
+        if target > self._written:
+            if self._used % _BLOCK:  # an unaligned tail cannot go out O_DIRECT: write it through the cache
+                self._buffered()
+            self._drain(self._used)
+            os.lseek(self._fd, target - self._written, os.SEEK_CUR)
+            self._written = target
+        return self._written
+
+    def seekable(self) -> bool:
+        return True
+
     def flush(self) -> None:
         """Nothing to do: staged bytes are written in whole blocks, the rest on ``close``."""
 
@@ -80,9 +97,12 @@ class DirectFile:
                 if not (self.direct and e.errno == errno.EINVAL):
                     raise
                 # Opened with O_DIRECT but this filesystem refuses our alignment: go through the cache.
-                fcntl.fcntl(self._fd, fcntl.F_SETFL, fcntl.fcntl(self._fd, fcntl.F_GETFL) & ~os.O_DIRECT)
-                self.direct = False
+                self._buffered()
         self._used = 0
+
+    def _buffered(self) -> None:
+        fcntl.fcntl(self._fd, fcntl.F_SETFL, fcntl.fcntl(self._fd, fcntl.F_GETFL) & ~os.O_DIRECT)
+        self.direct = False
 
     def close(self) -> None:
         """Writes the staged tail (padded to a block) and trims the file to the bytes written."""

@@ -1,0 +1,149 @@
+"""``--dry-run``: the conversion itself, on tensors without data, into a scratch directory.
+
+Sources hand out fake tensors (shape and dtype only, ``plumbing.fake``); every rule, writer and
+metadata step runs as in a real conversion, with each tensor's bytes left out as a hole. The
+scratch tree then lists exactly the files and byte counts the real output would have, read from
+nothing but headers and indexes. Before a real run, ``check_free_space`` refuses an output the
+disk cannot hold.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import resource
+import shutil
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from bridge.errors import OutputError
+from bridge.formats.hf import LazyTensors
+from bridge.plumbing.atomic import atomic_output_dir, check_output
+from bridge.plumbing.fake import fake, storages_skipped
+
+# What a conversion holds besides the interpreter and its libraries, measured by bench/convert_bench.py
+# (peak RSS minus the RSS before the first tensor, on the 0.5B-3B shapes): the tensor being written and
+# the next one being built (read-ahead), each with one transient copy, plus torch_dist's two batches.
+_TENSORS_ALIVE = 4
+_TORCH_DIST_BATCHES = 2 * 128 * 2**20
+
+
+@dataclass
+class OutputPlan:
+    """What a run would write and need, for ``--dry-run`` and its ``--json``."""
+
+    files: dict[str, int]
+    bytes: int
+    disk_free: int
+    fits: bool
+    peak_rss_estimate: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def file_sizes(folder: Path) -> dict[str, int]:
+    """Every file under ``folder`` (relative path -> bytes), sorted."""
+    return {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def disk_free(dst: Path) -> int:
+    """Free bytes where ``dst`` will be created (its nearest existing ancestor)."""
+    where = Path(os.path.abspath(dst))
+    while not where.exists():
+        where = where.parent
+    return shutil.disk_usage(where).free
+
+
+def check_free_space(dst: Path, needed: int) -> None:
+    """Refuses before anything is written when the disk cannot hold ``needed`` bytes (exit 4)."""
+    free = disk_free(dst)
+    if needed > free:
+        raise OutputError(
+            f"{dst}: the output needs {needed / 2**30:.2f} GiB but only {free / 2**30:.2f} GiB are free there; "
+            "free space or choose another destination (--dry-run lists the files)"
+        )
+
+
+def payload_bytes(shapes: Mapping[str, tuple[torch.Size, torch.dtype]], dtype: torch.dtype | None) -> int:
+    """Tensor bytes of a model in ``dtype`` (None: as stored): what any output format holds, give or
+    take headers, vocabulary padding and the norms TP copies."""
+    return sum(math.prod(shape) * (dtype or stored).itemsize for shape, stored in shapes.values())
+
+
+def largest_tensor(shapes: Mapping[str, tuple[torch.Size, torch.dtype]], dtype: torch.dtype | None) -> int:
+    return max(math.prod(shape) * (dtype or stored).itemsize for shape, stored in shapes.values())
+
+
+def peak_rss_estimate(largest_tensor: int, fmt: str) -> int:
+    """This process's RSS so far plus what a conversion keeps alive (see ``_TENSORS_ALIVE``)."""
+    now = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return now + _TENSORS_ALIVE * largest_tensor + (_TORCH_DIST_BATCHES if fmt == "torch_dist" else 0)
+
+
+@contextmanager
+def output_dir(dst: Path, *, force: bool, inputs: Sequence[Path], dry_run: bool) -> Iterator[Path]:
+    """The real output's hidden partial (``atomic_output_dir``), or for a dry run a scratch directory
+    that is removed afterwards, with ``torch.save`` leaving fake tensors' bytes out. A dry run refuses
+    what the real run would refuse (an existing output without --force, an output inside the input)."""
+    if not dry_run:
+        with atomic_output_dir(dst, force=force, inputs=inputs) as tmp:
+            yield tmp
+        return
+    check_output(dst, force=force, inputs=inputs)
+    with tempfile.TemporaryDirectory(prefix="h1bridge-dry-run-") as scratch, storages_skipped():
+        yield Path(scratch)
+
+
+def output_plan(files: dict[str, int], dst: Path, largest_tensor: int, fmt: str) -> OutputPlan:
+    """``files``: the scratch tree's ``file_sizes``."""
+    total, free = sum(files.values()), disk_free(dst)
+    return OutputPlan(files, total, free, total <= free, peak_rss_estimate(largest_tensor, fmt))
+
+
+class FakeSource:
+    """An HF-keyed source (``get``, ``shape``, ``dtype``) whose tensors are fake: shapes from headers."""
+
+    def __init__(self, source):
+        self.source = source
+
+    def get(self, key: str) -> torch.Tensor:
+        return fake(self.source.shape(key), self.source.dtype(key))
+
+    def __getattr__(self, name: str):
+        return getattr(self.source, name)
+
+
+class FakeRanks:
+    """A Megatron checkpoint whose rank tensors are fake (shapes and dtypes from its metadata). Tensors of
+    one shape and dtype are one object, so checks that replicas and shared copies agree (which would
+    need data) pass by identity."""
+
+    def __init__(self, meg):
+        self.meg = meg
+        self._fakes: dict[tuple[torch.Size, torch.dtype], torch.Tensor] = {}
+
+    def model(self, tp_rank: int, pp_rank: int) -> dict[str, torch.Tensor]:
+        meta = self.meg.tensor_meta(tp_rank, pp_rank)
+        return {k: self._fake(shape, dtype) for k, (shape, dtype) in meta.items()}
+
+    def _fake(self, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+        if (shape, dtype) not in self._fakes:
+            self._fakes[(shape, dtype)] = fake(shape, dtype)
+        return self._fakes[(shape, dtype)]
+
+    def release(self) -> None:
+        """Fake tensors hold no pages."""
+
+    def __getattr__(self, name: str):
+        return getattr(self.meg, name)
+
+
+def fake_producer(layout: Mapping[str, tuple[torch.Size, torch.dtype]]):
+    """A producer for ``write_hf_weights`` giving each planned tensor as a fake one."""
+    return lambda keys: LazyTensors(keys, lambda key: fake(*layout[key]))
