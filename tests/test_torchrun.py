@@ -286,7 +286,8 @@ def test_killed_process_fails_the_group_and_leaves_nothing(bigger_hf, tmp_path, 
 def test_other_commands_refuse_to_run_several_times(hf_preset, tmp_path):
     """Only the converting commands split their work: ``verify`` started twice by torchrun says so (exit 2)
     instead of printing its report twice (here the environment alone, as torchrun sets it)."""
-    env = {**os.environ, "RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "9"}
+    torchrun_env = {"RANK": "1", "LOCAL_RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "9"}
+    env = {**os.environ, **torchrun_env}
     src = hf_preset("tiny")
     done = subprocess.run(
         [sys.executable, "-m", "cli", "verify", src, src], capture_output=True, text=True, env=env, timeout=120

@@ -83,7 +83,8 @@ from bridge.plumbing.safe_files import carried_file, copy_regular
 
 @dataclass
 class Summary:
-    """What a conversion did; printed by the CLI and emitted as JSON with --json."""
+    """What a conversion did; printed by the CLI and emitted as JSON with --json. Under torchrun only
+    process 0's is complete (it alone reports)."""
 
     source: str
     destination: str

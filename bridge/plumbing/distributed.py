@@ -16,6 +16,7 @@ connection at once (``PeerLost``), and torchrun's agent ends the others with SIG
 from __future__ import annotations
 
 import os
+import re
 import signal
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -30,7 +31,9 @@ T = TypeVar("T")
 # Longest wait at one exchange point: for the slowest process to finish its share. A dead process is
 # noticed at once (closed connection); only a live but stuck one is waited for this long.
 TIMEOUT = timedelta(minutes=30)
-TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+# Longest wait for the others to join: torchrun starts a node's workers together, after its agents met.
+JOIN_TIMEOUT = timedelta(minutes=5)
+TORCHRUN_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 PEER_LOST_EXIT = 4  # output not written: another process of the group vanished
 
 
@@ -160,7 +163,8 @@ class Group:
             dist.all_gather_object(out, item)
         except Exception as e:  # a peer died (connection closed) or the wait timed out
             self.state = "broken"
-            raise PeerLost(f"lost contact with another process ({sanitize(str(e), 160)})") from None
+            reason = re.sub(r"^\[[^]]*\]\s*", "", str(e))  # gloo's "[.../pair.cc:537] " source location
+            raise PeerLost(f"lost contact with another process ({sanitize(reason, 160)})") from None
         return out
 
 
@@ -200,7 +204,7 @@ def processes() -> Iterator[Group]:
 
     attempt = f"{os.environ.get('TORCHELASTIC_RUN_ID', 'run')}/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
     try:
-        store, rank, size = next(dist.rendezvous("env://", timeout=TIMEOUT))
+        store, rank, size = next(dist.rendezvous("env://", timeout=JOIN_TIMEOUT))
         dist.init_process_group("gloo", store=store, rank=rank, world_size=size, timeout=TIMEOUT)
     except Exception as e:
         raise PeerLost(f"cannot join the torchrun processes ({sanitize(str(e), 160)})") from None
