@@ -23,6 +23,7 @@ from transformers.utils import logging as hf_logging
 import cli
 from bridge.engine.convert import hf_to_megatron, megatron_to_hf
 from bridge.errors import InputError, UnsupportedError
+from bridge.families.falcon_h1 import BITNET
 from bridge.features import bitnet
 from bridge.features.bitnet import (
     dequantize,
@@ -33,7 +34,6 @@ from bridge.features.bitnet import (
     unpack,
     unpack_checkpoint,
 )
-from bridge.families.falcon_h1 import BITNET
 from bridge.formats.legacy import LegacyCheckpoint
 from bridge.tiny import make_tiny
 from mappings import FALCON_H1

@@ -13,8 +13,6 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import torch
-
 from bridge.engine.config import config_dtype, dtype_name
 from bridge.engine.gather import MegatronToHF, megatron_plan
 from bridge.engine.hf_rewrite import (

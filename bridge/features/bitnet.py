@@ -41,8 +41,8 @@ from bridge.engine.config import config_dtype
 from bridge.engine.hf_rewrite import Layout, Producer, rewrite_hf, target_dtype
 from bridge.engine.layout import check_tensor_set, expected_hf_shapes
 from bridge.errors import InputError, UnsupportedError
-from bridge.formats.hf import HFCheckpoint, LazyTensors
 from bridge.families import family_of
+from bridge.formats.hf import HFCheckpoint, LazyTensors
 from mappings.bitnet import BitNetLinears
 
 EPS = 1e-5  # absmean floor of transformers' WeightQuant and onebitllms
@@ -233,6 +233,19 @@ def packed_layout(
     return out
 
 
+def check_biases(keys, linears: BitNetLinears, linear_class: str) -> None:
+    """transformers' AutoBitLinear (offline) computes ``(x·t + bias)·weight_scale``: it scales the bias
+    too, so a BitNet linear with a bias has no faithful autobitlinear form (BitLinear adds it after)."""
+    if linear_class != "autobitlinear":
+        return
+    for key in keys:
+        if linears.is_weight(key) and (bias := key.removesuffix("weight") + "bias") in keys:
+            raise UnsupportedError(
+                f"{bias}: transformers' AutoBitLinear multiplies the bias by weight_scale too, so a "
+                "biased BitNet linear cannot be stored as autobitlinear; use linear_class bitlinear"
+            )
+
+
 class UnpackedView:
     """A BitNet-packed HF folder read as the plain checkpoint it encodes: BitNet linears come out as
     ternary × magnitude in ``dtype`` (default: the config's), everything else as stored. It has
@@ -246,6 +259,7 @@ class UnpackedView:
         self.quant, self.linear_class = quant, quant.get("linear_class", "bitlinear")
         self.linears = bitnet_linears(self.config)
         self.shapes = expected_hf_shapes(self.config)
+        check_biases(self.shapes, self.linears, self.linear_class)
         packed = packed_layout({k: (s, None) for k, s in self.shapes.items()}, self.linears, None)
         check_tensor_set(
             str(self.folder),
@@ -289,7 +303,7 @@ class UnpackedView:
         dtypes = {self.ckpt.dtype(scale_key(k)) for k in self.shapes if self.linears.is_weight(k)}
         if len(dtypes) != 1:
             names = ", ".join(sorted(map(dtype_str, dtypes)))
-            raise UnsupportedError(f"{self.folder}: weight_scale tensors stored in several dtypes ({names}); expected one")
+            raise UnsupportedError(f"{self.folder}: weight_scale tensors in several dtypes ({names}); expected one")
         return dtypes.pop()
 
     def asset_files(self) -> list[Path]:
@@ -357,7 +371,10 @@ class BitNetExport:
         self._last: tuple[str, tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def layout(self, layout: Layout) -> dict[str, tuple[torch.Size, torch.dtype]]:
-        return packed_layout(layout, self.linears, self.scale_dtype) if self.pack else dict(layout)
+        if not self.pack:
+            return dict(layout)
+        check_biases(layout, self.linears, self.linear_class)
+        return packed_layout(layout, self.linears, self.scale_dtype)
 
     def producer(self, source: Producer, layout: Layout) -> Producer:
         is_weight = self.linears.is_weight
