@@ -249,11 +249,16 @@ def test_fold_mup_refused_with_bitnet(packed_bf16, tmp_path):
 # --- transformers loads and runs the packed model --------------------------------------------------------
 
 
-def act_fake_quant(module, args):
-    """BitLinear's per-token int8 activation quantization, as a float round trip."""
-    x = args[0]
-    s = 127 / x.abs().max(dim=-1, keepdim=True).values.clamp(min=1e-5)
-    return ((x * s).round().clamp(-128, 127) / s,)
+def act_fake_quant(compute_dtype):
+    """The per-token int8 activation quantization transformers runs before a BitNet linear, as a float
+    round trip: ``BitLinear.activation_quant`` in the input's dtype, ``ActQuant`` in fp32."""
+
+    def hook(module, args):
+        x = args[0].to(compute_dtype or args[0].dtype)
+        s = 127 / x.abs().max(dim=-1, keepdim=True).values.clamp(min=1e-5)
+        return (((x * s).round().clamp(-128, 127) / s).to(args[0].dtype),)
+
+    return hook
 
 
 @pytest.mark.parametrize("linear_class,layer", [("bitlinear", BitLinear), ("autobitlinear", AutoBitLinear)])
@@ -267,7 +272,7 @@ def test_transformers_runs_the_packed_model(hf_preset, tmp_path, linear_class, l
     assert type(quantized.lm_head) is torch.nn.Linear
     for name, module in reference.named_modules():
         if is_bitnet_weight(f"{name}.weight"):
-            module.register_forward_pre_hook(act_fake_quant)
+            module.register_forward_pre_hook(act_fake_quant(None))
     ids = torch.randint(0, 317, (2, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         got, want = quantized(ids).logits, reference(ids).logits

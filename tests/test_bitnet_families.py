@@ -9,6 +9,7 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from test_bitnet import act_fake_quant, eager_transformers  # noqa: F401  (an autouse fixture)
 from test_roundtrip import assert_bit_exact, load_hf
 from transformers import FalconH1ForCausalLM, LlamaForCausalLM
 from transformers.integrations.bitnet import AutoBitLinear, BitLinear, pack_weights, replace_with_bitnet_linear
@@ -26,13 +27,6 @@ from bridge.tiny import make_tiny, preset_config
 FALCON_PRESETS = ("tiny", "tiny-bias-tied")
 LLAMA_PRESETS = ("llama-tiny", "llama-tiny-tied", "llama-tiny-bias")
 LINEAR_CLASSES = ("bitlinear", "autobitlinear")
-
-
-@pytest.fixture(autouse=True)
-def eager_transformers():
-    """transformers torch.compiles unpack_weights and the activation quantizer; eager runs the same code."""
-    with torch.compiler.set_stance("force_eager"):
-        yield
 
 
 # --- onebitllms, written out from its source ----------------------------------------------------------
@@ -255,18 +249,6 @@ def test_llama_megatron_bitnet_latent_export_is_onebitllms(tmp_path):
 
 
 # --- transformers loads the packed Llama and runs it ----------------------------------------------------
-
-
-def act_fake_quant(compute_dtype):
-    """The per-token int8 activation quantization transformers runs before a BitNet linear, as a float
-    round trip: ``BitLinear.activation_quant`` in the input's dtype, ``ActQuant`` in fp32."""
-
-    def hook(module, args):
-        x = args[0].to(compute_dtype or args[0].dtype)
-        s = 127 / x.abs().max(dim=-1, keepdim=True).values.clamp(min=1e-5)
-        return (((x * s).round().clamp(-128, 127) / s).to(args[0].dtype),)
-
-    return hook
 
 
 def assert_runs_like_unpacked(packed, plain, layer):
