@@ -43,6 +43,7 @@ from bridge.formats.distcp_items import TensorRecord, load_tensor, locate_tensor
 from bridge.plumbing.atomic import torch_save, torch_saves_surfaced
 from bridge.plumbing.direct_io import DirectFile
 from bridge.plumbing.pipeline import read_ahead
+from bridge.plumbing.recycled import RecycledMemory
 from bridge.plumbing.safe_files import MAX_JSON_BYTES, open_regular, read_text_capped, regular_file
 from bridge.plumbing.safe_pickle import safe_torch_load
 
@@ -178,6 +179,7 @@ class TorchDistReader:
             if isinstance(v, BytesStorageMetadata)
         }
         self._records: dict[tuple[str, int], TensorRecord | None] = {}
+        self._memory = RecycledMemory()  # the next layer is read into the pages of the ones dropped
         self._chunk_lists: dict[str, list[tuple[tuple[int, ...], tuple[int, ...]]]] = {}
         self.common: dict = self._common_state()
 
@@ -206,9 +208,10 @@ class TorchDistReader:
         return self._tensors[key].properties.dtype
 
     def load(self, keys: Sequence[str]) -> dict[str, torch.Tensor]:
-        """Full global tensors for ``keys`` only, each read from the data files into its own memory."""
+        """Full global tensors for ``keys`` only, read from the data files into memory of their own (reused
+        once every tensor and view of it is gone)."""
         self._check_known(keys)
-        out = {k: torch.empty(self.shape(k), dtype=self.dtype(k)) for k in keys}
+        out = {k: self._memory.empty(self.shape(k), self.dtype(k)) for k in keys}
         self._fill(list(out.items()))
         return out
 
@@ -223,7 +226,7 @@ class TorchDistReader:
         ):
             raise TorchDistFormatError(f"{self.iter_dir}: {list(keys)} do not stack on dim 0")
         rows = [self.shape(k)[0] for k in keys]
-        out = torch.empty(sum(rows), *first[1:], dtype=self.dtype(keys[0]))
+        out = self._memory.empty((sum(rows), *first[1:]), self.dtype(keys[0]))
         self._fill(list(zip(keys, out.split(rows), strict=True)))
         return out
 
