@@ -119,10 +119,11 @@ class MegatronToHF:
     get = merged  # a Megatron checkpoint read as an HF source (re-sharding)
 
     def tensor(self, key: str) -> torch.Tensor:
-        """One HF tensor in the output dtype, possibly a view of the merged shards: the safetensors
-        writer reads it where it lies, a copy would only cost fresh memory."""
+        """One HF tensor in the output dtype, contiguous but possibly a view of the merged shards (a
+        row block, the vocabulary without padding): the safetensors writer reads it where it lies, a
+        copy would only cost fresh memory."""
         merged = self.merged(key)
-        return merged if self.dtype is None else merged.to(self.dtype)
+        return (merged if self.dtype is None else merged.to(self.dtype)).contiguous()
 
     def tensors(self, keys: list[str]) -> LazyTensors:
         return LazyTensors(keys, self.tensor)
