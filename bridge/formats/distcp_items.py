@@ -101,7 +101,7 @@ class _Window(io.RawIOBase):
         want = max(0, min(len(view), self.length - self.pos))
         if self.read_limit is not None and want > self.read_limit:
             raise zipfile.BadZipFile(f"a {want}-byte directory read (expected at most {self.read_limit})")
-        done = _pread_into(self.fd, view[:want], self.start + self.pos) if want else 0
+        done = _preadv_all(self.fd, [view[:want]], self.start + self.pos) if want else 0
         self.pos += done
         return done
 
@@ -151,17 +151,6 @@ class _TensorPickle(pickle.Unpickler):
         return _Storage(pid[1], pid[2], pid[4])
 
 
-def _pread_into(fd: int, view: memoryview, offset: int) -> int:
-    """Fills ``view`` from ``offset`` (short only at end of file); returns the bytes read."""
-    done = 0
-    while done < len(view):
-        n = os.preadv(fd, [view[done:]], offset + done)
-        if n == 0:
-            break
-        done += n
-    return done
-
-
 def _record_data(fd: int, window: _Window, info: zipfile.ZipInfo) -> int:
     """Offset of a stored record's bytes within the window (from its local header)."""
     if info.compress_type != zipfile.ZIP_STORED:
@@ -184,7 +173,7 @@ def _read_record(fd: int, window: _Window, info: zipfile.ZipInfo, limit: int) ->
         raise _Unusual(f"{info.filename} of {info.file_size} bytes")
     start = _record_data(fd, window, info)
     data = bytearray(info.file_size)
-    _pread_into(fd, memoryview(data), window.start + start)
+    _preadv_all(fd, [memoryview(data)], window.start + start)
     return bytes(data)
 
 
@@ -248,7 +237,7 @@ def load_tensor(fd: int, offset: int, length: int, where: str) -> torch.Tensor:
 
 def read_bytes(fd: int, offset: int, length: int) -> bytes:
     data = bytearray(length)
-    _pread_into(fd, memoryview(data), offset)
+    _preadv_all(fd, [memoryview(data)], offset)
     return bytes(data)
 
 
