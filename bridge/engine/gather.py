@@ -8,7 +8,6 @@ from pathlib import Path
 
 import torch
 
-from bridge.engine.hf_rewrite import materialize
 from bridge.engine.layout import (
     check_float_dtypes,
     check_megatron_layers,
@@ -120,8 +119,11 @@ class MegatronToHF:
     get = merged  # a Megatron checkpoint read as an HF source (re-sharding)
 
     def tensor(self, key: str) -> torch.Tensor:
-        """One HF tensor, materialised in the output dtype."""
-        return materialize(self.merged(key), self.dtype)
+        """One HF tensor in the output dtype, contiguous but possibly a view of the merged shards (a
+        row block, the vocabulary without padding): the safetensors writer reads it where it lies, a
+        copy would only cost fresh memory."""
+        merged = self.merged(key)
+        return (merged if self.dtype is None else merged.to(self.dtype)).contiguous()
 
     def tensors(self, keys: list[str]) -> LazyTensors:
         return LazyTensors(keys, self.tensor)
