@@ -532,10 +532,10 @@ def _enospc_after(good_files: int):
     """A write_rank_file that writes ``good_files`` files, then half of the next and fails as a full disk does."""
     real, calls = legacy_format.write_rank_file, []
 
-    def write_rank_file(path, model, args, iteration):
+    def write_rank_file(path, *rest):
         calls.append(path)
         if len(calls) <= good_files:
-            return real(path, model, args, iteration)
+            return real(path, *rest)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(b"PK\x03\x04" + b"\0" * 4096)
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))

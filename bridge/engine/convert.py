@@ -295,7 +295,7 @@ def megatron_to_hf(
     plan, hf_shapes = megatron_plan(meg, cfg)
     transform = _export_transform(meg, cfg, plan, sidecar, target, fold_mup, bitnet_pack)
     gather = MegatronToHF(meg, plan, None if transform else target)  # a transform works first, then casts
-    layout: Layout = {k: (hf_shapes[k], target or gather.source_dtype(k)) for k in hf_shapes}
+    layout: Layout = {k: (hf_shapes[k], target or gather.dtype(k)) for k in hf_shapes}
     produce: Producer = gather.tensors
     if transform:
         layout = transform.layout(layout)

@@ -76,7 +76,7 @@ class MegatronToHF:
     release_bytes = 64 * 2**20
 
     def __init__(self, meg: MegatronCheckpoint, plan: ParallelPlan, dtype: torch.dtype | None):
-        self.meg, self.plan, self.dtype = meg, plan, dtype
+        self.meg, self.plan, self.out_dtype = meg, plan, dtype
         self.index = hf_index(plan)
         original = getattr(meg.args, "expanded_from_groups", None) if meg.args is not None else None
         self.groups_factor = plan.hf_config.mamba_n_groups // original if original else 1
@@ -121,12 +121,13 @@ class MegatronToHF:
 
     def tensor(self, key: str) -> torch.Tensor:
         """One HF tensor, materialised in the output dtype."""
-        return materialize(self.merged(key), self.dtype)
+        return materialize(self.merged(key), self.out_dtype)
 
     def tensors(self, keys: list[str]) -> LazyTensors:
         return LazyTensors(keys, self.tensor)
 
-    def source_dtype(self, key: str) -> torch.dtype:
+    def dtype(self, key: str) -> torch.dtype:
+        """What ``get(key)`` returns: the stored dtype (rank 0's)."""
         param, layer, _ = self.index[key]
         pp_rank, local = self._stage(param, layer)
         return self.meg.tensor_meta(0, pp_rank)[self.plan.megatron_name(param, local)][1]
