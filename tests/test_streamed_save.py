@@ -186,6 +186,21 @@ def test_an_error_while_producing_is_raised_as_itself(tmp_path):
         _one(tmp_path, chunks)
 
 
+def test_chunks_read_by_torch_load_hold_their_data(tmp_path):
+    """A re-shard's chunks come from torch.load of the source's rank files: they are produced outside
+    torch.save's skip_data, under which torch.load leaves tensors unfilled."""
+    source = _random((6, 4), torch.float32, 5)
+    torch.save({"w": source}, tmp_path / "source.pt")
+    state = {"w": source}
+    deferred = Deferred()
+
+    def chunks():
+        yield torch.load(tmp_path / "source.pt", mmap=True, weights_only=True)["w"]
+
+    stream_save({"w": deferred.tensor(source.shape, source.dtype, chunks)}, tmp_path / "x.pt", deferred)
+    assert (tmp_path / "x.pt").read_bytes() == _torch_save_bytes(state)
+
+
 def test_only_placeholders_may_be_in_the_state(tmp_path):
     deferred = Deferred()
     with pytest.raises(TypeError, match="must come from Deferred.tensor"):

@@ -9,7 +9,8 @@ bytes) torch.save pickles them as it would any tensor, then steps over each stor
 storage's bytes at that moment, produced on demand, a chunk at a time. The pickle, the records and
 their order, alignment, the trailing records and the zip directory all stay torch.save's own, so
 the file is byte for byte what torch.save writes for the same state with CRC32 off
-(``torch_saves_surfaced``, as for every torch.save here).
+(``torch_saves_surfaced``, as for every torch.save here). The chunks are produced outside skip_data:
+under it a ``torch.load`` (a Megatron source's rank file) would give tensors with no data.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import IO, cast
 
 import torch
+from torch.serialization import skip_data
 
 from bridge.plumbing.atomic import torch_saves_surfaced
 from bridge.plumbing.direct_io import DirectFile
@@ -83,8 +85,8 @@ class _StorageFiller:
     (``seek``) is filled from the next placeholder's chunks. The first exception raised in here is
     kept, since torch re-raises what a write callback raised as a RuntimeError."""
 
-    def __init__(self, out: DirectFile, pending: list[tuple[torch.Tensor, Chunks]]):
-        self.out, self.pending = out, pending[::-1]
+    def __init__(self, out: DirectFile, pending: list[tuple[torch.Tensor, Chunks]], skipping: skip_data):
+        self.out, self.pending, self.skipping = out, pending[::-1], skipping
         self.failure: BaseException | None = None
 
     def write(self, data) -> int:
@@ -105,7 +107,11 @@ class _StorageFiller:
             if whence != io.SEEK_CUR:
                 raise io.UnsupportedOperation("stream_save writes sequentially")
             if offset:
-                self._fill(offset)
+                self.skipping.__exit__(None, None, None)  # restores what was set before: loads read data
+                try:
+                    self._fill(offset)
+                finally:
+                    self.skipping.__enter__()
             return self.out.tell()
         except BaseException as e:
             self.failure = self.failure or e
@@ -138,8 +144,9 @@ def stream_save(obj: object, path: Path, deferred: Deferred) -> None:
     """``torch.save(obj, path)`` where ``obj``'s tensors are ``deferred``'s placeholders, each written from
     its chunks as its record comes; written around the page cache (``direct_io``), as ``torch_save``."""
     pending = deferred.in_storage_order(obj)
-    with torch_saves_surfaced(), torch.serialization.skip_data(), DirectFile(path) as out:
-        filler = _StorageFiller(out, pending)
+    skipping = skip_data()
+    with torch_saves_surfaced(), skipping, DirectFile(path) as out:
+        filler = _StorageFiller(out, pending, skipping)
         try:
             torch.save(obj, cast(IO[bytes], filler))
         except BaseException:
