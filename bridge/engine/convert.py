@@ -167,10 +167,10 @@ def write_megatron(
     target: str = DEFAULT_TARGET,
     iteration: int | str | None = None,
 ) -> Summary:
-    """Writes a Megatron checkpoint from any ``source.get(hf_key)``: an HF folder, or another Megatron
-    checkpoint being re-sharded (its tensors merged on the fly). ``extra_args`` are stored in ``args``
-    as given (e.g. BitNet's flag and scales). ``expand_groups``: see ``bridge.groups``. ``target``,
-    ``iteration``: see ``bridge.targets``."""
+    """Writes a Megatron checkpoint from any ``source.get(hf_key)`` / ``source.dtype(hf_key)``: an HF
+    folder, or another Megatron checkpoint being re-sharded (its tensors merged on the fly).
+    ``extra_args`` are stored in ``args`` as given (e.g. BitNet's flag and scales). ``expand_groups``:
+    see ``bridge.groups``. ``target``, ``iteration``: see ``bridge.targets``."""
     family = family_of(cfg)
     layout = layout or next(iter(family.layouts))
     stack = resolve_target(

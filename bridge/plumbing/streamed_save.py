@@ -59,7 +59,7 @@ class Deferred:
         self._chunks[id(placeholder)] = (placeholder, chunks)
         return placeholder
 
-    def in_storage_order(self, obj: object) -> list[tuple[torch.Tensor, Chunks]]:
+    def _storage_order(self, obj: object) -> list[tuple[torch.Tensor, Chunks]]:
         """Non-empty placeholders in the order torch.save writes their storages (first use in the pickle,
         each once). Any other tensor or storage in ``obj`` is refused: skip_data would leave its bytes out."""
         order: dict[int, tuple[torch.Tensor, Chunks]] = {}
@@ -95,9 +95,6 @@ class _StorageFiller:
         except BaseException as e:
             self.failure = self.failure or e
             raise
-
-    def tell(self) -> int:
-        return self.out.tell()
 
     def flush(self) -> None:
         self.out.flush()
@@ -143,7 +140,7 @@ class _StorageFiller:
 def stream_save(obj: object, path: Path, deferred: Deferred) -> None:
     """``torch.save(obj, path)`` where ``obj``'s tensors are ``deferred``'s placeholders, each written from
     its chunks as its record comes; written around the page cache (``direct_io``), as ``torch_save``."""
-    pending = deferred.in_storage_order(obj)
+    pending = deferred._storage_order(obj)
     skipping = skip_data()
     with torch_saves_surfaced(), skipping, DirectFile(path) as out:
         filler = _StorageFiller(out, pending, skipping)
