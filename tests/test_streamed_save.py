@@ -83,8 +83,10 @@ def _streamed(state: dict, tmp_path, chunk_rows: int = 3, transpose: bool = Fals
 
 
 def _load(path) -> dict:
-    """As Megatron's rank files are read here (``safe_pickle``): mmap, weights only, Namespace allowed."""
-    with torch.serialization.safe_globals([argparse.Namespace]):
+    """As Megatron's rank files are read here (``safe_pickle``): mmap, weights only, Namespace allowed.
+    safe_globals() un-registers what it is given on exit, so not a Namespace megatron-core registered."""
+    new = [g for g in [argparse.Namespace] if g not in torch.serialization.get_safe_globals()]
+    with torch.serialization.safe_globals(new):
         return torch.load(path, mmap=True, weights_only=True)
 
 
