@@ -182,11 +182,12 @@ def write_megatron(
     hf_layout: Layout,
     dry_run: bool = False,
 ) -> Summary:
-    """Writes a Megatron checkpoint from any ``source.get(hf_key)``: an HF folder, or another Megatron
-    checkpoint being re-sharded (its tensors merged on the fly). ``extra_args`` are stored in ``args``
-    as given (e.g. BitNet's flag and scales). ``expand_groups``: see ``bridge.groups``. ``target``,
-    ``iteration``: see ``bridge.targets``. ``hf_layout``: the model's HF shapes and dtypes, to size the
-    output before writing; ``dry_run``: ``source`` gives fake tensors, nothing is written."""
+    """Writes a Megatron checkpoint from any ``source.get(hf_key)`` / ``source.dtype(hf_key)``: an HF
+    folder, or another Megatron checkpoint being re-sharded (its tensors merged on the fly).
+    ``extra_args`` are stored in ``args`` as given (e.g. BitNet's flag and scales). ``expand_groups``:
+    see ``bridge.groups``. ``target``, ``iteration``: see ``bridge.targets``. ``hf_layout``: the model's
+    HF shapes and dtypes, to size the output before writing; ``dry_run``: ``source`` gives fake tensors,
+    nothing is written."""
     family = family_of(cfg)
     layout = layout or next(iter(family.layouts))
     stack = resolve_target(
@@ -322,7 +323,7 @@ def megatron_to_hf(
     plan, hf_shapes = megatron_plan(meg, cfg)
     transform = _export_transform(meg, cfg, plan, sidecar, fold_mup, bitnet_pack, bitnet_arithmetic)
     gather = MegatronToHF(meg, plan, None if transform else target)  # a transform works first, then casts
-    layout: Layout = {k: (hf_shapes[k], target or gather.source_dtype(k)) for k in hf_shapes}
+    layout: Layout = {k: (hf_shapes[k], target or gather.dtype(k)) for k in hf_shapes}
     produce: Producer = gather.tensors
     if transform:
         layout = transform.layout(layout)
