@@ -220,6 +220,20 @@ dry_run_option = click.option(
     help="Write nothing: list the files and bytes the output would have, disk needed against free, and the "
     "estimated peak memory. Reads headers and indexes only, no tensor data.",
 )
+
+
+def arithmetic_option(flag: str):
+    return click.option(
+        flag,
+        "arithmetic",
+        type=click.Choice(api.BITNET_ARITHMETICS),
+        default=api.BITNET_DEFAULT_ARITHMETIC,
+        show_default=True,
+        help="How latent BitNet weights are ternarized: onebitllms = TII's quantize_to_1bit byte for byte "
+        "(bf16 arithmetic, bf16 weight_scale); fp32 = the same formula in fp32 (fp32 weight_scale).",
+    )
+
+
 dtype_option = click.option(
     "--dtype",
     type=click.Choice(api.DTYPE_CHOICES),
@@ -630,6 +644,7 @@ def reshard(src, dst, tp, pp, layout, target, fmt, expand_groups, dtype, force, 
 @click.option("--push-to", metavar="REPO_ID", help="After converting, upload DST to this Hub repo.")
 @_push_options
 @click.option("--fold-mup", is_flag=True, help="Fold the µP multipliers into the weights (see `h1bridge mup`).")
+@arithmetic_option("--bitnet-arithmetic")
 @dtype_option
 @_read_options
 @force_option
@@ -649,6 +664,7 @@ def megatron_to_hf(
     commit_message,
     create_pr,
     fold_mup,
+    arithmetic,
     dtype,
     force,
     dry_run,
@@ -679,6 +695,7 @@ def megatron_to_hf(
         max_shard_size=max_shard_size,
         progress=_shows_progress(as_json, quiet) and not dry_run,
         fold_mup=fold_mup,
+        bitnet_arithmetic=arithmetic,
         options=options,
         dry_run=dry_run,
     ).to_dict()
@@ -1011,7 +1028,7 @@ def parity(hf_dir, megatron_dir, tokens, seed, batch, atol, as_json, quiet, opti
 
 @main.group()
 def bitnet():
-    """BitNet b1.58 ternary weights: transformers' packed HF format <-> plain weights.
+    """BitNet b1.58 ternary weights: transformers' packed HF format <-> plain weights (Falcon-H1, Llama).
 
     \b
     Examples:
@@ -1021,10 +1038,13 @@ def bitnet():
 
 
 def _bitnet_text(r: dict) -> str:
+    if r["dry_run"]:
+        return _plan_text(r["plan"], f"bitnet {r['direction']}: {r['source']} -> {r['destination']}")
     rules = ", ".join(f"{n} {rule}" for rule, n in sorted(r["quantized"].items()))
+    arithmetic = f" arithmetic={r['arithmetic']}" if r["arithmetic"] else ""
     return (
         f"bitnet {r['direction']}: {r['source']} -> {r['destination']}\n"
-        f"  linear_class={r['linear_class']} dtype={r['dtype']}\n"
+        f"  linear_class={r['linear_class']} dtype={r['dtype']}{arithmetic}\n"
         f"  {r['linears']} BitNet linears{f' ({rules})' if rules else ''}, {r['tensors']} tensors, "
         f"{r['bytes_written'] / 2**20:.1f} MiB in {r['seconds']:.2f}s"
     )
@@ -1040,23 +1060,33 @@ def _bitnet_text(r: dict) -> str:
     help="transformers layer: bitlinear stores weight_scale = 1/mean|W|, autobitlinear mean|W| "
     "[default: the one an unpacked SRC records, else bitlinear].",
 )
+@arithmetic_option("--arithmetic")
 @dtype_option
 @force_option
+@dry_run_option
 @json_option
 @quiet_option
 @_friendly
-def bitnet_pack(src, dst, linear_class, dtype, force, as_json, quiet):
-    """Quantize the Falcon-H1 linears of the HF folder SRC to ternary and write the packed HF folder DST.
+def bitnet_pack(src, dst, linear_class, arithmetic, dtype, force, dry_run, as_json, quiet):
+    """Quantize the BitNet linears of the HF folder SRC to ternary and write the packed HF folder DST.
 
-    Latent weights get absmean over each whole tensor; weights from `bitnet unpack` (or from a
-    packed-origin Megatron checkpoint) are packed back bit for bit.
+    Latent weights get absmean over each whole tensor (by default exactly as onebitllms'
+    quantize_to_1bit); weights from `bitnet unpack` (or from a packed-origin Megatron checkpoint) are
+    packed back bit for bit. --dtype applies to the unquantized tensors.
 
     \b
     Example:
       h1bridge bitnet pack Falcon-H1-ft Falcon-H1-ft-1.58bit --linear-class autobitlinear
     """
     r = api.pack_checkpoint(
-        src, dst, linear_class=linear_class, dtype=dtype, force=force, progress=_shows_progress(as_json, quiet)
+        src,
+        dst,
+        linear_class=linear_class,
+        arithmetic=arithmetic,
+        dtype=dtype,
+        force=force,
+        progress=_shows_progress(as_json, quiet),
+        dry_run=dry_run,
     ).to_dict()
     _emit(r, as_json, _bitnet_text(r))
 
@@ -1066,10 +1096,11 @@ def bitnet_pack(src, dst, linear_class, dtype, force, as_json, quiet):
 @click.argument("dst", type=PathArg)
 @dtype_option
 @force_option
+@dry_run_option
 @json_option
 @quiet_option
 @_friendly
-def bitnet_unpack(src, dst, dtype, force, as_json, quiet):
+def bitnet_unpack(src, dst, dtype, force, dry_run, as_json, quiet):
     """Write the packed HF folder SRC as plain weights (ternary × scale, in --dtype) to DST.
 
     DST has no quantization_config; config.json records the exact scales, so `bitnet pack` gives
@@ -1079,7 +1110,9 @@ def bitnet_unpack(src, dst, dtype, force, as_json, quiet):
     Example:
       h1bridge bitnet unpack Falcon-H1-ft-1.58bit Falcon-H1-ft-bf16 --dtype bf16
     """
-    r = api.unpack_checkpoint(src, dst, dtype=dtype, force=force, progress=_shows_progress(as_json, quiet)).to_dict()
+    r = api.unpack_checkpoint(
+        src, dst, dtype=dtype, force=force, progress=_shows_progress(as_json, quiet), dry_run=dry_run
+    ).to_dict()
     _emit(r, as_json, _bitnet_text(r))
 
 

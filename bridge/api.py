@@ -11,8 +11,8 @@ from bridge.engine.reshard import reshard
 from bridge.engine.targets import DEFAULT_TARGET, TARGETS
 from bridge.errors import InputError
 from bridge.families import FAMILIES, family_for_model_type
+from bridge.features.bitnet import ARITHMETICS, DEFAULT_ARITHMETIC, pack_checkpoint, unpack_checkpoint
 from bridge.features.bitnet import LINEAR_CLASSES as BITNET_LINEAR_CLASSES
-from bridge.features.bitnet import pack_checkpoint, unpack_checkpoint
 from bridge.features.mup import FoldReport, fold_mup, unfold_mup
 from bridge.formats.registry import FORMATS
 from bridge.hub import plan_push, push, validate_hf_folder
@@ -60,7 +60,12 @@ def mapping_rows(layout: str | None = None, family: str = "falcon_h1") -> list[d
     return rows
 
 
+BITNET_ARITHMETICS = tuple(ARITHMETICS)
+BITNET_DEFAULT_ARITHMETIC = DEFAULT_ARITHMETIC
+
 __all__ = [
+    "BITNET_ARITHMETICS",
+    "BITNET_DEFAULT_ARITHMETIC",
     "BITNET_LINEAR_CLASSES",
     "pack_checkpoint",
     "unpack_checkpoint",

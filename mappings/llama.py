@@ -1,7 +1,8 @@
 """The Llama parameter table (transformers' ``LlamaForCausalLM`` <-> megatron-core ``GPTModel``).
 
-Also Falcon3 and Falcon-E (BitNet aside), whose config says ``model_type: llama``. Megatron names are
-megatron-core's GPT layer specs (``gpt_layer_specs.py``) as Megatron-Bridge's ``LlamaBridge`` maps them
+Also Falcon3 and Falcon-E (BitNet rule: ``bridge/families/llama.py``), whose config says
+``model_type: llama``. Megatron names are megatron-core's GPT layer specs (``gpt_layer_specs.py``) as
+Megatron-Bridge's ``LlamaBridge`` maps them
 (067f987df03b): ``self_attention.linear_qkv`` holds q, k, v interleaved per query group,
 ``linear_proj`` and ``mlp.linear_fc2`` are row parallel, ``mlp.linear_fc1`` is [gate_r; up_r] per rank.
 

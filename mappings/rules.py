@@ -35,6 +35,11 @@ def _chunk(t: Tensor, tp: int, dim: int, what: str) -> tuple[Tensor, ...]:
     return t.chunk(tp, dim)
 
 
+def _cat(shards: Sequence[Tensor], dim: int) -> Tensor:
+    """The shards joined on ``dim``; a single shard is returned as it is (TP=1, torch_dist: no copy)."""
+    return shards[0] if len(shards) == 1 else torch.cat(list(shards), dim)
+
+
 def _identical(shards: Sequence[Tensor]) -> bool:
     """Replicas agree; the same object is its own replica (a dry run's data-less tensors are shared)."""
     return all(s is shards[0] or (s.shape == shards[0].shape and torch.equal(s, shards[0])) for s in shards[1:])
@@ -104,7 +109,7 @@ class Split(Rule):
         return _chunk(full, tp, self.dim, self.name)[rank]
 
     def merge(self, shards, dims):
-        return [torch.cat(list(shards), self.dim)]
+        return [_cat(shards, self.dim)]
 
 
 class VocabSplit(Rule):
@@ -125,7 +130,7 @@ class VocabSplit(Rule):
         return [real] if not pad else [p for p in (real, t.new_zeros((pad, *t.shape[1:]))) if p.shape[0]]
 
     def merge(self, shards, dims):
-        full = torch.cat(list(shards), 0)
+        full = _cat(shards, 0)
         if full.shape[0] < dims.vocab:
             raise ShardError(f"vocab: {full.shape[0]} rows, fewer than vocab_size {dims.vocab}")
         return [full[: dims.vocab]]
@@ -172,6 +177,8 @@ class Blockwise(Rule):
             if s.shape[0] != sum(local):
                 raise ShardError(f"{self.name}: rank shard has {s.shape[0]} rows, expected {sum(local)}")
             per_rank.append(s.split(local, 0))
+        if tp == 1:  # the one shard already is the fused tensor, its blocks are views of it
+            return [shards[0]] if self.fused_hf else list(per_rank[0])
         blocks = [torch.cat([r[i] for r in per_rank], 0) for i in range(len(local))]
         return [torch.cat(blocks, 0)] if self.fused_hf else blocks
 
@@ -212,7 +219,7 @@ class QKVInterleave(Rule):
     def merge(self, shards, dims):
         rows = self._group_rows(dims)
         rest = shards[0].shape[1:]
-        fused = torch.cat(list(shards), 0)
+        fused = _cat(shards, 0)
         if fused.shape[0] != dims.n_kv_heads * sum(rows):
             raise ShardError(f"qkv: {fused.shape[0]} rows, expected {dims.n_kv_heads * sum(rows)}")
         q, k, v = fused.reshape(dims.n_kv_heads, sum(rows), *rest).split(rows, 1)

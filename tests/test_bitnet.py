@@ -23,6 +23,7 @@ from transformers.utils import logging as hf_logging
 import cli
 from bridge.engine.convert import hf_to_megatron, megatron_to_hf
 from bridge.errors import InputError, UnsupportedError
+from bridge.families.falcon_h1 import BITNET
 from bridge.features import bitnet
 from bridge.features.bitnet import (
     dequantize,
@@ -36,7 +37,8 @@ from bridge.features.bitnet import (
 from bridge.formats.legacy import LegacyCheckpoint
 from bridge.tiny import make_tiny
 from mappings import FALCON_H1
-from mappings.bitnet import BITNET_LINEARS, bitnet_modules, is_bitnet_weight
+
+is_bitnet_weight = BITNET.is_weight
 
 LINEAR_CLASSES = ("bitlinear", "autobitlinear")
 
@@ -67,31 +69,28 @@ def packed_bf16(hf_bf16, tmp_path_factory):
 # --- the quantizer and the packing, against transformers ---------------------------------------------
 
 
-def onebitllms_weight_quant(w):
-    """onebitllms ``utils/quantization_utils.py::_weight_quant`` (not installable without Triton), verbatim."""
-    scale = 1.0 / w.abs().mean().clamp_(min=1e-05)
-    return (w * scale).round().clamp_(-1, 1), scale
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(64, 48), (472, 64), (3, 5)])
-def test_quantize_is_the_reference_formula(shape, dtype):
+def test_fp32_arithmetic_is_transformers_weight_quant(shape, dtype):
+    """The explicit fp32 variant: transformers' ``WeightQuant`` run on the weight cast to fp32."""
     w = (torch.randn(shape, generator=torch.Generator().manual_seed(sum(shape))) * 0.02).to(dtype)
-    t, mean = quantize(w)
-    assert t.dtype == torch.int8 and mean.dtype == torch.float32
-    # transformers' WeightQuant returns t / s in the input dtype; s > 0, so its sign is t.
-    assert torch.equal(WeightQuant.apply(w).sign().to(torch.int8), t)
-    u, scale = onebitllms_weight_quant(w.float())
-    assert torch.equal(u.to(torch.int8), t) and torch.equal(scale, 1.0 / mean)
-    assert torch.equal(mean, w.float().abs().mean())
+    t, s = quantize(w, "fp32")
+    assert t.dtype == torch.int8 and s.dtype == torch.float32
+    w32 = w.float()
+    wq = WeightQuant.apply(w32)  # t / s in fp32; s > 0, so its sign is t and its magnitude 1/s
+    assert torch.equal(wq.sign().to(torch.int8), t)
+    assert torch.equal(wq.abs().max(), 1.0 / s)
+    assert torch.equal(s, 1.0 / w32.abs().mean())
 
 
 def test_quantize_rounds_ties_half_to_even():
     w = torch.tensor([1.5, 0.25, -0.25, 0.0])  # mean|W| = 0.5: the middle two sit exactly on ±0.5
-    t, mean = quantize(w)
-    assert float(mean) == 0.5 and t.tolist() == [1, 0, 0, 0]
+    for arithmetic in ("onebitllms", "fp32"):
+        t, s = quantize(w, arithmetic)
+        assert float(s) == 2.0 and t.tolist() == [1, 0, 0, 0]
     assert torch.floor(w * 2 + 0.5).clamp(-1, 1).tolist() == [1, 1, 0, 0]  # the Triton kernel's half-up
-    assert quantize(torch.zeros(4, 4))[1] == torch.tensor(1e-5)  # the absmean floor
+    assert quantize(torch.zeros(4, 4), "fp32")[1] == 1 / torch.tensor(1e-5)  # the absmean floor
+    assert quantize(torch.zeros(4, 4))[1] == 1 / torch.tensor(1e-5, dtype=torch.bfloat16)
 
 
 @pytest.mark.parametrize("shape", [(8, 3), (2048, 512), (10, 2), (1, 5), (7,), (16,)])
@@ -121,9 +120,9 @@ def test_bitnet_linears_are_the_models_linears(preset):
     with torch.device("meta"):
         model = FalconH1ForCausalLM(cfg)
     linears = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
-    assert linears - {"lm_head"} == set(bitnet_modules(cfg.num_hidden_layers))
+    assert linears - {"lm_head"} == set(BITNET.modules(model.state_dict()))
     table_keys = {k for p in FALCON_H1 for k in p.hf}
-    assert {f"{m}.weight" for m in BITNET_LINEARS} <= table_keys
+    assert BITNET.only is not None and {f"{m}.weight" for m in BITNET.only} <= table_keys
     packed = {k for k in model.state_dict() if is_bitnet_weight(k)}
     assert len(packed) == 9 * cfg.num_hidden_layers
     assert not any(
@@ -151,10 +150,10 @@ def test_plain_requantize_loses_the_scale_and_the_record_restores_it():
     t = torch.randint(-1, 2, (64, 32), generator=torch.Generator().manual_seed(0), dtype=torch.int8)
     for scale in bf16_reciprocal_misses()[:8]:
         w = dequantize(t, scale, "bitlinear", torch.bfloat16)
-        t_plain, mean = quantize(w)
+        t_plain, s = quantize(w, "fp32")
         share = (t != 0).float().mean()
         assert torch.equal(t_plain, t)  # absmean keeps the pattern of a ternary × m tensor ...
-        assert torch.allclose(mean.double(), w.abs().max().double() * share, rtol=1e-6)  # ... but mean = m × share
+        assert torch.allclose(1 / s.double(), w.abs().max().double() * share, rtol=1e-6)  # ... but mean = m × share
         got, stored, how = ternarize(w, "bitlinear", recorded=float(scale))
         assert how == "record" and torch.equal(got, t) and torch.equal(stored.to(torch.bfloat16), scale)
         got, derived, how = ternarize(w, "bitlinear")
@@ -189,10 +188,10 @@ def test_hf_packed_plain_packed_bit_exact(hf_bf16, tmp_path, linear_class, unpac
     config = json.loads((tmp_path / "plain" / "config.json").read_text())
     assert "quantization_config" not in config and len(config["bitnet_unpacked"]["weight_scale"]) == 36
     key = "model.layers.1.mamba.in_proj.weight"
-    t, mean = quantize(latent[key])
-    scale = 1.0 / mean if linear_class == "bitlinear" else mean
+    t, s = quantize(latent[key])
+    scale = s if linear_class == "bitlinear" else 1.0 / s
     assert packed[key].shape == (472 // 4, 64) and torch.equal(packed[key], pack(t))
-    assert packed[key + "_scale"].dtype == torch.bfloat16 and packed[key + "_scale"] == scale.to(torch.bfloat16)
+    assert packed[key + "_scale"].dtype == torch.bfloat16 and torch.equal(packed[key + "_scale"], scale.view(1))
     dtype = torch.float32 if unpack_dtype == "fp32" else torch.bfloat16
     assert torch.equal(plain[key], dequantize(t, packed[key + "_scale"], linear_class, dtype))
     assert torch.equal(plain["model.embed_tokens.weight"], latent["model.embed_tokens.weight"].to(dtype))
@@ -227,17 +226,17 @@ def test_megatron_latent_export_quantizes_the_gathered_tensor(hf_preset, tmp_pat
     megatron_to_hf(tmp_path / "meg", tmp_path / "packed", bitnet_pack=True)
     latent, packed = load_hf(src), load_hf(tmp_path / "packed")
     for key in (k for k in latent if is_bitnet_weight(k)):
-        t, mean = quantize(latent[key])
+        t, s = quantize(latent[key])
         assert torch.equal(packed[key], pack(t)), key
-        assert torch.equal(packed[key + "_scale"], (1.0 / mean).reshape(1)), key
+        assert torch.equal(packed[key + "_scale"], s.reshape(1)), key
     config = json.loads((tmp_path / "packed" / "config.json").read_text())
-    assert config["quantization_config"] == bitnet.default_quant_config("bitlinear")
+    assert config["quantization_config"] == bitnet.default_quant_config("bitlinear", BITNET)
 
     # Per shard (Megatron-LM's BitNet forward) the scale and the pattern would differ.
     q = latent["model.layers.0.self_attn.q_proj.weight"]
-    shard_t, shard_mean = quantize(q[: q.shape[0] // tp])
-    full_t, full_mean = quantize(q)
-    assert abs(float(shard_mean / full_mean) - 1) > 1e-3
+    shard_t, shard_s = quantize(q[: q.shape[0] // tp], "fp32")
+    full_t, full_s = quantize(q, "fp32")
+    assert abs(float(shard_s / full_s) - 1) > 1e-3
     assert (shard_t != full_t[: q.shape[0] // tp]).any()
 
 
@@ -250,11 +249,16 @@ def test_fold_mup_refused_with_bitnet(packed_bf16, tmp_path):
 # --- transformers loads and runs the packed model --------------------------------------------------------
 
 
-def act_fake_quant(module, args):
-    """BitLinear's per-token int8 activation quantization, as a float round trip."""
-    x = args[0]
-    s = 127 / x.abs().max(dim=-1, keepdim=True).values.clamp(min=1e-5)
-    return ((x * s).round().clamp(-128, 127) / s,)
+def act_fake_quant(compute_dtype):
+    """The per-token int8 activation quantization transformers runs before a BitNet linear, as a float
+    round trip: ``BitLinear.activation_quant`` in the input's dtype, ``ActQuant`` in fp32."""
+
+    def hook(module, args):
+        x = args[0].to(compute_dtype or args[0].dtype)
+        s = 127 / x.abs().max(dim=-1, keepdim=True).values.clamp(min=1e-5)
+        return (((x * s).round().clamp(-128, 127) / s).to(args[0].dtype),)
+
+    return hook
 
 
 @pytest.mark.parametrize("linear_class,layer", [("bitlinear", BitLinear), ("autobitlinear", AutoBitLinear)])
@@ -268,7 +272,7 @@ def test_transformers_runs_the_packed_model(hf_preset, tmp_path, linear_class, l
     assert type(quantized.lm_head) is torch.nn.Linear
     for name, module in reference.named_modules():
         if is_bitnet_weight(f"{name}.weight"):
-            module.register_forward_pre_hook(act_fake_quant)
+            module.register_forward_pre_hook(act_fake_quant(None))
     ids = torch.randint(0, 317, (2, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         got, want = quantized(ids).logits, reference(ids).logits

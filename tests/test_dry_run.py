@@ -78,6 +78,17 @@ def test_mup_plan_is_the_output(hf_preset, tmp_path, fn):
     assert planned.plan["files"] == file_sizes(tmp_path / "out")
 
 
+@pytest.mark.parametrize("preset", ["tiny", "llama-tiny"])
+def test_bitnet_plan_is_the_output(hf_preset, tmp_path, preset):
+    planned = api.pack_checkpoint(hf_preset(preset), tmp_path / "packed", dry_run=True)
+    assert list(tmp_path.iterdir()) == []
+    api.pack_checkpoint(hf_preset(preset), tmp_path / "packed")
+    assert planned.plan["files"] == file_sizes(tmp_path / "packed")
+    planned = api.unpack_checkpoint(tmp_path / "packed", tmp_path / "plain", dtype="bf16", dry_run=True)
+    api.unpack_checkpoint(tmp_path / "packed", tmp_path / "plain", dtype="bf16")
+    assert planned.plan["files"] == file_sizes(tmp_path / "plain")
+
+
 def _resident_pages(path: Path) -> int:
     """Pages of ``path`` in the page cache (mincore over a fresh shared mapping)."""
     libc = ctypes.CDLL(None, use_errno=True)

@@ -24,6 +24,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
@@ -33,9 +34,11 @@ from safetensors.torch import load_file, save_file
 import cli
 from bridge.checks.verify import verify
 from bridge.engine.convert import hf_to_megatron
+from bridge.errors import InputError
 from bridge.formats import hf as hf_format
 from bridge.formats import legacy as legacy_format
 from bridge.formats.hf import HFCheckpoint
+from bridge.plumbing import direct_io
 from bridge.plumbing.safe_pickle import safe_torch_load
 from bridge.tiny import make_tiny
 
@@ -532,10 +535,10 @@ def _enospc_after(good_files: int):
     """A write_rank_file that writes ``good_files`` files, then half of the next and fails as a full disk does."""
     real, calls = legacy_format.write_rank_file, []
 
-    def write_rank_file(path, model, args, iteration):
+    def write_rank_file(path, *rest):
         calls.append(path)
         if len(calls) <= good_files:
-            return real(path, model, args, iteration)
+            return real(path, *rest)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(b"PK\x03\x04" + b"\0" * 4096)
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
@@ -552,6 +555,62 @@ def test_disk_full_legacy_writer(ws, monkeypatch):
         4,
         f"{ws.out}: writing failed (No space left on device); nothing was left behind",
     )
+
+
+@pytest.mark.parametrize("where", ["record header", "tensor data"])
+def test_disk_full_inside_a_streamed_rank_file(ws, monkeypatch, where):
+    """The real legacy writer, failing half way through the second rank file: in a write torch's zip
+    writer makes (a header), or in one of a shard's chunks (arrays, written as torch seeks over the
+    storage). Either way the OSError is the one line, and nothing is left."""
+    real, files = direct_io.DirectFile.write, []
+
+    def write(self, data):
+        if self not in files:
+            files.append(self)
+        if len(files) == 2 and (where == "tensor data") == isinstance(data, np.ndarray) and self.tell() > 1000:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(self, data)
+
+    monkeypatch.setattr(direct_io.DirectFile, "write", write)
+    refused(
+        ["hf-to-megatron", ws.hf, ws.out, "--tp", "2", "--json"],
+        ws.hf,
+        ws.out,
+        4,
+        f"{ws.out}: writing failed (No space left on device); nothing was left behind",
+    )
+
+
+def _failing_get(monkeypatch, calls: int, fail):
+    """HFCheckpoint.get that calls ``fail()`` on its ``calls``-th use (the tiny model at TP=2 reads 71
+    tensors per rank file: 100 is in the middle of the second)."""
+    real, count = hf_format.HFCheckpoint.get, [0]
+
+    def get(self, key):
+        count[0] += 1
+        if count[0] == calls:
+            fail()
+        return real(self, key)
+
+    monkeypatch.setattr(hf_format.HFCheckpoint, "get", get)
+
+
+def test_source_error_inside_a_streamed_rank_file_is_its_own_line(ws, monkeypatch):
+    """torch.save would report what its write callback raised as a RuntimeError (an internal error);
+    the source's one-line error comes through as itself."""
+
+    def fail():
+        raise InputError(f"{ws.hf}: shard broke mid-read")
+
+    _failing_get(monkeypatch, 100, fail)
+    refused(["hf-to-megatron", ws.hf, ws.out, "--tp", "2", "--json"], ws.hf, ws.out, 3, "shard broke mid-read")
+
+
+def test_sigterm_while_a_shard_is_produced_leaves_nothing(ws, monkeypatch):
+    _failing_get(monkeypatch, 100, lambda: os.kill(os.getpid(), signal.SIGTERM))
+    code, err, _ = run("hf-to-megatron", ws.hf, ws.out, "--tp", "2", "--json")
+    assert code == 128 + signal.SIGTERM and err == "interrupted by SIGTERM; no partial output was left", err
+    assert not ws.out.exists() and leftovers(ws.out) == []
 
 
 def test_disk_full_safetensors_writer(ws, monkeypatch):

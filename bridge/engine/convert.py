@@ -14,8 +14,6 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import torch
-
 from bridge.engine.config import config_dtype, dtype_name
 from bridge.engine.dry_run import (
     FakeSource,
@@ -215,11 +213,12 @@ def write_megatron(
     hf_layout: Layout,
     dry_run: bool = False,
 ) -> Summary:
-    """Writes a Megatron checkpoint from any ``source.get(hf_key)``: an HF folder, or another Megatron
-    checkpoint being re-sharded (its tensors merged on the fly). ``extra_args`` are stored in ``args``
-    as given (e.g. BitNet's flag and scales). ``expand_groups``: see ``bridge.groups``. ``target``,
-    ``iteration``: see ``bridge.targets``. ``hf_layout``: the model's HF shapes and dtypes, to size the
-    output before writing; ``dry_run``: ``source`` gives fake tensors, nothing is written."""
+    """Writes a Megatron checkpoint from any ``source.get(hf_key)`` / ``source.dtype(hf_key)``: an HF
+    folder, or another Megatron checkpoint being re-sharded (its tensors merged on the fly).
+    ``extra_args`` are stored in ``args`` as given (e.g. BitNet's flag and scales). ``expand_groups``:
+    see ``bridge.groups``. ``target``, ``iteration``: see ``bridge.targets``. ``hf_layout``: the model's
+    HF shapes and dtypes, to size the output before writing; ``dry_run``: ``source`` gives fake tensors,
+    nothing is written."""
     family = family_of(cfg)
     layout = layout or next(iter(family.layouts))
     stack = resolve_target(
@@ -306,14 +305,16 @@ def _export_transform(
     cfg,
     plan: ParallelPlan,
     sidecar: Path | None,
-    target: torch.dtype | None,
     fold_mup: bool,
     bitnet_pack: bool | None,
+    bitnet_arithmetic: str,
 ) -> ExportTransform | None:
     from bridge.features import bitnet
     from bridge.features.mup import MupScaler  # both build on this module
 
-    packing = bitnet.export_transform(cfg, vars(meg.args) if meg.args is not None else {}, target, bitnet_pack)
+    packing = bitnet.export_transform(
+        cfg, vars(meg.args) if meg.args is not None else {}, bitnet_pack, bitnet_arithmetic
+    )
     if not fold_mup:
         return packing
     if not plan.family.mup_fields:
@@ -336,6 +337,7 @@ def megatron_to_hf(
     progress: bool = False,
     fold_mup: bool = False,
     bitnet_pack: bool | None = None,
+    bitnet_arithmetic: str = "onebitllms",
     options: ReadOptions = ReadOptions(),
     dry_run: bool = False,
 ) -> Summary:
@@ -343,7 +345,8 @@ def megatron_to_hf(
 
     ``fold_mup`` folds the µP multipliers into the exported weights (see ``bridge.mup``).
     ``bitnet_pack`` writes BitNet linears ternary-packed (see ``bridge.bitnet``); by default a BitNet
-    checkpoint (``args.use_bitnet`` or a packed-origin config) is packed, others are not.
+    checkpoint (``args.use_bitnet`` or a packed-origin config) is packed, others are not; latent
+    weights are quantized with ``bitnet_arithmetic`` (``bridge.features.bitnet.ARITHMETICS``).
     ``options``: which iteration, and where the config and tokenizer come from (``ReadOptions``).
     ``dry_run``: write nothing, read no tensor data; the summary's ``plan`` lists files and bytes.
     """
@@ -352,9 +355,9 @@ def megatron_to_hf(
     meg = open_megatron(src, options)
     cfg, sidecar = megatron_hf_config(meg, options)
     plan, hf_shapes = megatron_plan(meg, cfg)
-    transform = _export_transform(meg, cfg, plan, sidecar, target, fold_mup, bitnet_pack)
+    transform = _export_transform(meg, cfg, plan, sidecar, fold_mup, bitnet_pack, bitnet_arithmetic)
     gather = MegatronToHF(meg, plan, None if transform else target)  # a transform works first, then casts
-    layout: Layout = {k: (hf_shapes[k], target or gather.source_dtype(k)) for k in hf_shapes}
+    layout: Layout = {k: (hf_shapes[k], target or gather.dtype(k)) for k in hf_shapes}
     produce: Producer = gather.tensors
     if transform:
         layout = transform.layout(layout)

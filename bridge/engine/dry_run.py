@@ -25,6 +25,7 @@ from bridge.errors import OutputError
 from bridge.formats.hf import LazyTensors
 from bridge.plumbing.atomic import atomic_output_dir, check_output
 from bridge.plumbing.fake import fake, storages_skipped
+from bridge.plumbing.pipeline import same_thread
 
 # What a conversion holds besides the interpreter and its libraries, measured by bench/convert_bench.py
 # (peak RSS minus the RSS before the first tensor, on the 0.5B-3B shapes): the tensor being written and
@@ -96,7 +97,7 @@ def output_dir(dst: Path, *, force: bool, inputs: Sequence[Path], dry_run: bool)
             yield tmp
         return
     check_output(dst, force=force, inputs=inputs)
-    with tempfile.TemporaryDirectory(prefix="h1bridge-dry-run-") as scratch, storages_skipped():
+    with tempfile.TemporaryDirectory(prefix="h1bridge-dry-run-") as scratch, storages_skipped(), same_thread():
         yield Path(scratch)
 
 

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import torch
 
-from bridge.engine.hf_rewrite import materialize
 from bridge.engine.layout import (
     check_float_dtypes,
     check_megatron_layers,
@@ -76,7 +75,7 @@ class MegatronToHF:
     release_bytes = 64 * 2**20
 
     def __init__(self, meg: MegatronCheckpoint, plan: ParallelPlan, dtype: torch.dtype | None):
-        self.meg, self.plan, self.dtype = meg, plan, dtype
+        self.meg, self.plan, self.out_dtype = meg, plan, dtype
         self.index = hf_index(plan)
         original = getattr(meg.args, "expanded_from_groups", None) if meg.args is not None else None
         self.groups_factor = plan.hf_config.mamba_n_groups // original if original else 1
@@ -120,13 +119,17 @@ class MegatronToHF:
     get = merged  # a Megatron checkpoint read as an HF source (re-sharding)
 
     def tensor(self, key: str) -> torch.Tensor:
-        """One HF tensor, materialised in the output dtype."""
-        return materialize(self.merged(key), self.dtype)
+        """One HF tensor in the output dtype, contiguous but possibly a view of the merged shards (a
+        row block, the vocabulary without padding): the safetensors writer reads it where it lies, a
+        copy would only cost fresh memory."""
+        merged = self.merged(key)
+        return (merged if self.out_dtype is None else merged.to(self.out_dtype)).contiguous()
 
     def tensors(self, keys: list[str]) -> LazyTensors:
         return LazyTensors(keys, self.tensor)
 
-    def source_dtype(self, key: str) -> torch.dtype:
+    def dtype(self, key: str) -> torch.dtype:
+        """What ``get(key)`` returns: the stored dtype (rank 0's)."""
         param, layer, _ = self.index[key]
         pp_rank, local = self._stage(param, layer)
         return self.meg.tensor_meta(0, pp_rank)[self.plan.megatron_name(param, local)][1]

@@ -122,7 +122,7 @@ def reshard(
         assets=assets,
         extra_args=bitnet.carried_args(meg.args),
         target=kept.target,
-        hf_layout={k: (shape, gather.source_dtype(k)) for k, shape in hf_shapes.items()},
+        hf_layout={k: (shape, gather.dtype(k)) for k, shape in hf_shapes.items()},
         dry_run=dry_run,
     )
     summary.source, summary.direction = str(src), "reshard"

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from bridge.errors import InputError
 from mappings import Layout, Param
+from mappings.bitnet import BitNetLinears
 from mappings.rules import Blockwise
 
 if TYPE_CHECKING:
@@ -44,6 +45,7 @@ class ModelFamily:
     compared_fields: tuple[str, ...] = ()  # fields a sidecar config and args / run_config must agree on
     display_name: str = ""  # how messages name the family (its ``name`` when empty)
     args_markers: tuple[str, ...] = ()  # prefixes of Megatron-LM args names only this family's args have
+    bitnet: BitNetLinears | None = None  # which HF tensors are BitNet linears; None: BitNet is refused
 
     @property
     def model_roots(self) -> frozenset[str]:

@@ -26,6 +26,8 @@ from mappings import (
     hf_shapes,
     params_for,
 )
+from mappings.bitnet import BitNetLinears
+from mappings.falcon_h1 import LAYER
 
 RELEASED: dict[str, dict] = {
     "0.5b": dict(
@@ -160,6 +162,28 @@ RELEASED = {name: {**COMMON, **shape} for name, shape in RELEASED.items()}
 PRESETS = {name: {**COMMON, **fields} for name, fields in PRESETS.items()}
 
 
+# BitNet: only the nn.Linear modules transformers' BitNet quantizer replaces in FalconH1ForCausalLM
+# (lm_head left out, its default), i.e. what onebitllms' BitNetLinear trains. onebitllms'
+# quantize_to_1bit skip list (written for Llama) must never be applied here: it would ternarize
+# A_log, D, dt_bias, conv1d and the norms.
+BITNET = BitNetLinears(
+    only=tuple(
+        f"model.layers.{LAYER}.{module}"
+        for module in (
+            "self_attn.q_proj",
+            "self_attn.k_proj",
+            "self_attn.v_proj",
+            "self_attn.o_proj",
+            "mamba.in_proj",
+            "mamba.out_proj",
+            "feed_forward.gate_proj",
+            "feed_forward.up_proj",
+            "feed_forward.down_proj",
+        )
+    )
+)
+
+
 def check_parallel(cfg, tp: int, pp: int) -> None:
     """megatron-core's own asserts (``MambaMixer.__init__``, ``Attention.__init__``, ``MLP``) for TP/PP >= 1."""
     d_ssm = cfg.mamba_d_ssm if cfg.mamba_d_ssm is not None else cfg.mamba_expand * cfg.hidden_size
@@ -217,5 +241,6 @@ FALCON_H1_FAMILY = register(
         compared_fields=COMPARED_FIELDS + MUP_FIELDS,
         display_name="Falcon-H1",
         args_markers=("mamba_", "hybrid_override_pattern"),
+        bitnet=BITNET,
     )
 )

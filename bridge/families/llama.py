@@ -18,6 +18,7 @@ from bridge.families.llama_args import (
     megatron_args,
     provider_fields,
 )
+from mappings.bitnet import BitNetLinears
 from mappings.llama import LAYOUTS, LLAMA, LlamaDims, extra_state_modules, hf_shapes, params_for
 
 _TINY = dict(
@@ -54,6 +55,21 @@ PRESETS: dict[str, dict] = {
         },
     ),
 }
+
+
+# BitNet: onebitllms' quantize_to_1bit rule (tiiuae/onebitllms 66f212b,
+# src/onebitllms/utils/quantization_utils.py ``_is_param_to_not_quantize``): every weight except these.
+# On a Llama state dict that is exactly the q/k/v/o and gate/up/down linears, the modules
+# transformers' BitNet quantizer replaces when lm_head is left out.
+BITNET = BitNetLinears(
+    skip=(
+        "model.embed_tokens.weight",
+        "model.norm.weight",
+        "lm_head.weight",
+        "input_layernorm",
+        "post_attention_layernorm",
+    )
+)
 
 
 def check_parallel(cfg, tp: int, pp: int) -> None:
@@ -102,5 +118,6 @@ LLAMA_FAMILY = register(
         optional_sizes=OPTIONAL_SIZES,
         compared_fields=COMPARED_FIELDS,
         display_name="Llama",
+        bitnet=BITNET,
     )
 )

@@ -94,3 +94,6 @@ class ExpandedSource:
 
     def get(self, key: str) -> torch.Tensor:
         return expand(self.source.get(key), key, self.dims, self.factor)
+
+    def dtype(self, key: str) -> torch.dtype:
+        return self.source.dtype(key)

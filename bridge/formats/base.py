@@ -51,7 +51,8 @@ class Writer(Protocol):
         objects: dict[str, object] | None,
         progress: bool,
     ) -> int:
-        """Writes the iteration folder from ``source.get(hf_key)``; returns the number of tensors."""
+        """Writes the iteration folder from ``source.get(hf_key)`` (``source.dtype(hf_key)``: its dtype,
+        without reading it); returns the number of tensors."""
         ...
 
 

@@ -251,6 +251,9 @@ class CheckedSource:
     def get(self, key: str) -> torch.Tensor:
         return self.counts.check(key, self.source.get(key))
 
+    def dtype(self, key: str) -> torch.dtype:
+        return self.source.dtype(key)
+
 
 class LazyTensors(Mapping):
     """A shard's tensors computed on access, so the writer holds one at a time."""

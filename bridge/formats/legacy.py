@@ -8,27 +8,31 @@ disk until a rule touches them.
 from __future__ import annotations
 
 import argparse
+import functools
+import math
 import os
 import re
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
+from bridge.engine.layout import expected_hf_shapes
 from bridge.engine.plan import ParallelPlan, hf_name
 from bridge.errors import InputError, UnsupportedError
 from bridge.formats.base import MegatronFormat
 from bridge.formats.iterations import TRACKER, resolve_iteration_dir
 from bridge.plumbing import distributed
-from bridge.plumbing.atomic import torch_save
-from bridge.plumbing.buffers import BufferPool, fill
 from bridge.plumbing.pages import drop_resident
 from bridge.plumbing.progress import Progress
 from bridge.plumbing.safe_files import regular_file
 from bridge.plumbing.safe_pickle import safe_torch_load
+from bridge.plumbing.streamed_save import Deferred, stream_save
 
 RANK_FILE = "model_optim_rng.pt"
 HF_ASSETS = "hf_assets"
 CHECKPOINT_VERSION = 3.0
+CHUNK_BYTES = 16 * 2**20  # a shard is cast and written this much at a time
 _RANK_DIR = re.compile(r"^mp_rank_(\d{2})(?:_(\d{3}))?(_\d{3})?$")
 
 
@@ -126,10 +130,13 @@ class LegacyCheckpoint:
             self._cache.clear()
 
 
-def write_rank_file(path: Path, model: dict[str, torch.Tensor], args: argparse.Namespace, iteration: int) -> None:
+def write_rank_file(
+    path: Path, model: dict[str, torch.Tensor], deferred: Deferred, args: argparse.Namespace, iteration: int
+) -> None:
+    """``model`` maps names to ``deferred``'s placeholders: each tensor is produced as its record is written."""
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {"args": args, "checkpoint_version": CHECKPOINT_VERSION, "iteration": iteration, "model": model}
-    torch_save(state, path)
+    stream_save(state, path, deferred)
 
 
 def write_tracker(root: Path, iteration: int | str) -> None:
@@ -170,25 +177,38 @@ def write(
     objects: dict[str, object] | None = None,
     progress: bool = False,
 ) -> int:
-    """One rank file at a time, each holding only its shards (filled into buffers reused from rank to
-    rank), so memory is one output file. ``objects`` are not stored: legacy files keep none."""
-    pool = BufferPool()
+    """One rank file at a time, streamed: its tensors' shapes come from the plan, so the file's pickle
+    is written first and each shard is cut, cast and written as its record comes, then dropped; memory
+    is the source tensors of one entry. ``source.dtype(key)`` gives a shard's dtype when ``dtype`` is
+    None (kept). ``objects`` are not stored: legacy files keep none."""
+    hf_shapes = expected_hf_shapes(plan.hf_config)
     count = 0
     mine = distributed.current().share(plan.ranks())  # under torchrun: this process's rank files
     for tp_rank, pp_rank in Progress(mine, unit="rank", desc="→megatron", disable=not progress):
+        deferred = Deferred()
         model: dict[str, torch.Tensor] = {}
         for param, layer, local in plan.stage_entries(pp_rank):
-            hf = [source.get(hf_name(k, layer)) for k in param.hf]
-            pieces = param.rule.pieces(hf, plan.dims, plan.tp, tp_rank)
-            shape = torch.Size([sum(p.shape[0] for p in pieces), *pieces[0].shape[1:]])
-            tensor = fill(pool.tensor(shape, dtype or hf[0].dtype), pieces)
-            del hf, pieces
+            keys = [hf_name(k, layer) for k in param.hf]
+            out_dtype = dtype or source.dtype(keys[0])
+            shard = functools.partial(_shard_chunks, source, keys, param, plan, tp_rank, out_dtype)
+            tensor = deferred.tensor(plan.shard_shape(param, [hf_shapes[k] for k in keys]), out_dtype, shard)
             model.update((name, tensor) for name in plan.megatron_names(param, local))
-        write_rank_file(iter_dir / rank_dir_name(tp_rank, pp_rank, plan.pp) / RANK_FILE, model, args, iteration)
+        write_rank_file(
+            iter_dir / rank_dir_name(tp_rank, pp_rank, plan.pp) / RANK_FILE, model, deferred, args, iteration
+        )
         count += len(model)
-        del model, tensor
-        pool.recycle()
     return count
+
+
+def _shard_chunks(
+    source, keys: list[str], param, plan: ParallelPlan, tp_rank: int, dtype: torch.dtype
+) -> Iterator[torch.Tensor]:
+    """Rank ``tp_rank``'s shard of one entry: the rule's dim-0 pieces, cast, ``CHUNK_BYTES`` at a time."""
+    hf = [source.get(k) for k in keys]
+    for piece in param.rule.pieces(hf, plan.dims, plan.tp, tp_rank):
+        rows = max(1, CHUNK_BYTES // max(1, math.prod(piece.shape[1:]) * dtype.itemsize))
+        for part in piece.split(rows):
+            yield part.to(dtype)
 
 
 FORMAT = MegatronFormat("legacy", is_legacy, lambda root, iter_dir: LegacyCheckpoint(root, iter_dir=iter_dir), write)

@@ -147,9 +147,10 @@ class TorchDistCheckpoint:
         return meta
 
     def _load(self, name: str) -> torch.Tensor:
-        parts = self._parts.get(name, [name])
-        loaded = self.reader.load(parts)
-        return torch.cat([loaded[p] for p in parts], 0) if len(parts) > 1 else loaded[name]
+        """One model tensor; stored blocks are read into the rows of one tensor (no concatenation)."""
+        if name in self._parts:
+            return self.reader.load_stacked(self._parts[name])
+        return self.reader.load([name])[name]
 
     def model(self, tp_rank: int, pp_rank: int) -> LazyTensors:
         return LazyTensors(self._names(), self._load)

@@ -18,38 +18,36 @@ import dataclasses
 import enum
 import io
 import json
+import math
 import os
 import pickle
-import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path, PurePosixPath
 
 import torch
-import torch.distributed.checkpoint as dcp
 import torch.distributed.checkpoint.metadata as dcp_metadata
 import torch.distributed.checkpoint.planner as dcp_planner
-from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
-from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.default_planner import (
-    DefaultLoadPlanner,
-    DefaultSavePlanner,
-)
+from torch.distributed.checkpoint import FileSystemWriter
+from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 from torch.distributed.checkpoint.filesystem import DEFAULT_SUFFIX, FileSystem, _StorageInfo, _StoragePrefix
 from torch.distributed.checkpoint.metadata import (
     BytesStorageMetadata,
     Metadata,
+    MetadataIndex,
     StorageMeta,
     TensorStorageMetadata,
 )
 from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, WriteItemType
 from torch.distributed.checkpoint.storage import WriteResult
 
-from bridge.errors import InputError, sanitize
+from bridge.errors import InputError, UnsupportedError, sanitize
+from bridge.formats.distcp_items import TensorRecord, load_tensor, locate_tensor, read_bytes, read_records
 from bridge.plumbing import distributed
 from bridge.plumbing.atomic import torch_save, torch_saves_surfaced
 from bridge.plumbing.direct_io import DirectFile
 from bridge.plumbing.fake import holds_data, torch_save_size
 from bridge.plumbing.pipeline import read_ahead
+from bridge.plumbing.recycled import RecycledMemory
 from bridge.plumbing.safe_files import MAX_JSON_BYTES, open_regular, read_text_capped, regular_file
 from bridge.plumbing.safe_pickle import safe_torch_load
 
@@ -210,7 +208,10 @@ class _DirectFileSystem(FileSystem):
 
 
 class TorchDistReader:
-    """Random access to one torch_dist iteration directory: metadata up front, tensors on request."""
+    """Random access to one torch_dist iteration directory: metadata up front, tensors on request.
+
+    Tensors are read straight from the data files into their destination (``distcp_items``): no DCP
+    planner, each requested item's bytes read once, neighbours in a file by one call."""
 
     def __init__(self, iter_dir: Path):
         self.iter_dir = Path(iter_dir)
@@ -223,25 +224,17 @@ class TorchDistReader:
             raise TorchDistFormatError(f"{config}: unreadable ({sanitize(str(e), 120)})") from None
         if backend != "torch_dist":
             raise TorchDistFormatError(f"{config}: sharded_backend is {backend!r}; only 'torch_dist' is supported")
-        try:
-            metadata = _SafeFileSystemReader(self.iter_dir).read_metadata()
-        except FileNotFoundError:
-            raise TorchDistFormatError(f"{self.iter_dir / '.metadata'}: missing; the DCP index is required") from None
-        except TorchDistFormatError:
-            raise
-        except _RefusedGlobal as e:
-            raise TorchDistFormatError(
-                f"{self.iter_dir / '.metadata'}: refused to load: pickle contains disallowed "
-                f"global {e} (only DCP metadata types allowed)"
-            ) from None
-        except (OSError, pickle.UnpicklingError, EOFError, AttributeError, ImportError, ValueError) as e:
-            raise TorchDistFormatError(f"{self.iter_dir / '.metadata'}: unreadable ({sanitize(str(e), 120)})") from None
+        metadata = _read_metadata(self.iter_dir)
+        self._storage = _storage_index(self.iter_dir / ".metadata", metadata)
         self._tensors = {k: v for k, v in metadata.state_dict_metadata.items() if isinstance(v, TensorStorageMetadata)}
         self._objects = {
             k.removesuffix(OBJECT_SUFFIX): k
             for k, v in metadata.state_dict_metadata.items()
             if isinstance(v, BytesStorageMetadata)
         }
+        self._records: dict[tuple[str, int], TensorRecord | None] = {}
+        self._memory = RecycledMemory()  # the next layer is read into the pages of the ones dropped
+        self._chunk_lists: dict[str, list[tuple[tuple[int, ...], tuple[int, ...]]]] = {}
         self.common: dict = self._common_state()
 
     def _common_state(self) -> dict:
@@ -269,12 +262,37 @@ class TorchDistReader:
         return self._tensors[key].properties.dtype
 
     def load(self, keys: Sequence[str]) -> dict[str, torch.Tensor]:
-        """Full global tensors for ``keys`` only: DCP reads just their byte ranges, so memory is
-        those tensors plus one transient copy of the one being decoded."""
+        """Full global tensors for ``keys`` only, read from the data files into memory of their own (reused
+        once every tensor and view of it is gone)."""
+        self._check_known(keys)
+        out = {k: self._memory.empty(self.shape(k), self.dtype(k)) for k in keys}
+        self._fill(list(out.items()))
+        return out
+
+    def load_stacked(self, keys: Sequence[str]) -> torch.Tensor:
+        """``keys`` (same dtype and trailing dims) concatenated on dim 0, each read into its rows of one
+        tensor: what ``torch.cat(load(keys))`` gives without the second copy (Mamba's stored blocks)."""
+        self._check_known(keys)
+        first = self.shape(keys[0])
+        if any(
+            len(self.shape(k)) == 0 or self.shape(k)[1:] != first[1:] or self.dtype(k) != self.dtype(keys[0])
+            for k in keys
+        ):
+            raise TorchDistFormatError(f"{self.iter_dir}: {list(keys)} do not stack on dim 0")
+        rows = [self.shape(k)[0] for k in keys]
+        out = self._memory.empty((sum(rows), *first[1:]), self.dtype(keys[0]))
+        self._fill(list(zip(keys, out.split(rows), strict=True)))
+        return out
+
+    def _check_known(self, keys: Sequence[str]) -> None:
+        """Every key exists and its chunks tile it, before any memory is taken for it."""
         missing = [k for k in keys if k not in self._tensors]
         if missing:
             raise KeyError(f"{self.iter_dir}: no tensor {missing[0]!r}")
-        return self._read({k: torch.empty(self.shape(k), dtype=self.dtype(k)) for k in keys})
+        for key in keys:
+            if key not in self._chunk_lists:
+                where = f"{self.iter_dir / '.metadata'}: {key!r}"
+                self._chunk_lists[key] = _chunks(where, self._tensors[key])
 
     def object_keys(self) -> list[str]:
         """ShardedObject keys; the usual ``/shard_0_1`` suffix is dropped, other shard names stay. The
@@ -286,26 +304,159 @@ class TorchDistReader:
         if key not in self._objects:
             raise KeyError(f"{self.iter_dir}: no object {key!r}")
         dcp_key = self._objects[key]
-        payload = self._read({dcp_key: None})[dcp_key]
+        info = self._item(dcp_key, None)
+        with _DataFiles(self.iter_dir) as files:
+            where = files.where(info)
+            payload = _safe_load(io.BytesIO(read_bytes(files.fd(info), info.offset, info.length)), where)
         if not (isinstance(payload, list) and len(payload) == 1):
             raise TorchDistFormatError(f"{self.iter_dir}: object {dcp_key!r} is not a ShardedObject payload [obj]")
         return payload[0]
 
-    def _read(self, state_dict: dict) -> dict:
-        try:
-            with warnings.catch_warnings():  # no_dist=True always warns "assuming ... a single process"
-                warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
-                dcp.load(
-                    state_dict,
-                    storage_reader=_SafeFileSystemReader(self.iter_dir),
-                    planner=_SafeLoadPlanner(str(self.iter_dir)),
-                    no_dist=True,
-                )
-        except CheckpointException as e:  # a BaseException: would slip past `except Exception`
+    def _item(self, key: str, offsets: tuple[int, ...] | None) -> _StorageInfo:
+        info = self._storage.get((key, offsets))
+        if info is None:
             raise TorchDistFormatError(
-                f"{self.iter_dir}: reading {sorted(state_dict)[:3]} failed: {_first_failure(e)}"
-            ) from None
-        return state_dict
+                f"{self.iter_dir / '.metadata'}: no data item for {key!r}" + (f" at {list(offsets)}" if offsets else "")
+            )
+        if info.transform_descriptors:
+            raise UnsupportedError(
+                f"{self.iter_dir / '.metadata'}: {key!r} is stored through DCP transforms "
+                f"{sanitize(repr(list(info.transform_descriptors)), 80)}; only plain items can be read"
+            )
+        return info
+
+    def _fill(self, targets: list[tuple[str, torch.Tensor]]) -> None:
+        """Reads every chunk of each ``(key, destination)``, file by file in file order. The kernel is
+        asked for all the items' bytes first (``WILLNEED``), so the small reads of each archive's
+        directory at its end do not stall the disk one by one. A chunk whose place in the destination
+        is not contiguous (a TP fragment split on dim >= 1) is read whole and copied in."""
+        chunks = [
+            (key, out, sizes, _narrow(out, offsets, sizes), self._item(key, offsets))
+            for key, out in targets
+            for offsets, sizes in self._chunk_lists[key]
+        ]
+        reads: dict[str, list[tuple[int, memoryview]]] = {}
+        copies: list[tuple[torch.Tensor, torch.Tensor]] = []
+        with _DataFiles(self.iter_dir) as files:
+            for *_, info in chunks:
+                files.prefetch(info)
+            for key, out, sizes, dest, info in chunks:
+                where = files.where(info)
+                record = self._record(files, info, where)
+                if record is None:  # not a plain tensor archive: torch.load it, as DCP does
+                    loaded = load_tensor(files.fd(info), info.offset, info.length, where)
+                    _check_chunk(where, key, loaded.dtype, tuple(loaded.shape), out.dtype, sizes)
+                    dest.copy_(loaded)
+                    continue
+                _check_chunk(where, key, record.dtype, record.shape, out.dtype, sizes)
+                target = dest if dest.is_contiguous() else torch.empty(sizes, dtype=out.dtype)
+                if target is not dest:
+                    copies.append((target, dest))
+                reads.setdefault(info.relative_path, []).append((record.offset, _byte_view(target)))
+            for rel, wanted in reads.items():
+                read_records(files.fd_of(rel), wanted, str(self.iter_dir / rel))
+        for loaded, dest in copies:
+            dest.copy_(loaded)
+
+    def _record(self, files: _DataFiles, info: _StorageInfo, where: str) -> TensorRecord | None:
+        key = (info.relative_path, info.offset)
+        if key not in self._records:
+            self._records[key] = locate_tensor(files.fd(info), info.offset, info.length, where)
+        return self._records[key]
+
+
+def _narrow(t: torch.Tensor, offsets: tuple[int, ...], sizes: tuple[int, ...]) -> torch.Tensor:
+    for dim, (start, size) in enumerate(zip(offsets, sizes, strict=True)):
+        t = t.narrow(dim, start, size)
+    return t
+
+
+def _byte_view(t: torch.Tensor) -> memoryview:
+    """The writable bytes of contiguous ``t``, for ``preadv``."""
+    return t.reshape(-1).view(torch.uint8).numpy().data
+
+
+def _check_chunk(where: str, key: str, dtype: torch.dtype, shape: tuple, want_dtype: torch.dtype, sizes) -> None:
+    if dtype != want_dtype or tuple(shape) != tuple(sizes):
+        raise TorchDistFormatError(
+            f"{where}: holds {dtype} {list(shape)} for {key!r}; .metadata says {want_dtype} {list(sizes)}"
+        )
+
+
+_MAX_CHUNKS = 1024  # megatron writes one chunk per TP (x EP) fragment; the overlap check is quadratic
+
+
+def _chunks(where: str, meta: TensorStorageMetadata) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+    """``(offsets, sizes)`` of the stored chunks of one tensor, checked to tile its shape exactly: a gap
+    would leave uninitialised memory in the result, an overlap reads bytes twice."""
+    try:
+        shape = tuple(meta.size)
+        chunks = [(tuple(c.offsets), tuple(c.sizes)) for c in meta.chunks]
+    except (TypeError, AttributeError):
+        raise TorchDistFormatError(f"{where}: malformed chunk list") from None
+    if len(chunks) > _MAX_CHUNKS:
+        raise TorchDistFormatError(f"{where}: {len(chunks)} chunks (expected at most {_MAX_CHUNKS})")
+    for offsets, sizes in chunks:
+        if not _inside(offsets, sizes, shape):
+            raise TorchDistFormatError(f"{where}: chunk {list(offsets)} + {list(sizes)} is outside {list(shape)}")
+    covered = sum(math.prod(s) for _, s in chunks)
+    if covered != math.prod(shape):
+        raise TorchDistFormatError(f"{where}: chunks cover {covered} of {math.prod(shape)} elements")
+    boxes = [c for c in chunks if math.prod(c[1])]
+    for i, (a_off, a_size) in enumerate(boxes):
+        for b_off, b_size in boxes[i + 1 :]:
+            if all(
+                ao < bo + bs and bo < ao + asz for ao, asz, bo, bs in zip(a_off, a_size, b_off, b_size, strict=True)
+            ):
+                raise TorchDistFormatError(f"{where}: chunks at {list(a_off)} and {list(b_off)} overlap")
+    return chunks
+
+
+def _inside(offsets: tuple, sizes: tuple, shape: tuple) -> bool:
+    return len(offsets) == len(sizes) == len(shape) and all(
+        type(o) is int and type(s) is int and 0 <= o and 0 <= s and o + s <= d
+        for o, s, d in zip(offsets, sizes, shape, strict=True)
+    )
+
+
+class _DataFiles:
+    """The ``.distcp`` files one request reads, each opened once (regular files only) and closed after;
+    every item's byte range is checked to lie inside its file."""
+
+    def __init__(self, iter_dir: Path):
+        self.iter_dir = iter_dir
+        self._open: dict[str, tuple[int, int]] = {}
+        self._stack = contextlib.ExitStack()
+
+    def __enter__(self) -> _DataFiles:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stack.close()
+
+    def fd_of(self, rel: str) -> int:
+        if rel not in self._open:
+            f = self._stack.enter_context(open_regular(self.iter_dir / rel))
+            self._open[rel] = (f.fileno(), os.fstat(f.fileno()).st_size)
+        return self._open[rel][0]
+
+    def fd(self, info: _StorageInfo) -> int:
+        fd = self.fd_of(info.relative_path)
+        size = self._open[info.relative_path][1]
+        if info.offset + info.length > size:
+            raise TorchDistFormatError(
+                f"{self.where(info)}: past the end of the {size}-byte file (.metadata and data files disagree)"
+            )
+        return fd
+
+    def prefetch(self, info: _StorageInfo) -> None:
+        """Starts reading the item's bytes into the page cache without waiting for them."""
+        fd = self.fd(info)
+        if hasattr(os, "posix_fadvise"):  # Linux; elsewhere the reads just wait for the disk
+            os.posix_fadvise(fd, info.offset, info.length, os.POSIX_FADV_WILLNEED)
+
+    def where(self, info: _StorageInfo) -> str:
+        return f"{self.iter_dir / info.relative_path} (bytes {info.offset}..{info.offset + info.length})"
 
 
 class _RefusedGlobal(pickle.UnpicklingError):
@@ -345,41 +496,44 @@ class _MetadataUnpickler(pickle.Unpickler):
         raise _RefusedGlobal(f"{module}.{name}")
 
 
-class _SafeFileSystemReader(FileSystemReader):
-    """torch's FileSystemReader unpickles ``.metadata`` with plain ``pickle.load``: a crafted file would
-    run code just by being opened. This one admits only the metadata types (``_METADATA_GLOBALS``)."""
-
-    def read_metadata(self, *args, **kwargs) -> Metadata:
-        path = Path(self._get_metadata_path(kwargs.get("rank")))
-        if not os.path.lexists(path):
-            raise FileNotFoundError(str(path))
+def _read_metadata(iter_dir: Path) -> Metadata:
+    """The DCP index, unpickled through ``_METADATA_GLOBALS`` only: torch's own reader uses plain
+    ``pickle.load``, so a crafted file would run code just by being opened."""
+    path = iter_dir / ".metadata"
+    if not os.path.lexists(path):
+        raise TorchDistFormatError(f"{path}: missing; the DCP index is required")
+    try:
         with open_regular(path) as f:  # a FIFO is refused, not waited on
             metadata = _MetadataUnpickler(f).load()
-        if not isinstance(metadata, Metadata):
-            raise pickle.UnpicklingError(f"expected DCP Metadata, found {type(metadata).__name__}")
-        self._check_storage_paths(path, metadata)
-        storage_meta = getattr(metadata, "storage_meta", None)
-        if storage_meta is None:
-            storage_meta = metadata.storage_meta = StorageMeta()
-        storage_meta.load_id = self.load_id
-        return metadata
+    except TorchDistFormatError:
+        raise
+    except _RefusedGlobal as e:
+        raise TorchDistFormatError(
+            f"{path}: refused to load: pickle contains disallowed global {e} (only DCP metadata types allowed)"
+        ) from None
+    except (OSError, pickle.UnpicklingError, EOFError, AttributeError, ImportError, ValueError, TypeError) as e:
+        raise TorchDistFormatError(f"{path}: unreadable ({sanitize(str(e), 120)})") from None
+    if not isinstance(metadata, Metadata) or not isinstance(metadata.state_dict_metadata, dict):
+        raise TorchDistFormatError(f"{path}: unreadable (expected DCP Metadata, found {type(metadata).__name__})")
+    return metadata
 
-    def _check_storage_paths(self, where: Path, metadata: Metadata) -> None:
-        """Every data file the index names is a plain relative path (no ``..``, not absolute) to a
-        regular file inside the checkpoint directory: a crafted ``.metadata`` must not make the reader
-        open ``../../elsewhere.distcp`` or a FIFO."""
-        storage = metadata.storage_data
-        if storage is None:
-            return
-        if not isinstance(storage, dict):
-            raise TorchDistFormatError(f"{where}: storage_data is a {type(storage).__name__}; expected a dict")
-        root = Path(self.path)
-        real_root = root.resolve()
-        checked: set[str] = set()
-        for info in storage.values():
-            rel = getattr(info, "relative_path", None)
-            if rel in checked:
-                continue
+
+def _storage_index(where: Path, metadata: Metadata) -> dict[tuple[str, tuple[int, ...] | None], _StorageInfo]:
+    """``(key, chunk offsets or None)`` -> where the item lies, each data file a plain relative path
+    (no ``..``, not absolute) to a regular file inside the checkpoint directory: a crafted
+    ``.metadata`` must not make the reader open ``../../elsewhere.distcp`` or a FIFO."""
+    storage = metadata.storage_data
+    if storage is None:
+        return {}
+    if not isinstance(storage, dict):
+        raise TorchDistFormatError(f"{where}: storage_data is a {type(storage).__name__}; expected a dict")
+    root = where.parent
+    real_root = root.resolve()
+    checked: set[str] = set()
+    index: dict[tuple[str, tuple[int, ...] | None], _StorageInfo] = {}
+    for item, info in storage.items():
+        rel = getattr(info, "relative_path", None)
+        if rel not in checked:
             if not isinstance(rel, str) or not _plain_relative(rel):
                 raise TorchDistFormatError(
                     f"{where}: data file path {sanitize(repr(rel), 80)} is outside the checkpoint directory "
@@ -396,34 +550,25 @@ class _SafeFileSystemReader(FileSystemReader):
                 raise TorchDistFormatError(f"{target}: missing; {where.name} names it as a data file")
             regular_file(target)
             checked.add(rel)
-
-
-def _first_failure(e: CheckpointException) -> str:
-    """The first rank's error, one short line: the exception's own text carries every traceback."""
-    failures = list(getattr(e, "failures", {}).values())
-    if not failures:
-        return sanitize(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__, 160)
-    first = failures[0]  # DCP keeps (exception, stack summary) per rank
-    exc = first[0] if isinstance(first, tuple) and first else getattr(first, "exception", first)
-    lines = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {sanitize(lines[0], 160)}" if lines else type(exc).__name__
+        if not (
+            isinstance(item, MetadataIndex)
+            and isinstance(item.fqn, str)
+            and (item.offset is None or isinstance(item.offset, tuple))
+            and isinstance(info, _StorageInfo)
+            and type(info.offset) is int
+            and type(info.length) is int
+            and info.offset >= 0
+            and info.length >= 0
+        ):
+            raise TorchDistFormatError(f"{where}: storage entry {sanitize(repr(item), 80)} is malformed")
+        offsets = None if item.offset is None else tuple(item.offset)
+        index[(item.fqn, offsets)] = info
+    return index
 
 
 def _plain_relative(rel: str) -> bool:
     pure = PurePosixPath(rel)
     return rel not in ("", ".") and not pure.is_absolute() and ".." not in pure.parts and "\\" not in rel
-
-
-class _SafeLoadPlanner(DefaultLoadPlanner):
-    """DCP unpickles byte entries with ``weights_only=False``; these go through the allow-list instead."""
-
-    def __init__(self, where: str):
-        super().__init__(flatten_state_dict=False)
-        self.where = where
-
-    def load_bytes(self, read_item, value: io.BytesIO) -> None:
-        fqn = read_item.dest_index.fqn  # flat keys: the caller's dict, not the planner's copy
-        self.original_state_dict[fqn] = _safe_load(value, f"{self.where}: object {fqn!r}")
 
 
 def _safe_load(src: Path | io.BytesIO, name: str) -> object:

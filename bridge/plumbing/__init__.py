@@ -1,1 +1,1 @@
-"""I/O plumbing: atomic outputs, direct I/O, page release, pipelines, buffers, safe unpickling."""
+"""I/O plumbing: atomic outputs, direct I/O, streamed torch.save, page release, pipelines, safe unpickling."""

@@ -10,10 +10,24 @@ from __future__ import annotations
 import queue
 import threading
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from typing import TypeVar
 
 T = TypeVar("T")
 _DONE = object()
+_inline = threading.local()
+
+
+@contextmanager
+def same_thread() -> Iterator[None]:
+    """``read_ahead`` produces in the consumer's thread meanwhile: a dry run's fake tensors belong to
+    one ``FakeTensorMode``, which two threads must not enter at once."""
+    before = getattr(_inline, "on", False)
+    _inline.on = True
+    try:
+        yield
+    finally:
+        _inline.on = before
 
 
 def read_ahead(items: Iterable[T], depth: int = 1) -> Iterator[T]:
@@ -22,6 +36,9 @@ def read_ahead(items: Iterable[T], depth: int = 1) -> Iterator[T]:
     An exception in the producer is re-raised here, in the consumer, at the item where it happened.
     When the consumer stops early (an error, Ctrl-C, ``close``), the producer stops at its next item.
     """
+    if getattr(_inline, "on", False):
+        yield from items
+        return
     ready: queue.Queue = queue.Queue(maxsize=depth)
     stop = threading.Event()
 

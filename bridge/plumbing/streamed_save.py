@@ -1,0 +1,155 @@
+"""``torch.save`` of a state whose tensors are produced while the file is written, so a rank file is
+never in memory whole.
+
+The state holds placeholders (``Deferred.tensor``): plain CPU tensors of the right shape and dtype
+over untouched read-only anonymous pages, which cost no memory. Under
+``torch.serialization.skip_data`` (torch's own way to write a checkpoint's structure before its
+bytes) torch.save pickles them as it would any tensor, then steps over each storage's bytes with
+``seek(nbytes, SEEK_CUR)`` instead of reading and writing them; the file object here writes that
+storage's bytes at that moment, produced on demand, a chunk at a time. The pickle, the records and
+their order, alignment, the trailing records and the zip directory all stay torch.save's own, so
+the file is byte for byte what torch.save writes for the same state with CRC32 off
+(``torch_saves_surfaced``, as for every torch.save here). The chunks are produced outside skip_data:
+under it a ``torch.load`` (a Megatron source's rank file) would give tensors with no data.
+"""
+
+from __future__ import annotations
+
+import io
+import mmap
+import pickle
+import warnings
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import IO, cast
+
+import torch
+from torch.serialization import skip_data
+
+from bridge.plumbing.atomic import torch_saves_surfaced
+from bridge.plumbing.direct_io import DirectFile
+from bridge.plumbing.fake import write_tensor
+
+Chunks = Callable[[], Iterable[torch.Tensor]]
+
+
+def _placeholder(shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+    """A tensor of ``shape`` and ``dtype`` whose storage is exactly its bytes, on pages nothing touches
+    (read-only anonymous memory is neither resident nor committed until read, and it never is)."""
+    nbytes = shape.numel() * dtype.itemsize
+    if not nbytes:
+        return torch.empty(shape, dtype=dtype)
+    pages = mmap.mmap(-1, nbytes, prot=mmap.PROT_READ)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "non-writable buffer": never written, nor read
+        flat = torch.frombuffer(pages, dtype=torch.uint8)
+    return flat.view(dtype).view(shape)
+
+
+class Deferred:
+    """The placeholders of one file and, for each, what produces its data: ``chunks()`` yields tensors
+    of its dtype whose elements, in row-major order, are the tensor's (each made contiguous as written).
+    It is called once, when torch.save reaches the storage; never for an empty tensor."""
+
+    def __init__(self) -> None:
+        self._chunks: dict[int, tuple[torch.Tensor, Chunks]] = {}
+
+    def tensor(self, shape: torch.Size, dtype: torch.dtype, chunks: Chunks) -> torch.Tensor:
+        """A placeholder to put in the state; store it under several names to share one storage."""
+        placeholder = _placeholder(torch.Size(shape), dtype)
+        self._chunks[id(placeholder)] = (placeholder, chunks)
+        return placeholder
+
+    def _storage_order(self, obj: object) -> list[tuple[torch.Tensor, Chunks]]:
+        """Non-empty placeholders in the order torch.save writes their storages (first use in the pickle,
+        each once). Any other tensor or storage in ``obj`` is refused: skip_data would leave its bytes out."""
+        order: dict[int, tuple[torch.Tensor, Chunks]] = {}
+        known = self._chunks
+
+        class Walk(pickle.Pickler):
+            def persistent_id(self, o):
+                if isinstance(o, torch.Tensor):
+                    if id(o) not in known:
+                        raise TypeError("stream_save: every tensor in the state must come from Deferred.tensor")
+                    order.setdefault(id(o), known[id(o)])
+                    return 0  # the tensor itself is not walked: its storage is not another storage
+                if isinstance(o, torch.storage.TypedStorage | torch.UntypedStorage):
+                    raise TypeError("stream_save: the state holds a storage; only Deferred tensors are written")
+                return None
+
+        Walk(io.BytesIO(), protocol=2).dump(obj)  # torch.save's default protocol: the same walk as its pickler
+        return [entry for entry in order.values() if entry[0].numel()]
+
+
+class _StorageFiller:
+    """The file object torch.save writes to: records pass through to ``out``; each skipped storage
+    (``seek``) is filled from the next placeholder's chunks. The first exception raised in here is
+    kept, since torch re-raises what a write callback raised as a RuntimeError."""
+
+    def __init__(self, out: DirectFile, pending: list[tuple[torch.Tensor, Chunks]], skipping: skip_data):
+        self.out, self.pending, self.skipping = out, pending[::-1], skipping
+        self.failure: BaseException | None = None
+
+    def write(self, data) -> int:
+        try:
+            return self.out.write(data)
+        except BaseException as e:
+            self.failure = self.failure or e
+            raise
+
+    def flush(self) -> None:
+        self.out.flush()
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        try:
+            if whence != io.SEEK_CUR:
+                raise io.UnsupportedOperation("stream_save writes sequentially")
+            if offset:
+                self.skipping.__exit__(None, None, None)  # restores what was set before: loads read data
+                try:
+                    self._fill(offset)
+                finally:
+                    self.skipping.__enter__()
+            return self.out.tell()
+        except BaseException as e:
+            self.failure = self.failure or e
+            raise
+
+    def _fill(self, nbytes: int) -> None:
+        if not self.pending:
+            raise RuntimeError(f"torch.save skipped {nbytes} bytes after the last placeholder's storage")
+        placeholder, chunks = self.pending.pop()
+        expected = placeholder.numel() * placeholder.element_size()
+        if nbytes != expected:
+            raise RuntimeError(
+                f"torch.save skipped {nbytes} bytes where the next placeholder "
+                f"{tuple(placeholder.shape)} {placeholder.dtype} holds {expected}"
+            )
+        written = 0
+        for chunk in chunks():
+            if chunk.dtype != placeholder.dtype:
+                raise TypeError(f"a chunk of {chunk.dtype} for a {placeholder.dtype} tensor")
+            data = chunk.contiguous().reshape(-1).view(torch.uint8)
+            if written + data.numel() > expected:
+                raise ValueError(f"chunks exceed the {tuple(placeholder.shape)} tensor's {expected} bytes")
+            write_tensor(self.out, data)  # a dry run's fake chunk leaves a hole
+            written += data.numel()
+        if written != expected:
+            raise ValueError(f"chunks gave {written} of the {tuple(placeholder.shape)} tensor's {expected} bytes")
+
+
+def stream_save(obj: object, path: Path, deferred: Deferred) -> None:
+    """``torch.save(obj, path)`` where ``obj``'s tensors are ``deferred``'s placeholders, each written from
+    its chunks as its record comes; written around the page cache (``direct_io``), as ``torch_save``."""
+    pending = deferred._storage_order(obj)
+    skipping = skip_data()
+    with torch_saves_surfaced(), skipping, DirectFile(path) as out:
+        filler = _StorageFiller(out, pending, skipping)
+        try:
+            torch.save(obj, cast(IO[bytes], filler))
+        except BaseException:
+            if filler.failure is not None:
+                raise filler.failure from None
+            raise
+        if filler.pending:
+            raise RuntimeError(f"torch.save wrote {len(filler.pending)} placeholder storage(s) fewer than expected")
