@@ -203,9 +203,10 @@ def test_failure_in_one_process_fails_all_and_leaves_nothing(legacy_tp2, tmp_pat
     exits = worker_exits(done.stderr)  # whichever exits second may be ended by torchrun's SIGTERM
     assert set(exits) == {0, 1} and all(exits.values()), done.stderr
     errors = [worker_output(logs, rank)[1] for rank in (0, 1)]
-    broken = f"error: {tmp_path / 'dist' / 'release'}: reading ['output_layer.weight'] failed: EOFError\n"
-    assert errors[1] == broken
-    assert errors[0] == "error: process 1 of 2 failed, so this one stopped too: " + broken[len("error: ") :]
+    assert re.fullmatch(
+        rf"error: {tmp_path / 'dist' / 'release'}/__0_1_0\.distcp \(bytes .*past the end.*\n", errors[1]
+    )
+    assert errors[0] == "error: process 1 of 2 failed, so this one stopped too: " + errors[1][len("error: ") :]
     assert leftovers(out) == []
 
 

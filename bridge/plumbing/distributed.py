@@ -125,7 +125,7 @@ class Group:
         if not self.distributed:
             return [payload]
         if self.state != "open":
-            raise PeerLost("this process already left the group")
+            raise PeerLost(f"the group is {self.state}: one conversion per distributed.processes() block")
         reports = self._gather((None, payload))
         failures = [f for f, _ in reports if f is not None]
         if failures:
@@ -194,8 +194,8 @@ def launched() -> bool:
 @contextmanager
 def processes() -> Iterator[Group]:
     """Under torchrun: joins its processes in a gloo group for the block (``current()`` is that group),
-    and reports an error leaving the block to the others. Elsewhere: the plain one-process group,
-    nothing initialised."""
+    and reports an error leaving the block to the others; the block runs one conversion (as a CLI
+    command does). Elsewhere: the plain one-process group, nothing initialised."""
     global _current
     if not launched():
         yield _PLAIN
