@@ -16,7 +16,6 @@ from pathlib import Path
 from bridge.engine.config import config_dtype, dtype_name
 from bridge.engine.dry_run import (
     FakeSource,
-    check_free_space,
     fake_producer,
     file_sizes,
     largest_tensor,
@@ -232,10 +231,9 @@ def write_megatron(
     summary = Summary(
         "", str(dst), "", tp, pp, layout=layout, dtype=dtype, format=fmt, target=stack.name, iteration=stack.iteration
     )
-    if not dry_run:
-        check_free_space(dst, payload_bytes(hf_layout, out_dtype))
     summary.dry_run = dry_run
-    with output_dir(dst, force=force, inputs=inputs, dry_run=dry_run) as tmp:
+    needed = payload_bytes(hf_layout, out_dtype)
+    with output_dir(dst, force=force, inputs=inputs, dry_run=dry_run, needed=needed) as tmp:
         iter_dir = tmp / iteration_dir_name(stack.iteration)
         objects = extra_state_objects(plan.family, cfg.num_hidden_layers) if stack.is_bridge else None
         summary.tensors = FORMATS[fmt].write(
@@ -330,8 +328,6 @@ def megatron_to_hf(
         produce = transform.producer(gather.tensors, layout)
     if dry_run:
         produce = fake_producer(layout)
-    else:
-        check_free_space(dst, payload_bytes(layout, None))
     info = megatron_info(meg, sidecar, plan)
     summary = Summary(
         str(src),
@@ -346,7 +342,7 @@ def megatron_to_hf(
         source_info=info.to_dict(),
         dry_run=dry_run,
     )
-    with output_dir(dst, force=force, inputs=[src], dry_run=dry_run) as tmp:
+    with output_dir(dst, force=force, inputs=[src], dry_run=dry_run, needed=payload_bytes(layout, None)) as tmp:
         bar = Progress(total=len(layout), unit="tensor", desc="megatron→hf", disable=not progress)
         write_hf_weights(tmp, layout, produce, max_shard_size, progress=bar.update)
         write_hf_config(tmp, cfg, sidecar, target)
