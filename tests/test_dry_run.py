@@ -139,7 +139,7 @@ def test_dry_run_reads_no_tensor_data(tmp_path, direction):
 
 def test_real_run_refuses_when_the_disk_is_too_small(hf_preset, tmp_path, monkeypatch):
     monkeypatch.setattr(dry_run, "disk_free", lambda dst: 1000)
-    with pytest.raises(OutputError, match="needs .* GiB but only .* GiB are free"):
+    with pytest.raises(OutputError, match="needs .* but only 0.0 MiB are free"):
         api.hf_to_megatron(hf_preset("tiny"), tmp_path / "out", tp=2)
     assert list(tmp_path.iterdir()) == []
     planned = api.hf_to_megatron(hf_preset("tiny"), tmp_path / "out", tp=2, dry_run=True)

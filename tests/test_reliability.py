@@ -33,6 +33,7 @@ from safetensors.torch import load_file, save_file
 
 import cli
 from bridge.checks.verify import verify
+from bridge.engine import dry_run
 from bridge.engine.convert import hf_to_megatron
 from bridge.errors import InputError
 from bridge.formats import hf as hf_format
@@ -665,12 +666,20 @@ def mount_tmpfs(tmp_path):
 
 
 @pytest.mark.parametrize("fmt", ["legacy", "torch_dist", "hf"])
-def test_disk_full_for_real(ws, mount_tmpfs, fmt):
-    """A 256 kB tmpfs: each writer (torch.save zip, DCP, safetensors) meets a real ENOSPC."""
+@pytest.mark.parametrize("upfront", [True, False], ids=["refused-up-front", "enospc-while-writing"])
+def test_disk_full_for_real(ws, mount_tmpfs, monkeypatch, fmt, upfront):
+    """A 256 kB tmpfs: the free-space check refuses before any tensor is written; with that check
+    fooled (the disk filled by someone else meanwhile), each writer (torch.save zip, DCP, safetensors)
+    meets a real ENOSPC, and both end in one line and leave nothing."""
     out = mount_tmpfs("size=256k") / "out"
     args = ["megatron-to-hf", ws.meg, out] if fmt == "hf" else ["hf-to-megatron", ws.hf, out, "--format", fmt]
     src = ws.meg if fmt == "hf" else ws.hf
-    refused([*args, "--json"], src, out, 4, f"{out}: writing failed (No space left on device)")
+    if upfront:
+        expected = f"{out}: the output needs 1.4 MiB but only 0.2 MiB are free there"
+    else:
+        monkeypatch.setattr(dry_run, "disk_free", lambda dst: 2**40)
+        expected = f"{out}: writing failed (No space left on device)"
+    refused([*args, "--json"], src, out, 4, expected)
     assert list(out.parent.iterdir()) == []
 
 

@@ -17,7 +17,6 @@ from pathlib import Path
 from bridge.engine.config import config_dtype, dtype_name
 from bridge.engine.dry_run import (
     FakeSource,
-    check_free_space,
     fake_producer,
     file_sizes,
     largest_tensor,
@@ -263,11 +262,10 @@ def write_megatron(
     summary = Summary(
         "", str(dst), "", tp, pp, layout=layout, dtype=dtype, format=fmt, target=stack.name, iteration=stack.iteration
     )
-    if not dry_run:
-        check_free_space(dst, payload_bytes(hf_layout, out_dtype))
     summary.dry_run = dry_run
     group = distributed.current()
-    with output_dir(dst, force=force, inputs=inputs, dry_run=dry_run) as tmp, tally() as written:
+    needed = payload_bytes(hf_layout, out_dtype)
+    with output_dir(dst, force=force, inputs=inputs, dry_run=dry_run, needed=needed) as tmp, tally() as written:
         iter_dir = tmp / iteration_dir_name(stack.iteration)
         objects = extra_state_objects(plan.family, cfg.num_hidden_layers) if stack.is_bridge else None
         count = FORMATS[fmt].write(
@@ -364,8 +362,6 @@ def megatron_to_hf(
         produce = transform.producer(gather.tensors, layout)
     if dry_run:
         produce = fake_producer(layout)
-    else:
-        check_free_space(dst, payload_bytes(layout, None))
     info = megatron_info(meg, sidecar, plan)
     summary = Summary(
         str(src),
@@ -381,7 +377,8 @@ def megatron_to_hf(
         dry_run=dry_run,
     )
     group = distributed.current()
-    with output_dir(dst, force=force, inputs=[src], dry_run=dry_run) as tmp, tally() as written:
+    needed = payload_bytes(layout, None)
+    with output_dir(dst, force=force, inputs=[src], dry_run=dry_run, needed=needed) as tmp, tally() as written:
         total = len(layout) if group.size == 1 else None  # under torchrun the bar counts this process's share
         bar = Progress(total=total, unit="tensor", desc="megatron→hf", disable=not progress)
         count = write_hf_weights(tmp, layout, produce, max_shard_size, progress=bar.update)

@@ -61,12 +61,16 @@ def disk_free(dst: Path) -> int:
     return shutil.disk_usage(where).free
 
 
+def _size(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
 def check_free_space(dst: Path, needed: int) -> None:
-    """Refuses before anything is written when the disk cannot hold ``needed`` bytes (exit 4)."""
+    """Refuses before any tensor is written when the disk cannot hold ``needed`` bytes (exit 4)."""
     free = disk_free(dst)
     if needed > free:
         raise OutputError(
-            f"{dst}: the output needs {needed / 2**30:.2f} GiB but only {free / 2**30:.2f} GiB are free there; "
+            f"{dst}: the output needs {_size(needed)} but only {_size(free)} are free there; "
             "free space or choose another destination (--dry-run lists the files)"
         )
 
@@ -88,12 +92,14 @@ def peak_rss_estimate(largest_tensor: int, fmt: str) -> int:
 
 
 @contextmanager
-def output_dir(dst: Path, *, force: bool, inputs: Sequence[Path], dry_run: bool) -> Iterator[Path]:
-    """The real output's hidden partial (``atomic_output_dir``), or for a dry run a scratch directory
-    that is removed afterwards, with ``torch.save`` leaving fake tensors' bytes out. A dry run refuses
-    what the real run would refuse (an existing output without --force, an output inside the input)."""
+def output_dir(dst: Path, *, force: bool, inputs: Sequence[Path], dry_run: bool, needed: int) -> Iterator[Path]:
+    """The real output's hidden partial (``atomic_output_dir``), refused when the disk cannot hold
+    ``needed`` bytes; or for a dry run a scratch directory that is removed afterwards, with
+    ``torch.save`` leaving fake tensors' bytes out. A dry run refuses what the real run would refuse
+    (an existing output without --force, an output inside the input)."""
     if not dry_run:
         with atomic_output_dir(dst, force=force, inputs=inputs) as tmp:
+            check_free_space(dst, needed)  # after the output's own checks, whose errors say more
             yield tmp
         return
     check_output(dst, force=force, inputs=inputs)

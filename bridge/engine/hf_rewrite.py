@@ -12,7 +12,7 @@ from typing import Protocol
 import torch
 
 from bridge.engine.config import DTYPE_ALIASES, DTYPES, HF_DTYPE_NAMES, dtype_name
-from bridge.engine.dry_run import check_free_space, fake_producer, file_sizes, output_dir, payload_bytes
+from bridge.engine.dry_run import fake_producer, file_sizes, output_dir, payload_bytes
 from bridge.errors import InputError
 from bridge.formats.hf import LazyTensors, copy_assets, write_hf_weights
 from bridge.plumbing.progress import Progress
@@ -103,9 +103,7 @@ def rewrite_hf(
     """HF -> HF through one transform (µP fold/unfold, BitNet pack/unpack), one tensor in memory at a
     time; config.json and tokenizer assets carried along. Returns the files written (path -> bytes), or
     for a ``dry_run`` the files that would be (see ``engine.dry_run``)."""
-    if not dry_run:
-        check_free_space(dst, payload_bytes(layout, None))
-    with output_dir(dst, force=force, inputs=[src], dry_run=dry_run) as tmp:
+    with output_dir(dst, force=force, inputs=[src], dry_run=dry_run, needed=payload_bytes(layout, None)) as tmp:
         bar = Progress(total=len(layout), unit="tensor", desc=desc, disable=not progress or dry_run)
         if dry_run:
             produce = fake_producer(layout)

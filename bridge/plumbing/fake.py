@@ -40,7 +40,7 @@ def write_tensor(f: Sink, t: torch.Tensor) -> None:
     if is_fake(t):
         f.seek(t.numel() * t.element_size(), os.SEEK_CUR)
     else:
-        f.write(t.reshape(-1).view(torch.uint8).numpy().data)
+        f.write(t.reshape(-1).view(torch.uint8).numpy())
 
 
 @contextmanager
