@@ -906,6 +906,19 @@ def _mup_options(fn):
     return fn
 
 
+def _mup_run(run, src, dst, max_shard_size, dtype, force, dry_run, as_json, quiet) -> None:
+    r = run(
+        src,
+        dst,
+        dtype=dtype,
+        force=force,
+        max_shard_size=max_shard_size,
+        progress=_shows_progress(as_json, quiet),
+        dry_run=dry_run,
+    ).to_dict()
+    _emit(r, as_json, _fold_text(r))
+
+
 @mup.command("fold")
 @_mup_options
 @_friendly
@@ -919,16 +932,7 @@ def mup_fold(src, dst, max_shard_size, dtype, force, dry_run, as_json, quiet):
     Example:
       h1bridge mup fold Falcon-H1-0.5B Falcon-H1-0.5B-folded --dtype bf16
     """
-    r = api.fold_mup(
-        src,
-        dst,
-        dtype=dtype,
-        force=force,
-        max_shard_size=max_shard_size,
-        progress=_shows_progress(as_json, quiet),
-        dry_run=dry_run,
-    ).to_dict()
-    _emit(r, as_json, _fold_text(r))
+    _mup_run(api.fold_mup, src, dst, max_shard_size, dtype, force, dry_run, as_json, quiet)
 
 
 @mup.command("unfold")
@@ -941,16 +945,7 @@ def mup_unfold(src, dst, max_shard_size, dtype, force, dry_run, as_json, quiet):
     Example:
       h1bridge mup unfold Falcon-H1-0.5B-folded Falcon-H1-0.5B-mup
     """
-    r = api.unfold_mup(
-        src,
-        dst,
-        dtype=dtype,
-        force=force,
-        max_shard_size=max_shard_size,
-        progress=_shows_progress(as_json, quiet),
-        dry_run=dry_run,
-    ).to_dict()
-    _emit(r, as_json, _fold_text(r))
+    _mup_run(api.unfold_mup, src, dst, max_shard_size, dtype, force, dry_run, as_json, quiet)
 
 
 def _report_exit(report, as_json: bool) -> None:
