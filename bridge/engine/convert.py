@@ -211,13 +211,14 @@ def write_megatron(
     iteration: int | str | None = None,
     hf_layout: Layout,
     dry_run: bool = False,
+    from_megatron: bool = False,
 ) -> Summary:
     """Writes a Megatron checkpoint from any ``source.get(hf_key)`` / ``source.dtype(hf_key)``: an HF
     folder, or another Megatron checkpoint being re-sharded (its tensors merged on the fly).
     ``extra_args`` are stored in ``args`` as given (e.g. BitNet's flag and scales). ``expand_groups``:
     see ``bridge.groups``. ``target``, ``iteration``: see ``bridge.targets``. ``hf_layout``: the model's
     HF shapes and dtypes, to size the output before writing; ``dry_run``: ``source`` gives fake tensors,
-    nothing is written."""
+    nothing is written; ``from_megatron``: ``source`` merges a Megatron checkpoint's shards (re-sharding)."""
     family = family_of(cfg)
     layout = layout or next(iter(family.layouts))
     stack = resolve_target(
@@ -293,7 +294,9 @@ def write_megatron(
                 write_hf_config(hf_assets, cfg, None, out_dtype)
             summary.account(tmp, shares)
             if dry_run:
-                summary.plan = output_plan(file_sizes(tmp), dst, largest_tensor(hf_layout, out_dtype), fmt).to_dict()
+                summary.plan = output_plan(
+                    file_sizes(tmp), dst, largest_tensor(hf_layout, out_dtype), fmt, from_megatron=from_megatron
+                ).to_dict()
     nonfinite.warn()
     return summary
 
@@ -407,6 +410,8 @@ def megatron_to_hf(
             (tmp / "README.md").write_text(str(build_model_card(tmp, provenance, title=Path(dst).name)))
             summary.account(tmp, shares)
             if dry_run:
-                summary.plan = output_plan(file_sizes(tmp), dst, largest_tensor(layout, None), "safetensors").to_dict()
+                summary.plan = output_plan(
+                    file_sizes(tmp), dst, largest_tensor(layout, None), "safetensors", from_megatron=True
+                ).to_dict()
     summary.seconds = round(time.perf_counter() - start, 3)
     return summary

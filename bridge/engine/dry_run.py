@@ -27,11 +27,19 @@ from bridge.plumbing.atomic import atomic_output_dir, check_output
 from bridge.plumbing.fake import fake, storages_skipped
 from bridge.plumbing.pipeline import same_thread
 
-# What a conversion holds besides the interpreter and its libraries, measured by bench/convert_bench.py
-# (peak RSS minus the RSS before the first tensor, on the 0.5B-3B shapes): the tensor being written and
-# the next one being built (read-ahead), each with one transient copy, plus torch_dist's two batches.
-_TENSORS_ALIVE = 4
-_TORCH_DIST_BATCHES = 2 * 128 * 2**20
+# What a conversion holds besides the interpreter and its libraries, as (times the largest tensor, plus
+# MiB), by output format and by what is read: fitted to the peaks `make bench` measured at the 0.5B and
+# 1.5B shapes (bench/results/e5f1578.json), checked at 3B. HF sources: the tensor `safe_open` copies
+# out, the shard being cut from it; torch_dist adds its two ~128 MB write batches. Megatron sources add
+# the source shards being merged (mapped pages, given back every 64 MiB) and the merged tensor.
+_WORKING_SET: dict[tuple[str, bool], tuple[float, int]] = {
+    ("legacy", False): (1.0, 30),
+    ("legacy", True): (1.6, 70),
+    ("torch_dist", False): (1.5, 180),
+    ("torch_dist", True): (2.7, 150),
+    ("safetensors", False): (1.6, 60),
+    ("safetensors", True): (1.6, 60),
+}
 
 
 @dataclass
@@ -85,10 +93,12 @@ def largest_tensor(shapes: Mapping[str, tuple[torch.Size, torch.dtype]], dtype: 
     return max(math.prod(shape) * (dtype or stored).itemsize for shape, stored in shapes.values())
 
 
-def peak_rss_estimate(largest_tensor: int, fmt: str) -> int:
-    """This process's RSS so far plus what a conversion keeps alive (see ``_TENSORS_ALIVE``)."""
+def peak_rss_estimate(largest_tensor: int, fmt: str, from_megatron: bool) -> int:
+    """This process's peak RSS so far (the interpreter, torch, the plan) plus the working set of
+    writing ``fmt`` (``_WORKING_SET``)."""
     now = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return now + _TENSORS_ALIVE * largest_tensor + (_TORCH_DIST_BATCHES if fmt == "torch_dist" else 0)
+    times, mib = _WORKING_SET[(fmt, from_megatron)]
+    return now + int(times * largest_tensor) + mib * 2**20
 
 
 @contextmanager
@@ -107,10 +117,14 @@ def output_dir(dst: Path, *, force: bool, inputs: Sequence[Path], dry_run: bool,
         yield Path(scratch)
 
 
-def output_plan(files: dict[str, int], dst: Path, largest_tensor: int, fmt: str) -> OutputPlan:
-    """``files``: the scratch tree's ``file_sizes``."""
+def output_plan(
+    files: dict[str, int], dst: Path, largest_tensor: int, fmt: str, *, from_megatron: bool = False
+) -> OutputPlan:
+    """``files``: the scratch tree's ``file_sizes``; ``fmt``: the output's; ``from_megatron``: the
+    source is a Megatron checkpoint (re-sharding, export)."""
     total, free = sum(files.values()), disk_free(dst)
-    return OutputPlan(files, total, free, total <= free, peak_rss_estimate(largest_tensor, fmt))
+    estimate = peak_rss_estimate(largest_tensor, fmt, from_megatron)
+    return OutputPlan(files, total, free, total <= free, estimate)
 
 
 class FakeSource:
