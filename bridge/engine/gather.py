@@ -90,9 +90,6 @@ class MegatronToHF:
     def merged(self, key: str) -> torch.Tensor:
         param, layer, pos = self.index[key]
         if self._last is None or self._last[0] != (param, layer):
-            if self._since_release > self.release_bytes:  # pages already read count as resident
-                self._last, self._since_release = None, 0
-                self.meg.release()
             pp_rank, local = self._stage(param, layer)
             name, *copies = self.plan.megatron_names(param, local)
             shards = [self._read(t, pp_rank, name, copies) for t in range(self.plan.tp)]
@@ -101,8 +98,15 @@ class MegatronToHF:
                 outs = param.rule.merge(shards, self.plan.dims)
             except ValueError as e:
                 raise InputError(f"{self.meg.iter_dir}: {name}: {e}") from None
+            del shards
+            if self._since_release > self.release_bytes:  # pages read so far count as resident: give them back
+                self._since_release = 0
+                self.meg.release()
             self._last = ((param, layer), outs)
-        out = self._last[1][pos]
+        outs = self._last[1]
+        if len(outs) == 1:  # nothing else shares this merge: the caller's reference is the only one
+            self._last = None
+        out = outs[pos]
         return collapse(out, key, self.plan.dims, self.groups_factor) if self.groups_factor > 1 else out
 
     def _read(self, tp_rank: int, pp_rank: int, name: str, copies: list[str]) -> torch.Tensor:
