@@ -12,7 +12,14 @@ from typing import Protocol
 import torch
 
 from bridge.engine.config import DTYPE_ALIASES, DTYPES, HF_DTYPE_NAMES, dtype_name
-from bridge.engine.dry_run import fake_producer, file_sizes, output_dir, payload_bytes
+from bridge.engine.dry_run import (
+    fake_producer,
+    file_sizes,
+    largest_tensor,
+    output_dir,
+    output_plan,
+    payload_bytes,
+)
 from bridge.errors import InputError
 from bridge.formats.hf import LazyTensors, copy_assets, write_hf_weights
 from bridge.plumbing.progress import Progress
@@ -99,10 +106,10 @@ def rewrite_hf(
     progress: bool,
     desc: str,
     dry_run: bool = False,
-) -> dict[str, int]:
+) -> tuple[int, dict | None]:
     """HF -> HF through one transform (µP fold/unfold, BitNet pack/unpack), one tensor in memory at a
-    time; config.json and tokenizer assets carried along. Returns the files written (path -> bytes), or
-    for a ``dry_run`` the files that would be (see ``engine.dry_run``)."""
+    time; config.json and tokenizer assets carried along. Returns the bytes written, and for a
+    ``dry_run`` (nothing written) the plan, ``OutputPlan.to_dict()`` (see ``engine.dry_run``)."""
     with output_dir(dst, force=force, inputs=[src], dry_run=dry_run, needed=payload_bytes(layout, None)) as tmp:
         bar = Progress(total=len(layout), unit="tensor", desc=desc, disable=not progress or dry_run)
         if dry_run:
@@ -115,4 +122,5 @@ def rewrite_hf(
         copy_assets(source.asset_files(), tmp)
         files = file_sizes(tmp)
     bar.close()
-    return files
+    plan = output_plan(files, dst, largest_tensor(layout, None), "safetensors").to_dict() if dry_run else None
+    return sum(files.values()), plan

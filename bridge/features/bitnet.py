@@ -38,7 +38,6 @@ from typing import Any, overload
 import torch
 
 from bridge.engine.config import config_dtype
-from bridge.engine.dry_run import largest_tensor, output_plan
 from bridge.engine.hf_rewrite import Layout, Producer, rewrite_hf, target_dtype
 from bridge.engine.layout import check_tensor_set, expected_hf_shapes
 from bridge.errors import InputError, UnsupportedError
@@ -482,7 +481,7 @@ def _rewrite(
     """Streams ``source`` through ``transform`` into an HF folder, config and tokenizer assets included."""
     start = time.perf_counter()
     layout = transform.layout({k: (source.shape(k), target or source.dtype(k)) for k in source.keys()})
-    files = rewrite_hf(
+    report.bytes_written, report.plan = rewrite_hf(
         src,
         dst,
         source,
@@ -495,9 +494,7 @@ def _rewrite(
         desc=f"bitnet {report.direction}",
         dry_run=dry_run,
     )
-    report.bytes_written, report.dry_run = sum(files.values()), dry_run
-    if dry_run:
-        report.plan = output_plan(files, dst, largest_tensor(layout, None), "safetensors").to_dict()
+    report.dry_run = dry_run
     report.tensors, report.quantized = len(layout), dict(transform.counts)
     report.linears = sum(transform.linears.is_weight(k) for k in layout)
     report.seconds = round(time.perf_counter() - start, 3)

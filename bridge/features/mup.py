@@ -21,7 +21,6 @@ from pathlib import Path
 
 import torch
 
-from bridge.engine.dry_run import largest_tensor, output_plan
 from bridge.engine.hf_rewrite import rewrite_hf, target_dtype
 from bridge.engine.layout import check_tensor_set, expected_hf_shapes
 from bridge.errors import InputError, UnsupportedError
@@ -238,7 +237,7 @@ def _rescale(
     check_tensor_set(str(src), shapes, expected_hf_shapes(ckpt.config))
     layout = {k: (shapes[k], target or ckpt.dtype(k)) for k in shapes}
     report = FoldReport(str(src), str(dst), direction, dtype, scaler.factors, tensors=len(layout), dry_run=dry_run)
-    files = rewrite_hf(
+    report.bytes_written, report.plan = rewrite_hf(
         src,
         dst,
         ckpt,
@@ -251,9 +250,6 @@ def _rescale(
         desc=f"mup {direction}",
         dry_run=dry_run,
     )
-    report.bytes_written = sum(files.values())
-    if dry_run:
-        report.plan = output_plan(files, dst, largest_tensor(layout, None), "safetensors").to_dict()
     report.scaled, report.rounding = scaler.scaled, scaler.rounding
     report.seconds = round(time.perf_counter() - start, 3)
     return report
