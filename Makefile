@@ -25,7 +25,8 @@ demo: $(STAMP)
 # The tests that run megatron-core's own code run again on the newest release (0.19.x: Python >= 3.12
 # wheel, unpacked beside the venv by tools/mcore019.sh; its dist_checkpointing runs on 3.11).
 MCORE_TESTS := tests/test_torch_dist.py tests/test_torch_dist_io.py tests/test_training_checkpoints.py \
-	tests/test_megatron_targets.py
+	tests/test_megatron_targets.py tests/test_distcp_direct.py \
+	tests/test_torchrun.py::test_reshard_to_torch_dist_two_writers_megatron_core_loads_it
 MCORE019 := .mcore019/.version
 
 $(MCORE019): tools/mcore019.sh $(STAMP)
