@@ -15,7 +15,9 @@ Returned shards may be views of the input; callers that persist them must ``clon
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextvars
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -35,9 +37,39 @@ def _chunk(t: Tensor, tp: int, dim: int, what: str) -> tuple[Tensor, ...]:
     return t.chunk(tp, dim)
 
 
+_EMPTY: contextvars.ContextVar[Callable[[torch.Size, torch.dtype], Tensor] | None] = contextvars.ContextVar(
+    "empty", default=None
+)
+
+
+@contextmanager
+def allocating(empty: Callable[[torch.Size, torch.dtype], Tensor]) -> Iterator[None]:
+    """Merges in this thread build their results in memory from ``empty(shape, dtype)`` (a pool of
+    reused buffers: fresh pages are dear) instead of ``torch.empty``; the rules stay pure."""
+    token = _EMPTY.set(empty)
+    try:
+        yield
+    finally:
+        _EMPTY.reset(token)
+
+
+def _cat_into(parts: Sequence[Tensor], dim: int, out: Tensor | None = None) -> Tensor:
+    """``torch.cat`` into ``out`` (a contiguous view) or into memory from ``allocating``."""
+    if out is None:
+        shape = list(parts[0].shape)
+        shape[dim] = sum(p.shape[dim] for p in parts)
+        out = _empty_like(parts[0], torch.Size(shape))
+    return torch.cat(list(parts), dim, out=out)
+
+
+def _empty_like(t: Tensor, shape: torch.Size) -> Tensor:
+    empty = _EMPTY.get()
+    return torch.empty(shape, dtype=t.dtype, device=t.device) if empty is None else empty(shape, t.dtype)
+
+
 def _cat(shards: Sequence[Tensor], dim: int) -> Tensor:
     """The shards joined on ``dim``; a single shard is returned as it is (TP=1, torch_dist: no copy)."""
-    return shards[0] if len(shards) == 1 else torch.cat(list(shards), dim)
+    return shards[0] if len(shards) == 1 else _cat_into(shards, dim)
 
 
 def _identical(shards: Sequence[Tensor]) -> bool:
@@ -179,8 +211,12 @@ class Blockwise(Rule):
             per_rank.append(s.split(local, 0))
         if tp == 1:  # the one shard already is the fused tensor, its blocks are views of it
             return [shards[0]] if self.fused_hf else list(per_rank[0])
-        blocks = [torch.cat([r[i] for r in per_rank], 0) for i in range(len(local))]
-        return [torch.cat(blocks, 0)] if self.fused_hf else blocks
+        if not self.fused_hf:
+            return [_cat_into([r[i] for r in per_rank], 0) for i in range(len(local))]
+        fused = _empty_like(shards[0], torch.Size([sum(self.blocks(dims)), *shards[0].shape[1:]]))
+        for i, block in enumerate(fused.split(self.blocks(dims), 0)):  # each block's rank pieces, in place
+            _cat_into([r[i] for r in per_rank], 0, out=block)
+        return [fused]
 
 
 class QKVInterleave(Rule):

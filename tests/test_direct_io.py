@@ -42,15 +42,15 @@ def test_filesystem_refusing_direct_writes_falls_back_to_the_page_cache(tmp_path
 
     import bridge.plumbing.direct_io as direct_io
 
-    real_write, calls = os.write, []
+    real_write, calls = os.pwrite, []
 
-    def write(fd, data):
+    def write(fd, data, offset):
         calls.append(len(data))
         if len(calls) == 1:
             raise OSError(errno.EINVAL, "Invalid argument")
-        return real_write(fd, data)
+        return real_write(fd, data, offset)
 
-    monkeypatch.setattr(direct_io.os, "write", write)
+    monkeypatch.setattr(direct_io.os, "pwrite", write)
     with DirectFile(tmp_path / "f.bin", buffer_bytes=4096) as f:
         f.write(b"x" * 5000)
     assert (tmp_path / "f.bin").read_bytes() == b"x" * 5000 and not f.direct and len(calls) == 3

@@ -93,16 +93,16 @@ def hf(hf_preset):
 
 
 def _creates_dst_first(out: Path):
-    """A write_rank_file that, before the first rank file, has someone else create ``out``."""
-    real = legacy_format.write_rank_file
+    """A write_stage that, before the first rank file, has someone else create ``out``."""
+    real = legacy_format.write_stage
 
-    def write_rank_file(path, *args, **kwargs):
+    def write_stage(path, *args, **kwargs):
         if not out.exists():
             out.mkdir()
             (out / "theirs.txt").write_text("not yours")
         return real(path, *args, **kwargs)
 
-    return write_rank_file
+    return write_stage
 
 
 @pytest.mark.parametrize("renameat2", ["renameat2", "fallback"])
@@ -113,7 +113,7 @@ def test_folder_created_at_dst_during_the_run_is_not_replaced(hf, tmp_path, monk
     elif atomic._renameat2 is None:
         pytest.skip("no renameat2 in this libc")
     out = tmp_path / "out"
-    monkeypatch.setattr(legacy_format, "write_rank_file", _creates_dst_first(out))
+    monkeypatch.setattr(legacy_format, "write_stage", _creates_dst_first(out))
     code, err, _ = run("hf-to-megatron", hf, out, "--json")
     assert code == 4, err
     assert (
@@ -133,8 +133,8 @@ def test_force_does_not_replace_a_folder_swapped_in_during_the_run(hf, tmp_path,
             (out / "theirs.txt").write_text("x")
         return real(path, *args, **kwargs)
 
-    real = legacy_format.write_rank_file
-    monkeypatch.setattr(legacy_format, "write_rank_file", swap)
+    real = legacy_format.write_stage
+    monkeypatch.setattr(legacy_format, "write_stage", swap)
     code, err, _ = run("hf-to-megatron", hf, out, "--force", "--json")
     assert code == 4 and "was created by something else during the run" in err, err
     assert [p.name for p in out.iterdir()] == ["theirs.txt"] and siblings(out) == []
@@ -222,16 +222,16 @@ def test_long_destination_name_gets_a_short_temporary_name(tmp_path):
 def test_swallowed_signal_still_stops_before_the_output_is_committed(hf, tmp_path, monkeypatch):
     """A signal landing in code that swallows exceptions (a ``__del__``: "Exception ignored") used to
     let the run finish; the recorded signal stops it before the rename."""
-    real = legacy_format.write_rank_file
+    real = legacy_format.write_stage
 
-    def write_rank_file(*args, **kwargs):
+    def write_stage(*args, **kwargs):
         try:
             os.kill(os.getpid(), signal.SIGHUP)
         except KeyboardInterrupt:
             pass  # as a finalizer would
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(legacy_format, "write_rank_file", write_rank_file)
+    monkeypatch.setattr(legacy_format, "write_stage", write_stage)
     out = tmp_path / "out"
     code, err, _ = run("hf-to-megatron", hf, out, "--json")
     assert code == 128 + signal.SIGHUP and err == "interrupted by SIGHUP; no partial output was left", err

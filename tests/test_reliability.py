@@ -526,29 +526,30 @@ def test_output_on_a_filesystem_that_takes_no_directories(ws):
 
 def test_output_under_missing_parents_leaves_none_on_failure(ws, monkeypatch):
     """Parents created for the output are removed again when the conversion fails."""
-    monkeypatch.setattr(legacy_format, "write_rank_file", _enospc_after(1))
+    monkeypatch.setattr(legacy_format, "write_stage", _enospc_after(0))
     out = ws.root / "new" / "deeper" / "out"
     refused(["hf-to-megatron", ws.hf, out, "--tp", "2", "--json"], ws.hf, out, 4, "No space left on device")
     assert not (ws.root / "new").exists()
 
 
-def _enospc_after(good_files: int):
-    """A write_rank_file that writes ``good_files`` files, then half of the next and fails as a full disk does."""
-    real, calls = legacy_format.write_rank_file, []
+def _enospc_after(good_stages: int):
+    """A write_stage that writes ``good_stages`` stages' rank files, then half of the next stage's first
+    file, and fails as a full disk does."""
+    real, calls = legacy_format.write_stage, []
 
-    def write_rank_file(path, *rest):
-        calls.append(path)
-        if len(calls) <= good_files:
-            return real(path, *rest)
-        path.parent.mkdir(parents=True, exist_ok=True)
+    def write_stage(files):
+        calls.append(files)
+        if len(calls) <= good_stages:
+            return real(files)
+        path = files[0][1]
         path.write_bytes(b"PK\x03\x04" + b"\0" * 4096)
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
 
-    return write_rank_file
+    return write_stage
 
 
 def test_disk_full_legacy_writer(ws, monkeypatch):
-    monkeypatch.setattr(legacy_format, "write_rank_file", _enospc_after(2))
+    monkeypatch.setattr(legacy_format, "write_stage", _enospc_after(1))
     refused(
         ["hf-to-megatron", ws.hf, ws.out, "--tp", "2", "--pp", "2", "--json"],
         ws.hf,
@@ -583,8 +584,8 @@ def test_disk_full_inside_a_streamed_rank_file(ws, monkeypatch, where):
 
 
 def _failing_get(monkeypatch, calls: int, fail):
-    """HFCheckpoint.get that calls ``fail()`` on its ``calls``-th use (the tiny model at TP=2 reads 71
-    tensors per rank file: 100 is in the middle of the second)."""
+    """HFCheckpoint.get that calls ``fail()`` on its ``calls``-th use (the tiny model at TP=2 reads its
+    71 tensors once for both rank files, written side by side: 40 is in the middle of both)."""
     real, count = hf_format.HFCheckpoint.get, [0]
 
     def get(self, key):
@@ -603,12 +604,12 @@ def test_source_error_inside_a_streamed_rank_file_is_its_own_line(ws, monkeypatc
     def fail():
         raise InputError(f"{ws.hf}: shard broke mid-read")
 
-    _failing_get(monkeypatch, 100, fail)
+    _failing_get(monkeypatch, 40, fail)
     refused(["hf-to-megatron", ws.hf, ws.out, "--tp", "2", "--json"], ws.hf, ws.out, 3, "shard broke mid-read")
 
 
 def test_sigterm_while_a_shard_is_produced_leaves_nothing(ws, monkeypatch):
-    _failing_get(monkeypatch, 100, lambda: os.kill(os.getpid(), signal.SIGTERM))
+    _failing_get(monkeypatch, 40, lambda: os.kill(os.getpid(), signal.SIGTERM))
     code, err, _ = run("hf-to-megatron", ws.hf, ws.out, "--tp", "2", "--json")
     assert code == 128 + signal.SIGTERM and err == "interrupted by SIGTERM; no partial output was left", err
     assert not ws.out.exists() and leftovers(ws.out) == []

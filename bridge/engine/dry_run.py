@@ -14,7 +14,7 @@ import os
 import resource
 import shutil
 import tempfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -159,7 +159,7 @@ class FakeRanks:
             self._fakes[(shape, dtype)] = fake(shape, dtype)
         return self._fakes[(shape, dtype)]
 
-    def release(self) -> None:
+    def release(self, done: Iterable[tuple[int, int, str]] = ()) -> None:
         """Fake tensors hold no pages."""
 
     def __getattr__(self, name: str):

@@ -4,6 +4,8 @@ tensors one entry at a time (export, re-sharding, verify)."""
 
 from __future__ import annotations
 
+import collections
+import contextlib
 from pathlib import Path
 
 import torch
@@ -22,6 +24,9 @@ from bridge.errors import InputError
 from bridge.families import family_of
 from bridge.features.groups import collapse, expanded_config
 from bridge.formats.hf import LazyTensors
+from bridge.plumbing.fake import holds_data
+from bridge.plumbing.recycled import RecycledMemory
+from mappings.rules import allocating
 
 
 def _groups_factor(meg: MegatronCheckpoint, cfg) -> int:
@@ -70,9 +75,11 @@ def megatron_plan(meg: MegatronCheckpoint, cfg) -> tuple[ParallelPlan, dict[str,
 class MegatronToHF:
     """Gathers HF tensors from rank shards; remembers the last merged entry (q/k/v share one merge) and
     gives back the rank files' pages every ``release_bytes`` read, so memory stays bounded on any model
-    size."""
+    size. Shards merged more than ``in_flight`` entries ago are read for the last time: their bytes
+    leave the page cache then (a merge may be a view of its shards while a writer still copies it)."""
 
     release_bytes = 64 * 2**20
+    in_flight = 4
 
     def __init__(self, meg: MegatronCheckpoint, plan: ParallelPlan, dtype: torch.dtype | None):
         self.meg, self.plan, self.out_dtype = meg, plan, dtype
@@ -81,6 +88,8 @@ class MegatronToHF:
         self.groups_factor = plan.hf_config.mamba_n_groups // original if original else 1
         self._last: tuple[tuple[object, int | None], list[torch.Tensor]] | None = None
         self._since_release = 0
+        self.memory = RecycledMemory()
+        self._merged: collections.deque[list[tuple[int, int, str]]] = collections.deque()  # shards, by merge
 
     def _stage(self, param, layer) -> tuple[int, int | None]:
         if layer is not None:
@@ -95,13 +104,19 @@ class MegatronToHF:
             shards = [self._read(t, pp_rank, name, copies) for t in range(self.plan.tp)]
             self._since_release += sum(t.numel() * t.element_size() for t in shards)
             try:
-                outs = param.rule.merge(shards, self.plan.dims)
+                # Merged into reused memory (fresh pages are dear); a dry run's fake shards as they are.
+                with allocating(self.memory.empty) if holds_data(shards[0]) else contextlib.nullcontext():
+                    outs = param.rule.merge(shards, self.plan.dims)
             except ValueError as e:
                 raise InputError(f"{self.meg.iter_dir}: {name}: {e}") from None
             del shards
+            self._merged.append([(t, pp_rank, n) for t in range(self.plan.tp) for n in (name, *copies)])
             if self._since_release > self.release_bytes:  # pages read so far count as resident: give them back
                 self._since_release = 0
-                self.meg.release()
+                done = []
+                while len(self._merged) > self.in_flight:
+                    done += self._merged.popleft()
+                self.meg.release(done)
             self._last = ((param, layer), outs)
         outs = self._last[1]
         if len(outs) == 1:  # nothing else shares this merge: the caller's reference is the only one

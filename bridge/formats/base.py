@@ -5,7 +5,7 @@ turns a source of HF tensors into the format under a ``ParallelPlan``."""
 from __future__ import annotations
 
 from argparse import Namespace
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -31,7 +31,10 @@ class MegatronReader(Protocol):
 
     def rank_file(self, tp_rank: int, pp_rank: int) -> Path: ...
 
-    def release(self) -> None: ...
+    def release(self, done: Iterable[tuple[int, int, str]] = ()) -> None:
+        """Gives back the memory of tensors read so far; ``done``: ``(tp_rank, pp_rank, name)`` of those
+        read for the last time, whose bytes may leave the page cache too."""
+        ...
 
     def saved_parallelism(self) -> tuple[int | None, int | None]:
         """The TP/PP the writer ran with (None where the checkpoint does not record it)."""

@@ -14,6 +14,7 @@ import os
 import struct
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 from huggingface_hub import split_torch_state_dict_into_shards
@@ -25,12 +26,14 @@ from bridge.errors import InputError
 from bridge.plumbing import distributed
 from bridge.plumbing.direct_io import DirectFile
 from bridge.plumbing.fake import holds_data, write_tensor
+from bridge.plumbing.page_cache import ReadOnce
 from bridge.plumbing.pipeline import read_ahead
 from bridge.plumbing.safe_files import (
     MAX_JSON_BYTES,
     carried_file,
     copy_regular,
     folder_files,
+    open_regular,
     read_text_capped,
     regular_file,
 )
@@ -41,6 +44,7 @@ os.umask(_UMASK)
 SINGLE = "model.safetensors"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".safetensors.index.json", ".bin.index.json")
 NOT_ASSETS = {"config.json", "README.md", ".gitattributes"}
+_MAX_HEADER = 100_000_000  # safetensors' own limit on a header
 _FINITE_CHUNK = 1 << 24  # elements per isfinite pass: the count costs at most 16 MiB of booleans
 _log = logging.getLogger(__name__)
 
@@ -56,6 +60,8 @@ class HFCheckpoint:
             raise InputError(f"{self.folder}: empty directory; expected an HF Falcon-H1 folder")
         self.config = load_hf_config(self.folder)
         self._handles: dict[str, object] = {}
+        self._ranges: dict[str, tuple[BinaryIO, dict[str, tuple[int, int]]]] = {}
+        self._read_once = ReadOnce()  # each tensor is read once: out of the page cache after
         self.key_to_file = self._read_layout()
         # Sizes against the headers before any caller expands the config per layer: a 1 KB config.json
         # naming ten million layers is refused here, not after building ten million expected shapes.
@@ -133,9 +139,32 @@ class HFCheckpoint:
         path = self.folder / filename
         try:
             with safe_open(str(path), framework="pt") as handle:
-                return handle.get_tensor(key)
+                tensor = handle.get_tensor(key)
         except (SafetensorError, OSError, RuntimeError) as e:
             raise InputError(f"{path}: cannot read {key!r} ({e})") from None
+        file, ranges = self._data_ranges(filename)
+        if key in ranges:
+            self._read_once.handed_out(file.fileno(), *ranges[key])
+        return tensor
+
+    def _data_ranges(self, filename: str) -> tuple[BinaryIO, dict[str, tuple[int, int]]]:
+        """Where each tensor's bytes lie in a shard, ``(offset, length)``, for the page cache's sake
+        (``page_cache``): safetensors reads them, but does not say where they are. Its own checks
+        passed on this header already; a header that says nothing usable gives no ranges."""
+        if filename not in self._ranges:
+            file = open_regular(self.folder / filename)
+            ranges: dict[str, tuple[int, int]] = {}
+            try:
+                (size,) = struct.unpack("<Q", file.read(8))
+                header = json.loads(file.read(min(size, _MAX_HEADER)))
+                for key, entry in header.items():
+                    if isinstance(entry, dict) and "data_offsets" in entry:
+                        begin, end = (int(x) for x in entry["data_offsets"])
+                        ranges[key] = (8 + size + begin, end - begin)
+            except (struct.error, ValueError, TypeError):
+                ranges = {}
+            self._ranges[filename] = (file, ranges)
+        return self._ranges[filename]
 
     def asset_files(self) -> list[Path]:
         """Tokenizer, generation config and other non-weight files to carry along: regular files inside

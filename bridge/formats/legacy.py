@@ -12,22 +12,23 @@ import functools
 import math
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
 
+from bridge.engine.feed import EntryFeed
 from bridge.engine.layout import expected_hf_shapes
 from bridge.engine.plan import ParallelPlan, hf_name
 from bridge.errors import InputError, UnsupportedError
 from bridge.formats.base import MegatronFormat
 from bridge.formats.iterations import TRACKER, resolve_iteration_dir
-from bridge.plumbing import distributed
+from bridge.plumbing import distributed, page_cache
 from bridge.plumbing.pages import drop_resident
 from bridge.plumbing.progress import Progress
-from bridge.plumbing.safe_files import regular_file
+from bridge.plumbing.safe_files import open_regular, regular_file
 from bridge.plumbing.safe_pickle import safe_torch_load
-from bridge.plumbing.streamed_save import Deferred, stream_save
+from bridge.plumbing.streamed_save import Deferred, stream_save_all
 
 RANK_FILE = "model_optim_rng.pt"
 HF_ASSETS = "hf_assets"
@@ -56,6 +57,7 @@ class LegacyCheckpoint:
         self.iter_dir = Path(iter_dir) if iter_dir is not None else resolve_iteration_dir(self.root, iteration)
         self.tp, self.pp, self._rank_dirs = self._scan_ranks()
         self._cache: dict[tuple[int, int], dict] = {}
+        self._files: dict[tuple[int, int], _MappedFile] = {}
         first = self._load(0, 0)
         self.args: argparse.Namespace | None = first.get("args")
         self.iteration = first.get("iteration", 0)
@@ -111,6 +113,7 @@ class LegacyCheckpoint:
                 raise InputError(f"{path}: no 'model' state dict{extra}")
             _check_state(path, state)
             self._cache[(tp_rank, pp_rank)] = state
+            self._files[(tp_rank, pp_rank)] = _MappedFile(path, state["model"])
         return self._cache[(tp_rank, pp_rank)]
 
     def model(self, tp_rank: int, pp_rank: int) -> dict[str, torch.Tensor]:
@@ -121,22 +124,49 @@ class LegacyCheckpoint:
     def tensor_meta(self, tp_rank: int, pp_rank: int) -> dict[str, tuple[torch.Size, torch.dtype]]:
         return {k: (v.shape, v.dtype) for k, v in self.model(tp_rank, pp_rank).items()}
 
-    def release(self) -> None:
+    def release(self, done: Iterable[tuple[int, int, str]] = ()) -> None:
         """Gives back the pages read so far (they count as resident while mapped): dropped in place,
-        or, where the platform cannot, by unmapping the rank files (reloaded on the next access)."""
+        or, where the platform cannot, by unmapping the rank files (reloaded on the next access).
+        ``done``: tensors ``(tp_rank, pp_rank, name)`` read for the last time; their bytes also leave
+        the page cache (``page_cache``)."""
         if not all(
             drop_resident(v for v in s["model"].values() if isinstance(v, torch.Tensor)) for s in self._cache.values()
         ):
             self._cache.clear()
+        for tp_rank, pp_rank, name in done:
+            mapped = self._files.get((tp_rank, pp_rank))
+            tensor = self._cache.get((tp_rank, pp_rank), {}).get("model", {}).get(name)
+            if mapped is not None and isinstance(tensor, torch.Tensor):
+                mapped.forget(tensor)
 
 
-def write_rank_file(
-    path: Path, model: dict[str, torch.Tensor], deferred: Deferred, args: argparse.Namespace, iteration: int
-) -> None:
-    """``model`` maps names to ``deferred``'s placeholders: each tensor is produced as its record is written."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    state = {"args": args, "checkpoint_version": CHECKPOINT_VERSION, "iteration": iteration, "model": model}
-    stream_save(state, path, deferred)
+class _MappedFile:
+    """Where a memory-mapped rank file's tensors lie in it: torch.load maps the whole file once and
+    each storage is a slice at its record's offset, so the first storage's address less the first
+    record's offset is the file's start."""
+
+    def __init__(self, path: Path, model: dict):
+        self.file = open_regular(path)
+        reader = torch._C.PyTorchFileReader(self.file)
+        records = [r for r in reader.get_all_records() if r.startswith("data/")]
+        offsets = [reader.get_record_offset(r) for r in records]  # type: ignore[attr-defined]  # not in the stub
+        pointers = [v.untyped_storage().data_ptr() for v in model.values() if isinstance(v, torch.Tensor) and v.nbytes]
+        self.start = min(pointers) - min(offsets) if offsets and pointers else None
+
+    def forget(self, tensor: torch.Tensor) -> None:
+        storage = tensor.untyped_storage()
+        if self.start is not None and storage.nbytes():
+            page_cache.forget(self.file.fileno(), storage.data_ptr() - self.start, storage.nbytes())
+
+
+def rank_state(model: dict[str, torch.Tensor], args: argparse.Namespace, iteration: int) -> dict:
+    """What Megatron-LM saves in a rank file (``model`` maps names to ``Deferred`` placeholders)."""
+    return {"args": args, "checkpoint_version": CHECKPOINT_VERSION, "iteration": iteration, "model": model}
+
+
+def write_stage(files: list[tuple[dict, Path, Deferred]]) -> None:
+    """Writes one stage's rank files ``(state, path, deferred)`` side by side."""
+    stream_save_all(files)
 
 
 def write_tracker(root: Path, iteration: int | str) -> None:
@@ -177,35 +207,46 @@ def write(
     objects: dict[str, object] | None = None,
     progress: bool = False,
 ) -> int:
-    """One rank file at a time, streamed: its tensors' shapes come from the plan, so the file's pickle
-    is written first and each shard is cut, cast and written as its record comes, then dropped; memory
-    is the source tensors of one entry. ``source.dtype(key)`` gives a shard's dtype when ``dtype`` is
-    None (kept). ``objects`` are not stored: legacy files keep none."""
+    """A stage's rank files side by side, streamed: their tensors' shapes come from the plan, so each
+    file's pickle is known first; then entry by entry, the entry's HF tensors are fetched once
+    (``EntryFeed``) and each rank's shard is cut, cast and written into its file. Memory is the source
+    tensors of two entries. ``source.dtype(key)`` gives a shard's dtype when ``dtype`` is None (kept).
+    ``objects`` are not stored: legacy files keep none."""
     hf_shapes = expected_hf_shapes(plan.hf_config)
     count = 0
     mine = distributed.current().share(plan.ranks())  # under torchrun: this process's rank files
-    for tp_rank, pp_rank in Progress(mine, unit="rank", desc="→megatron", disable=not progress):
-        deferred = Deferred()
-        model: dict[str, torch.Tensor] = {}
-        for param, layer, local in plan.stage_entries(pp_rank):
-            keys = [hf_name(k, layer) for k in param.hf]
-            out_dtype = dtype or source.dtype(keys[0])
-            shard = functools.partial(_shard_chunks, source, keys, param, plan, tp_rank, out_dtype)
-            tensor = deferred.tensor(plan.shard_shape(param, [hf_shapes[k] for k in keys]), out_dtype, shard)
-            model.update((name, tensor) for name in plan.megatron_names(param, local))
-        write_rank_file(
-            iter_dir / rank_dir_name(tp_rank, pp_rank, plan.pp) / RANK_FILE, model, deferred, args, iteration
-        )
-        count += len(model)
+    stages = {pp_rank: [t for t, p in mine if p == pp_rank] for _, pp_rank in mine}
+    bar = Progress(total=len(mine), unit="rank", desc="→megatron", disable=not progress)
+    for pp_rank, tp_ranks in stages.items():
+        entries = [
+            (param, local, tuple(hf_name(k, layer) for k in param.hf))
+            for param, layer, local in plan.stage_entries(pp_rank)
+        ]
+        with EntryFeed(source, [keys for _, _, keys in entries]) as feed:
+            files = []
+            for tp_rank in tp_ranks:
+                deferred = Deferred()
+                model: dict[str, torch.Tensor] = {}
+                for param, local, keys in entries:
+                    out_dtype = dtype or source.dtype(keys[0])
+                    shard = functools.partial(_shard_chunks, feed, keys, param, plan, tp_rank, out_dtype)
+                    tensor = deferred.tensor(plan.shard_shape(param, [hf_shapes[k] for k in keys]), out_dtype, shard)
+                    model.update((name, tensor) for name in plan.megatron_names(param, local))
+                path = iter_dir / rank_dir_name(tp_rank, pp_rank, plan.pp) / RANK_FILE
+                path.parent.mkdir(parents=True)
+                files.append((rank_state(model, args, iteration), path, deferred))
+                count += len(model)
+            write_stage(files)
+        bar.update(len(tp_ranks))
+    bar.close()
     return count
 
 
 def _shard_chunks(
-    source, keys: list[str], param, plan: ParallelPlan, tp_rank: int, dtype: torch.dtype
+    feed: EntryFeed, keys: tuple[str, ...], param, plan: ParallelPlan, tp_rank: int, dtype: torch.dtype
 ) -> Iterator[torch.Tensor]:
     """Rank ``tp_rank``'s shard of one entry: the rule's dim-0 pieces, cast, ``CHUNK_BYTES`` at a time."""
-    hf = [source.get(k) for k in keys]
-    for piece in param.rule.pieces(hf, plan.dims, plan.tp, tp_rank):
+    for piece in param.rule.pieces(feed.get(keys), plan.dims, plan.tp, tp_rank):
         rows = max(1, CHUNK_BYTES // max(1, math.prod(piece.shape[1:]) * dtype.itemsize))
         for part in piece.split(rows):
             yield part.to(dtype)

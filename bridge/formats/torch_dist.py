@@ -9,7 +9,7 @@ blocks, as ``MambaMixer.sharded_state_dict`` saves them: ``in_proj.weight.{z,x,B
 from __future__ import annotations
 
 from argparse import Namespace
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -164,8 +164,8 @@ class TorchDistCheckpoint:
         tp, pp = fields.get("tensor_model_parallel_size"), fields.get("pipeline_model_parallel_size")
         return (tp if isinstance(tp, int) else None), (pp if isinstance(pp, int) else None)
 
-    def release(self) -> None:
-        """Nothing is mapped: tensors are read on request."""
+    def release(self, done: Iterable[tuple[int, int, str]] = ()) -> None:
+        """Nothing is mapped: tensors are read on request, and their bytes leave the page cache then."""
 
 
 FORMAT = MegatronFormat("torch_dist", is_torch_dist, TorchDistCheckpoint, write, takes_objects=True)

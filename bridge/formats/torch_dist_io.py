@@ -42,7 +42,7 @@ from torch.distributed.checkpoint.storage import WriteResult
 
 from bridge.errors import InputError, UnsupportedError, sanitize
 from bridge.formats.distcp_items import TensorRecord, load_tensor, locate_tensor, read_bytes, read_records
-from bridge.plumbing import distributed
+from bridge.plumbing import distributed, page_cache
 from bridge.plumbing.atomic import torch_save, torch_saves_surfaced
 from bridge.plumbing.direct_io import DirectFile
 from bridge.plumbing.fake import holds_data, torch_save_size
@@ -355,6 +355,8 @@ class TorchDistReader:
                 reads.setdefault(info.relative_path, []).append((record.offset, _byte_view(target)))
             for rel, wanted in reads.items():
                 read_records(files.fd_of(rel), wanted, str(self.iter_dir / rel))
+            for *_, info in chunks:  # read once: their pages are better spent on the next items
+                page_cache.forget(files.fd(info), info.offset, info.length)
         for loaded, dest in copies:
             dest.copy_(loaded)
 
@@ -451,9 +453,7 @@ class _DataFiles:
 
     def prefetch(self, info: _StorageInfo) -> None:
         """Starts reading the item's bytes into the page cache without waiting for them."""
-        fd = self.fd(info)
-        if hasattr(os, "posix_fadvise"):  # Linux; elsewhere the reads just wait for the disk
-            os.posix_fadvise(fd, info.offset, info.length, os.POSIX_FADV_WILLNEED)
+        page_cache.prefetch(self.fd(info), info.offset, info.length)
 
     def where(self, info: _StorageInfo) -> str:
         return f"{self.iter_dir / info.relative_path} (bytes {info.offset}..{info.offset + info.length})"

@@ -15,11 +15,20 @@ import fcntl
 import mmap
 import os
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
 _BLOCK = 4096  # covers every logical block size O_DIRECT asks alignment to
 _tallies: list[dict[str, int]] = []
+_pool: list[ThreadPoolExecutor] = []
+
+
+def _writer() -> ThreadPoolExecutor:
+    """One thread writes for every file: the disk takes one write at a time anyway."""
+    if not _pool:
+        _pool.append(ThreadPoolExecutor(max_workers=1, thread_name_prefix="h1bridge-writer"))
+    return _pool[0]
 
 
 @contextmanager
@@ -35,7 +44,9 @@ def tally() -> Iterator[dict[str, int]]:
 
 
 class DirectFile:
-    """A write-only binary file object (``write``, ``tell``, ``flush``, context manager)."""
+    """A write-only binary file object (``write``, ``tell``, ``flush``, context manager). Two halves of
+    the buffer take turns: one is written by a background thread (``pwrite`` releases the GIL) while
+    the caller fills the other, so copying in and writing out overlap."""
 
     def __init__(self, path: Path | str, buffer_bytes: int = 32 * 2**20):
         self.path = os.fspath(path)
@@ -47,10 +58,14 @@ class DirectFile:
         except OSError:  # EINVAL: this filesystem does not do O_DIRECT
             self._fd = os.open(path, flags, 0o666)
             self.direct = False
-        self._buf = mmap.mmap(-1, -(-buffer_bytes // _BLOCK) * _BLOCK)  # page-aligned, as O_DIRECT needs
-        self._view = memoryview(self._buf)
-        self._used = 0  # bytes staged in the buffer
+        half = -(-buffer_bytes // 2 // _BLOCK) * _BLOCK
+        self._bufs = [mmap.mmap(-1, half) for _ in range(2)]  # page-aligned, as O_DIRECT needs
+        self._views = [memoryview(b) for b in self._bufs]
+        self._view = self._views[0]  # the half being filled
+        self._used = 0  # bytes staged in it
         self._written = 0  # bytes accepted in all
+        self._offset = 0  # where the staged bytes go in the file
+        self._pending: Future | None = None  # the other half's write, if under way
 
     def write(self, data) -> int:
         src = memoryview(data).cast("B")
@@ -61,7 +76,7 @@ class DirectFile:
             self._used += take
             done += take
             if self._used == len(self._view):
-                self._drain(self._used)
+                self._submit()
         self._written += len(src)
         return len(src)
 
@@ -76,10 +91,10 @@ class DirectFile:
             raise OSError(errno.ESPIPE, "DirectFile seeks forward only")
         if target > self._written:
             if self._used % _BLOCK:  # an unaligned tail cannot go out O_DIRECT: write it through the cache
+                self._wait()
                 self._buffered()
-            self._drain(self._used)
-            os.lseek(self._fd, target - self._written, os.SEEK_CUR)
-            self._written = target
+            self._submit()
+            self._written = self._offset = target
         return self._written
 
     def seekable(self) -> bool:
@@ -88,17 +103,32 @@ class DirectFile:
     def flush(self) -> None:
         """Nothing to do: staged bytes are written in whole blocks, the rest on ``close``."""
 
-    def _drain(self, nbytes: int) -> None:
-        view = self._view[:nbytes]
+    def _submit(self) -> None:
+        """Hands the staged bytes to the writer thread and goes on in the other half."""
+        self._wait()
+        if self._used:
+            self._pending = _writer().submit(self._write_at, self._view[: self._used], self._offset)
+            self._offset += self._used
+            self._view = self._views[1] if self._view is self._views[0] else self._views[0]
+        self._used = 0
+
+    def _wait(self) -> None:
+        """Waits for the write under way; its error is raised here."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    def _write_at(self, view: memoryview, offset: int) -> None:
         while view:
             try:
-                view = view[os.write(self._fd, view) :]
+                done = os.pwrite(self._fd, view, offset)
             except OSError as e:
                 if not (self.direct and e.errno == errno.EINVAL):
                     raise
                 # Opened with O_DIRECT but this filesystem refuses our alignment: go through the cache.
                 self._buffered()
-        self._used = 0
+                continue
+            view, offset = view[done:], offset + done
 
     def _buffered(self) -> None:
         fcntl.fcntl(self._fd, fcntl.F_SETFL, fcntl.fcntl(self._fd, fcntl.F_GETFL) & ~os.O_DIRECT)
@@ -112,7 +142,9 @@ class DirectFile:
             if self._used:
                 padded = -(-self._used // _BLOCK) * _BLOCK
                 self._view[self._used : padded] = bytes(padded - self._used)
-                self._drain(padded)
+                self._used = padded
+                self._submit()
+            self._wait()
             os.ftruncate(self._fd, self._written)
             for record in _tallies:
                 record[self.path] = self._written
@@ -120,13 +152,20 @@ class DirectFile:
             self._abandon()
 
     def _abandon(self) -> None:
-        os.close(self._fd)
-        self._fd = -1
-        self._view.release()
         try:
-            self._buf.close()
-        except BufferError:  # a slice is still referenced (by a traceback being raised): freed with it
-            pass
+            self._wait()  # the writer thread must be done with the descriptor before it is closed
+        except OSError:
+            pass  # the output is being thrown away
+        finally:
+            os.close(self._fd)
+            self._fd = -1
+            for view in self._views:
+                view.release()
+            for buf in self._bufs:
+                try:
+                    buf.close()
+                except BufferError:  # a slice is still referenced (by a traceback being raised): freed with it
+                    pass
 
     def __enter__(self) -> DirectFile:
         return self

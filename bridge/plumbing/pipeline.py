@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Generator, Iterable, Iterator
 from contextlib import contextmanager
 from typing import TypeVar
 
@@ -30,7 +30,7 @@ def same_thread() -> Iterator[None]:
         _inline.on = before
 
 
-def read_ahead(items: Iterable[T], depth: int = 1) -> Iterator[T]:
+def read_ahead(items: Iterable[T], depth: int = 1) -> Generator[T, None, None]:
     """Yields ``items`` in order while a background thread computes up to ``depth`` ahead.
 
     An exception in the producer is re-raised here, in the consumer, at the item where it happened.

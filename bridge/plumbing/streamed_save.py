@@ -5,21 +5,26 @@ The state holds placeholders (``Deferred.tensor``): plain CPU tensors of the rig
 over untouched read-only anonymous pages, which cost no memory. Under
 ``torch.serialization.skip_data`` (torch's own way to write a checkpoint's structure before its
 bytes) torch.save pickles them as it would any tensor, then steps over each storage's bytes with
-``seek(nbytes, SEEK_CUR)`` instead of reading and writing them; the file object here writes that
-storage's bytes at that moment, produced on demand, a chunk at a time. The pickle, the records and
-their order, alignment, the trailing records and the zip directory all stay torch.save's own, so
-the file is byte for byte what torch.save writes for the same state with CRC32 off
-(``torch_saves_surfaced``, as for every torch.save here). The chunks are produced outside skip_data:
-under it a ``torch.load`` (a Megatron source's rank file) would give tensors with no data.
+``seek(nbytes, SEEK_CUR)`` instead of reading and writing them. That first pass is recorded: the
+file is its records' bytes (the pickle, headers, the zip directory: kilobytes) with one gap per
+storage. The file is then written front to back, each gap filled from its placeholder's chunks, a
+chunk at a time. The pickle, the records and their order, alignment, the trailing records and the
+zip directory all stay torch.save's own, so the file is byte for byte what torch.save writes for the
+same state with CRC32 off (``torch_saves_surfaced``, as for every torch.save here).
+
+Several files are written side by side (``stream_save_all``): the first storage of each, then the
+second of each, and so on. Tensor-parallel rank files of one stage hold the same entries in the same
+order, so their sources' tensors are read once for all of them instead of once per file.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import mmap
 import pickle
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import IO, cast
 
@@ -81,41 +86,42 @@ class Deferred:
         return [entry for entry in order.values() if entry[0].numel()]
 
 
-class _StorageFiller:
-    """The file object torch.save writes to: records pass through to ``out``; each skipped storage
-    (``seek``) is filled from the next placeholder's chunks. The first exception raised in here is
-    kept, since torch re-raises what a write callback raised as a RuntimeError."""
+Segment = bytes | tuple[torch.Tensor, Chunks]  # a file's recorded bytes, or a storage still to produce
 
-    def __init__(self, out: DirectFile, pending: list[tuple[torch.Tensor, Chunks]], skipping: skip_data):
-        self.out, self.pending, self.skipping = out, pending[::-1], skipping
+
+class _Recorder:
+    """The file object torch.save writes to under skip_data: records' bytes are kept, each skipped
+    storage (``seek``) becomes its placeholder's segment. The first exception raised in here is kept,
+    since torch re-raises what a write callback raised as a RuntimeError."""
+
+    def __init__(self, pending: list[tuple[torch.Tensor, Chunks]]):
+        self.pending = pending[::-1]
+        self.segments: list[Segment] = []
+        self.position = 0
         self.failure: BaseException | None = None
 
     def write(self, data) -> int:
-        try:
-            return self.out.write(data)
-        except BaseException as e:
-            self.failure = self.failure or e
-            raise
+        chunk = bytes(data)
+        self.segments.append(chunk)
+        self.position += len(chunk)
+        return len(chunk)
 
     def flush(self) -> None:
-        self.out.flush()
+        pass
 
     def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
         try:
             if whence != io.SEEK_CUR:
                 raise io.UnsupportedOperation("stream_save writes sequentially")
             if offset:
-                self.skipping.__exit__(None, None, None)  # restores what was set before: loads read data
-                try:
-                    self._fill(offset)
-                finally:
-                    self.skipping.__enter__()
-            return self.out.tell()
+                self.segments.append(self._storage(offset))
+                self.position += offset
+            return self.position
         except BaseException as e:
             self.failure = self.failure or e
             raise
 
-    def _fill(self, nbytes: int) -> None:
+    def _storage(self, nbytes: int) -> tuple[torch.Tensor, Chunks]:
         if not self.pending:
             raise RuntimeError(f"torch.save skipped {nbytes} bytes after the last placeholder's storage")
         placeholder, chunks = self.pending.pop()
@@ -125,31 +131,66 @@ class _StorageFiller:
                 f"torch.save skipped {nbytes} bytes where the next placeholder "
                 f"{tuple(placeholder.shape)} {placeholder.dtype} holds {expected}"
             )
-        written = 0
-        for chunk in chunks():
-            if chunk.dtype != placeholder.dtype:
-                raise TypeError(f"a chunk of {chunk.dtype} for a {placeholder.dtype} tensor")
-            data = chunk.contiguous().reshape(-1).view(torch.uint8)
-            if written + data.numel() > expected:
-                raise ValueError(f"chunks exceed the {tuple(placeholder.shape)} tensor's {expected} bytes")
-            write_tensor(self.out, data)  # a dry run's fake chunk leaves a hole
-            written += data.numel()
-        if written != expected:
-            raise ValueError(f"chunks gave {written} of the {tuple(placeholder.shape)} tensor's {expected} bytes")
+        return placeholder, chunks
+
+
+def _record(obj: object, deferred: Deferred) -> list[Segment]:
+    """What torch.save writes for ``obj``: its bytes, with a segment per placeholder's storage."""
+    recorder = _Recorder(deferred._storage_order(obj))
+    with torch_saves_surfaced(), skip_data():
+        try:
+            torch.save(obj, cast(IO[bytes], recorder))
+        except BaseException:
+            if recorder.failure is not None:
+                raise recorder.failure from None
+            raise
+    if recorder.pending:
+        raise RuntimeError(f"torch.save wrote {len(recorder.pending)} placeholder storage(s) fewer than expected")
+    return recorder.segments
+
+
+def _fill(out: DirectFile, placeholder: torch.Tensor, chunks: Chunks) -> None:
+    """Writes one storage from its chunks, checked to make exactly the placeholder's bytes."""
+    expected = placeholder.numel() * placeholder.element_size()
+    written = 0
+    for chunk in chunks():
+        if chunk.dtype != placeholder.dtype:
+            raise TypeError(f"a chunk of {chunk.dtype} for a {placeholder.dtype} tensor")
+        data = chunk.contiguous().reshape(-1).view(torch.uint8)
+        if written + data.numel() > expected:
+            raise ValueError(f"chunks exceed the {tuple(placeholder.shape)} tensor's {expected} bytes")
+        write_tensor(out, data)  # a dry run's fake chunk leaves a hole
+        written += data.numel()
+    if written != expected:
+        raise ValueError(f"chunks gave {written} of the {tuple(placeholder.shape)} tensor's {expected} bytes")
+
+
+def _steps(segments: list[Segment]) -> list[list[Segment]]:
+    """The segments cut after each storage: step ``i`` ends with the file's ``i``-th storage."""
+    steps: list[list[Segment]] = [[]]
+    for segment in segments:
+        steps[-1].append(segment)
+        if not isinstance(segment, bytes):
+            steps.append([])
+    return steps
+
+
+def stream_save_all(files: Sequence[tuple[object, Path, Deferred]]) -> None:
+    """``torch.save(obj, path)`` for each ``(obj, path, deferred)``, where ``obj``'s tensors are
+    ``deferred``'s placeholders, written side by side storage by storage; written around the page
+    cache (``direct_io``), as ``torch_save``."""
+    plans = [_steps(_record(obj, deferred)) for obj, _, deferred in files]
+    with contextlib.ExitStack() as stack:
+        outs = [stack.enter_context(DirectFile(path)) for _, path, _ in files]
+        for step in range(max(len(steps) for steps in plans)):
+            for out, steps in zip(outs, plans, strict=True):
+                for segment in steps[step] if step < len(steps) else ():
+                    if isinstance(segment, bytes):
+                        out.write(segment)
+                    else:
+                        _fill(out, *segment)
 
 
 def stream_save(obj: object, path: Path, deferred: Deferred) -> None:
-    """``torch.save(obj, path)`` where ``obj``'s tensors are ``deferred``'s placeholders, each written from
-    its chunks as its record comes; written around the page cache (``direct_io``), as ``torch_save``."""
-    pending = deferred._storage_order(obj)
-    skipping = skip_data()
-    with torch_saves_surfaced(), skipping, DirectFile(path) as out:
-        filler = _StorageFiller(out, pending, skipping)
-        try:
-            torch.save(obj, cast(IO[bytes], filler))
-        except BaseException:
-            if filler.failure is not None:
-                raise filler.failure from None
-            raise
-        if filler.pending:
-            raise RuntimeError(f"torch.save wrote {len(filler.pending)} placeholder storage(s) fewer than expected")
+    """``torch.save(obj, path)`` for one file (``stream_save_all``)."""
+    stream_save_all([(obj, path, deferred)])
