@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
+import mmap
+import os
 import socket
 import warnings
 from pathlib import Path
@@ -78,3 +81,30 @@ def hub(monkeypatch, tmp_path):
     with FakeHub() as fake:
         yield fake
         assert fake.unhandled == []  # the fake covers every request huggingface_hub made
+
+
+def resident_pages(path: Path) -> int:
+    """Pages of ``path`` in the page cache (mincore over a fresh shared mapping)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    size = path.stat().st_size
+    vec = (ctypes.c_ubyte * -(-size // mmap.PAGESIZE))()
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        address = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+        assert libc.mincore(address, size, vec) == 0
+        libc.munmap(address, size)
+    finally:
+        os.close(fd)
+    return sum(v & 1 for v in vec)
+
+
+def evict(files: list[Path]) -> None:
+    os.sync()  # dirty pages cannot be dropped
+    for path in files:
+        fd = os.open(path, os.O_RDONLY)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        os.close(fd)

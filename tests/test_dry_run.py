@@ -3,12 +3,10 @@ writes nothing; a real run refuses up front when the disk cannot hold the output
 
 from __future__ import annotations
 
-import ctypes
 import mmap
-import os
-from pathlib import Path
 
 import pytest
+from conftest import evict, resident_pages
 
 from bridge import api
 from bridge.engine import dry_run
@@ -90,33 +88,6 @@ def test_bitnet_plan_is_the_output(hf_preset, tmp_path, preset):
     assert planned.plan["files"] == file_sizes(tmp_path / "plain")
 
 
-def _resident_pages(path: Path) -> int:
-    """Pages of ``path`` in the page cache (mincore over a fresh shared mapping)."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.mmap.restype = ctypes.c_void_p
-    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
-    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
-    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-    size = path.stat().st_size
-    vec = (ctypes.c_ubyte * -(-size // mmap.PAGESIZE))()
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        address = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
-        assert libc.mincore(address, size, vec) == 0
-        libc.munmap(address, size)
-    finally:
-        os.close(fd)
-    return sum(v & 1 for v in vec)
-
-
-def _evict(files: list[Path]) -> None:
-    os.sync()  # dirty pages cannot be dropped
-    for path in files:
-        fd = os.open(path, os.O_RDONLY)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        os.close(fd)
-
-
 @pytest.mark.parametrize("direction", ["hf-to-megatron", "megatron-to-hf"])
 def test_dry_run_reads_no_tensor_data(tmp_path, direction, monkeypatch):
     """Large tensors, their pages evicted: after a dry run almost none are back in the page cache (headers,
@@ -130,14 +101,14 @@ def test_dry_run_reads_no_tensor_data(tmp_path, direction, monkeypatch):
         api.hf_to_megatron(hf, src, tp=2)
     weights = [p for p in src.rglob("*") if p.suffix in (".safetensors", ".pt")]
     total = sum(-(-p.stat().st_size // mmap.PAGESIZE) for p in weights)
-    _evict(weights)
+    evict(weights)
     run = api.hf_to_megatron if direction == "hf-to-megatron" else api.megatron_to_hf
     run(src, tmp_path / "out", dry_run=True)
-    assert sum(_resident_pages(p) for p in weights) < total / 10
-    _evict(weights)
+    assert sum(resident_pages(p) for p in weights) < total / 10
+    evict(weights)
     monkeypatch.setattr(page_cache, "forget", lambda fd, offset, length: None)
     run(src, tmp_path / "out")
-    assert sum(_resident_pages(p) for p in weights) > total / 2  # the check can see reads
+    assert sum(resident_pages(p) for p in weights) > total / 2  # the check can see reads
 
 
 def test_real_run_refuses_when_the_disk_is_too_small(hf_preset, tmp_path, monkeypatch):

@@ -13,6 +13,7 @@ from mappings.rules import (
     REPLICATED,
     ROW,
     VOCAB,
+    allocating,
 )
 
 
@@ -100,6 +101,16 @@ def test_round_trip(rule, shapes, tp):
     hf = [torch.randn(s) for s in shapes]
     back = rule.to_hf(rule.to_megatron(hf, d, tp), d)
     assert all(torch.equal(a, b) for a, b in zip(hf, back, strict=False))
+    made = []
+
+    def empty(shape, dtype):  # a pool's buffer holds anything: every element must be written
+        made.append(shape)
+        return torch.full(shape, float("nan"), dtype=dtype)
+
+    with allocating(empty):  # merges built in memory the caller provides (re-sharding's reused buffers)
+        pooled = rule.to_hf(rule.to_megatron(hf, d, tp), d)
+    assert all(torch.equal(a, b) for a, b in zip(hf, pooled, strict=False))
+    assert bool(made) == (tp > 1 and rule is not REPLICATED)
 
 
 def test_replicated_merge_rejects_diverging_ranks():

@@ -184,6 +184,7 @@ def hf_to_megatron(
         hf_layout={k: (source.shape(k), source.dtype(k)) for k in source.keys()},
         dry_run=dry_run,
     )
+    ckpt.release()
     summary.source, summary.direction = str(src), "hf-to-megatron"
     summary.seconds = round(time.perf_counter() - start, 3)
     return summary
@@ -385,6 +386,7 @@ def megatron_to_hf(
         total = len(layout) if group.size == 1 else None  # under torchrun the bar counts this process's share
         bar = Progress(total=total, unit="tensor", desc="megatron→hf", disable=not progress)
         count = write_hf_weights(tmp, layout, produce, max_shard_size, progress=bar.update)
+        gather.release()
         shares = group.exchange(share_report(tmp, count, written))  # every process's shards are written
         bar.close()
         if group.rank == 0:  # process 0 writes the rest and reports

@@ -113,16 +113,24 @@ class MegatronToHF:
             self._merged.append([(t, pp_rank, n) for t in range(self.plan.tp) for n in (name, *copies)])
             if self._since_release > self.release_bytes:  # pages read so far count as resident: give them back
                 self._since_release = 0
-                done = []
-                while len(self._merged) > self.in_flight:
-                    done += self._merged.popleft()
-                self.meg.release(done)
+                self._release(keep=self.in_flight)
             self._last = ((param, layer), outs)
         outs = self._last[1]
         if len(outs) == 1:  # nothing else shares this merge: the caller's reference is the only one
             self._last = None
         out = outs[pos]
         return collapse(out, key, self.plan.dims, self.groups_factor) if self.groups_factor > 1 else out
+
+    def _release(self, keep: int) -> None:
+        done = []
+        while len(self._merged) > keep:
+            done += self._merged.popleft()
+        self.meg.release(done)
+
+    def release(self) -> None:
+        """Reading is over: every shard read leaves memory and the page cache."""
+        self._last = None
+        self._release(keep=0)
 
     def _read(self, tp_rank: int, pp_rank: int, name: str, copies: list[str]) -> torch.Tensor:
         model = self.meg.model(tp_rank, pp_rank)

@@ -117,6 +117,7 @@ def rewrite_hf(
         else:
             produce = transform.producer(lambda keys: LazyTensors(keys, source.get), layout)
         write_hf_weights(tmp, layout, produce, max_shard_size, progress=bar.update)
+        source.release()
         (tmp / "config.json").write_bytes(config_bytes(carried_file(src / "config.json", src), target))
         transform.edit_config(tmp / "config.json")
         copy_assets(source.asset_files(), tmp)

@@ -126,6 +126,7 @@ def reshard(
         dry_run=dry_run,
         from_megatron=True,
     )
+    gather.release()
     summary.source, summary.direction = str(src), "reshard"
     summary.seconds = round(time.perf_counter() - start, 3)
     return summary

@@ -269,6 +269,9 @@ class UnpackedView:
         )
         self.weight_dtype = dtype or config_dtype(self.config)
 
+    def release(self) -> None:
+        self.ckpt.release()
+
     def keys(self) -> list[str]:
         return list(self.shapes)
 

@@ -147,6 +147,10 @@ class HFCheckpoint:
             self._read_once.handed_out(file.fileno(), *ranges[key])
         return tensor
 
+    def release(self) -> None:
+        """Reading is over: every tensor read so far leaves the page cache (``page_cache.ReadOnce``)."""
+        self._read_once.finish()
+
     def _data_ranges(self, filename: str) -> tuple[BinaryIO, dict[str, tuple[int, int]]]:
         """Where each tensor's bytes lie in a shard, ``(offset, length)``, for the page cache's sake
         (``page_cache``): safetensors reads them, but does not say where they are. Its own checks

@@ -45,3 +45,8 @@ class ReadOnce:
         self._recent.append((fd, offset, length))
         while len(self._recent) > self.lag:
             forget(*self._recent.popleft())
+
+    def finish(self) -> None:
+        """The reader is done: the ranges still held back are forgotten too."""
+        while self._recent:
+            forget(*self._recent.popleft())
