@@ -72,6 +72,16 @@ def _cat(shards: Sequence[Tensor], dim: int) -> Tensor:
     return shards[0] if len(shards) == 1 else _cat_into(shards, dim)
 
 
+def _cat_rows(parts: Sequence[Tensor]) -> Tensor:
+    """``torch.cat(parts, 0)``. Meta tensors (the planner's per-rank shapes) of one dtype and matching
+    trailing dims are joined by their shapes alone: torch's meta ``cat`` is a Python reference whose
+    first call imports ``torch._dynamo`` and sympy (~0.5 s), which nothing else in a conversion needs."""
+    first = parts[0]
+    if first.dim() and all(p.is_meta and p.dtype == first.dtype and p.shape[1:] == first.shape[1:] for p in parts):
+        return first.new_empty((sum(p.shape[0] for p in parts), *first.shape[1:]))
+    return torch.cat(list(parts), 0)
+
+
 def _identical(shards: Sequence[Tensor]) -> bool:
     """Replicas agree; the same object is its own replica (a dry run's data-less tensors are shared)."""
     return all(s is shards[0] or (s.shape == shards[0].shape and torch.equal(s, shards[0])) for s in shards[1:])
@@ -87,7 +97,7 @@ class Rule:
 
     def shard(self, hf: Sequence[Tensor], dims: FalconH1Dims, tp: int, rank: int) -> Tensor:
         parts = self.pieces(hf, dims, tp, rank)
-        return parts[0] if len(parts) == 1 else torch.cat(parts, 0)
+        return parts[0] if len(parts) == 1 else _cat_rows(parts)
 
     def merge(self, shards: Sequence[Tensor], dims: FalconH1Dims) -> list[Tensor]:
         raise NotImplementedError

@@ -82,19 +82,19 @@ def test_vocab_padding_and_trim():
     assert torch.equal(VOCAB.to_hf(shards, d)[0], w)
 
 
-@pytest.mark.parametrize(
-    "rule,shapes",
-    [
-        (REPLICATED, [(6,)]),
-        (COLUMN, [(8, 4)]),
-        (ROW, [(4, 8)]),
-        (VOCAB, [(10, 4)]),
-        (QKV, [(8, 4), (4, 4), (4, 4)]),
-        (GATED_MLP, [(6, 4), (6, 4)]),
-        (MAMBA_IN_PROJ, [(44, 4)]),
-        (MAMBA_CONV1D, [(32, 1, 4)]),
-    ],
-)
+RULE_SHAPES = [
+    (REPLICATED, [(6,)]),
+    (COLUMN, [(8, 4)]),
+    (ROW, [(4, 8)]),
+    (VOCAB, [(10, 4)]),
+    (QKV, [(8, 4), (4, 4), (4, 4)]),
+    (GATED_MLP, [(6, 4), (6, 4)]),
+    (MAMBA_IN_PROJ, [(44, 4)]),
+    (MAMBA_CONV1D, [(32, 1, 4)]),
+]
+
+
+@pytest.mark.parametrize("rule,shapes", RULE_SHAPES)
 @pytest.mark.parametrize("tp", [1, 2])
 def test_round_trip(rule, shapes, tp):
     d = dims()
@@ -111,6 +111,23 @@ def test_round_trip(rule, shapes, tp):
         pooled = rule.to_hf(rule.to_megatron(hf, d, tp), d)
     assert all(torch.equal(a, b) for a, b in zip(hf, pooled, strict=False))
     assert bool(made) == (tp > 1 and rule is not REPLICATED)
+
+
+@pytest.mark.parametrize("rule,shapes", RULE_SHAPES)
+@pytest.mark.parametrize("tp", [1, 2])
+def test_meta_shards_have_the_real_shards_shape_and_dtype(rule, shapes, tp):
+    """The planner's per-rank shapes come from meta tensors, whose pieces are joined without torch.cat."""
+    d = dims()
+    for rank in range(tp):
+        real = rule.shard([torch.randn(s).bfloat16() for s in shapes], d, tp, rank)
+        meta = rule.shard([torch.empty(s, dtype=torch.bfloat16, device="meta") for s in shapes], d, tp, rank)
+        assert (meta.shape, meta.dtype, meta.device.type) == (real.shape, real.dtype, "meta")
+
+
+def test_meta_pieces_that_torch_cannot_join_are_refused_as_by_torch():
+    q, k, v = (torch.empty(s, device="meta") for s in [(8, 4), (4, 3), (4, 4)])
+    with pytest.raises(RuntimeError, match="Sizes of tensors must match"):
+        QKV.shard([q, k, v], dims(), 1, 0)
 
 
 def test_replicated_merge_rejects_diverging_ranks():

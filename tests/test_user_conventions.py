@@ -249,6 +249,29 @@ def test_make_tiny_writes_one_file_like_save_pretrained(tmp_path):
     assert_bit_exact(load_hf(tmp_path / "one"), load_hf(tmp_path / "sharded"))
 
 
+def test_hf_shards_split_as_huggingface_hub_splits_the_state_dict(tmp_path):
+    """``write_hf_weights`` sizes tensors from the layout (no tensors, no DTensor probe); the shards must
+    still be those of huggingface_hub's torch splitter (what save_pretrained uses) on the real tensors."""
+    from huggingface_hub import split_torch_state_dict_into_shards
+    from safetensors import safe_open
+
+    from bridge.formats.hf import write_hf_weights
+
+    dtypes = [torch.float32, torch.bfloat16, torch.float16, torch.int8, torch.bool]
+    tensors = {f"t{i}": torch.zeros(3 + i % 5, 7 * (i % 3 + 1), dtype=dtypes[i % 5]) for i in range(23)}
+    layout = {k: (t.shape, t.dtype) for k, t in tensors.items()}
+    for size in (300, "1KB", "5GB"):
+        folder = tmp_path / str(size)
+        folder.mkdir()
+        write_hf_weights(folder, layout, lambda keys: {k: tensors[k] for k in keys}, max_shard_size=size)
+        written = {}
+        for path in folder.glob("*.safetensors"):
+            with safe_open(path, "pt") as f:
+                written[path.name] = sorted(f.keys())
+        want = split_torch_state_dict_into_shards(tensors, max_shard_size=size).filename_to_tensors
+        assert written == {name: sorted(keys) for name, keys in want.items()}
+
+
 FULL_SMALL = dict(
     num_hidden_layers=2,
     hidden_size=64,

@@ -24,7 +24,7 @@ class ModelFamily:
     name: str
     hf_model_type: str  # config.json "model_type"
     hf_architecture: str  # config.json "architectures"[0]
-    config_class: type[PreTrainedConfig]  # transformers' config class
+    config_class_name: str  # transformers' config class, resolved on first use (``config_class``)
     table: tuple[Param, ...]  # the mapping table (mappings/<family>.py)
     layouts: Mapping[str, Layout]  # Megatron key layouts, the first one the default
     params_for: Callable[[Any, int], list[Param]]  # the table entries a config and PP size have
@@ -46,6 +46,15 @@ class ModelFamily:
     display_name: str = ""  # how messages name the family (its ``name`` when empty)
     args_markers: tuple[str, ...] = ()  # prefixes of Megatron-LM args names only this family's args have
     bitnet: BitNetLinears | None = None  # which HF tensors are BitNet linears; None: BitNet is refused
+
+    @property
+    def config_class(self) -> type[PreTrainedConfig]:
+        """Looked up by name, so a family's config module is imported only when that family is used:
+        ``LlamaConfig`` alone pulls in ~0.7 s of transformers (its validators import the model loading
+        stack) that a Falcon-H1 conversion never needs."""
+        import transformers
+
+        return getattr(transformers, self.config_class_name)
 
     @property
     def model_roots(self) -> frozenset[str]:

@@ -4,8 +4,6 @@ the parity forward, and the make-tiny presets (the released family's shapes, sca
 
 from __future__ import annotations
 
-from transformers import FalconH1Config
-
 from bridge.errors import UnsupportedError
 from bridge.families import ModelFamily, falcon_h1_forward, register
 from bridge.families.falcon_h1_args import (
@@ -220,7 +218,7 @@ FALCON_H1_FAMILY = register(
         name="falcon-h1",
         hf_model_type="falcon_h1",
         hf_architecture="FalconH1ForCausalLM",
-        config_class=FalconH1Config,
+        config_class_name="FalconH1Config",
         table=FALCON_H1,
         layouts=LAYOUTS,
         params_for=params_for,

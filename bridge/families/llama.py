@@ -5,8 +5,6 @@ the parity forward and the make-tiny presets."""
 
 from __future__ import annotations
 
-from transformers import LlamaConfig
-
 from bridge.errors import UnsupportedError
 from bridge.families import ModelFamily, llama_forward, register
 from bridge.families.llama_args import (
@@ -99,7 +97,7 @@ LLAMA_FAMILY = register(
         name="llama",
         hf_model_type="llama",
         hf_architecture="LlamaForCausalLM",
-        config_class=LlamaConfig,
+        config_class_name="LlamaConfig",
         table=LLAMA,
         layouts=LAYOUTS,
         params_for=params_for,

@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import BinaryIO
 
 import torch
-from huggingface_hub import split_torch_state_dict_into_shards
+from huggingface_hub import constants
+from huggingface_hub.serialization import split_state_dict_into_shards_factory
 from safetensors import SafetensorError, safe_open
 
 from bridge.engine.config import load_hf_config
@@ -315,8 +316,14 @@ def write_hf_weights(
     return a ``LazyTensors`` to keep only one tensor in memory. Under torchrun each process writes its
     share of the shards and process 0 the index (``distributed``). Returns how many tensors this
     process wrote."""
-    metas = {k: torch.empty(shape, dtype=dtype, device="meta") for k, (shape, dtype) in layout.items()}
-    split = split_torch_state_dict_into_shards(metas, max_shard_size=max_shard_size)
+    # huggingface_hub's torch splitter, sized from the layout: its own size probe imports
+    # torch.distributed.tensor (and sympy, ~0.5 s) to rule out DTensors, which a layout never holds.
+    split = split_state_dict_into_shards_factory(
+        dict(layout),
+        get_storage_size=lambda spec: math.prod(spec[0]) * spec[1].itemsize,
+        filename_pattern=constants.SAFETENSORS_WEIGHTS_FILE_PATTERN,
+        max_shard_size=max_shard_size,
+    )
     counts = NonFiniteCount()
     group = distributed.current()
     mine = group.share(list(split.filename_to_tensors.items()))

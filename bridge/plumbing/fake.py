@@ -10,18 +10,24 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import cache
 from typing import Protocol
 
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode, is_fake
 from torch.serialization import skip_data
 
-_MODE = FakeTensorMode(allow_non_fake_inputs=True)
+
+@cache
+def _mode() -> FakeTensorMode:
+    """Built on the first dry run only: constructing a ``FakeTensorMode`` imports ``torch._dynamo`` (and
+    sympy, ~0.3 s) that a real conversion never needs. ``is_fake`` alone imports neither."""
+    return FakeTensorMode(allow_non_fake_inputs=True)
 
 
 def fake(shape, dtype: torch.dtype) -> torch.Tensor:
     """A tensor of ``shape`` and ``dtype`` that holds no memory."""
-    with _MODE:
+    with _mode():
         return torch.empty(shape, dtype=dtype)
 
 
