@@ -64,7 +64,7 @@ def _cat_into(parts: Sequence[Tensor], dim: int, out: Tensor | None = None) -> T
 
 def _empty_like(t: Tensor, shape: torch.Size) -> Tensor:
     empty = _EMPTY.get()
-    return torch.empty(shape, dtype=t.dtype, device=t.device) if empty is None else empty(shape, t.dtype)
+    return t.new_empty(shape) if empty is None else empty(shape, t.dtype)  # a fake or meta t gives its kind
 
 
 def _cat(shards: Sequence[Tensor], dim: int) -> Tensor:

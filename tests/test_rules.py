@@ -173,3 +173,17 @@ def test_qkv_pieces_equal_interleave_then_chunk(n_heads, n_kv, tp):
     assert [t.equal(u) for t, u in zip(QKV.merge(QKV.to_megatron([q, k, v], d, tp), d), (q, k, v), strict=False)] == [
         True
     ] * 3
+
+
+@pytest.mark.parametrize(
+    "rule,shapes",
+    [(COLUMN, [(8, 4)]), (ROW, [(4, 8)]), (VOCAB, [(10, 4)]), (QKV, [(8, 4), (4, 4), (4, 4)])]
+    + [(GATED_MLP, [(6, 4), (6, 4)]), (MAMBA_IN_PROJ, [(44, 4)])],
+)
+def test_merging_fake_shards_gives_fake_tensors(rule, shapes):
+    """A dry run merges data-less shards: the result must be data-less too, not real memory of garbage
+    (which the torch_dist writer would then try to write for real)."""
+    from bridge.plumbing.fake import fake, holds_data
+
+    shards = [fake(s.shape, s.dtype) for s in rule.to_megatron([torch.zeros(s) for s in shapes], dims(), 2)]
+    assert not any(holds_data(t) for t in rule.merge(shards, dims()))
