@@ -88,6 +88,13 @@ HF_CASES = {
         "model_type is 'gpt2', expected one of 'falcon_h1', 'llama'",
     ),
     "invalid config json": (lambda hf: (hf / "config.json").write_text("{nope"), 3, "invalid JSON"),
+    "dtype not a name": (  # transformers' repr of such a config raised IndexError (found by test_fuzz)
+        lambda hf: (hf / "config.json").write_text(
+            json.dumps({**json.loads((hf / "config.json").read_text()), "dtype": 1e-06})
+        ),
+        3,
+        "dtype is 1e-06; expected a dtype name",
+    ),
     "missing key": (drop_key, 3, "missing tensor"),
     "shape vs config": (
         lambda hf: (hf / "config.json").write_text(

@@ -41,9 +41,12 @@ def hf_config_from_json(text: str, where: str):
     family = family_for_model_type(found, where)
     config_class = family.config_class
     check_sizes(data, where, family.positive_sizes, family.optional_sizes)
+    for name in ("dtype", "torch_dtype"):  # transformers' own repr of the config breaks on anything else
+        if not isinstance(data.get(name), str | None):
+            raise InputError(f'{where}: {name} is {data[name]!r:.40}; expected a dtype name such as "bfloat16"')
     try:
         return config_class.from_dict(config_class._decode_special_floats(data))
-    except (TypeError, ValueError, AttributeError, KeyError, StrictDataclassError) as e:
+    except (TypeError, ValueError, AttributeError, KeyError, IndexError, StrictDataclassError) as e:
         detail = " ".join(line.strip() for line in str(e).splitlines())
         raise InputError(f"{where}: not a valid {config_class.__name__} ({detail})") from None
 

@@ -212,14 +212,14 @@ def write_megatron(
     iteration: int | str | None = None,
     hf_layout: Layout,
     dry_run: bool = False,
-    from_megatron: bool = False,
+    source_format: str = "hf",
 ) -> Summary:
     """Writes a Megatron checkpoint from any ``source.get(hf_key)`` / ``source.dtype(hf_key)``: an HF
     folder, or another Megatron checkpoint being re-sharded (its tensors merged on the fly).
     ``extra_args`` are stored in ``args`` as given (e.g. BitNet's flag and scales). ``expand_groups``:
     see ``bridge.groups``. ``target``, ``iteration``: see ``bridge.targets``. ``hf_layout``: the model's
     HF shapes and dtypes, to size the output before writing; ``dry_run``: ``source`` gives fake tensors,
-    nothing is written; ``from_megatron``: ``source`` merges a Megatron checkpoint's shards (re-sharding)."""
+    nothing is written; ``source_format``: what ``source`` reads ("hf", or a Megatron format when re-sharding)."""
     family = family_of(cfg)
     layout = layout or next(iter(family.layouts))
     stack = resolve_target(
@@ -296,7 +296,7 @@ def write_megatron(
             summary.account(tmp, shares)
             if dry_run:
                 summary.plan = output_plan(
-                    file_sizes(tmp), dst, largest_tensor(hf_layout, out_dtype), fmt, from_megatron=from_megatron
+                    file_sizes(tmp), dst, largest_tensor(hf_layout, out_dtype), fmt, source=source_format
                 ).to_dict()
     nonfinite.warn()
     return summary
@@ -413,7 +413,7 @@ def megatron_to_hf(
             summary.account(tmp, shares)
             if dry_run:
                 summary.plan = output_plan(
-                    file_sizes(tmp), dst, largest_tensor(layout, None), "safetensors", from_megatron=True
+                    file_sizes(tmp), dst, largest_tensor(layout, None), "safetensors", source=meg.format
                 ).to_dict()
     summary.seconds = round(time.perf_counter() - start, 3)
     return summary

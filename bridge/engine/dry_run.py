@@ -28,18 +28,22 @@ from bridge.plumbing.fake import fake, storages_skipped
 from bridge.plumbing.pipeline import same_thread
 
 # What a conversion holds besides the interpreter and its libraries, as (times the largest tensor, plus
-# MiB), by output format and by what is read: fitted to the peaks `make bench` measured at the 0.5B and
-# 1.5B shapes (bench/results/e5f1578.json, 22e560b.json), within 14 % at 3B. HF sources: the tensor
-# `safe_open` copies out, the shard being cut from it; torch_dist adds its ~128 MB write batches.
-# Megatron sources add the source shards being merged (mapped pages, given back every 64 MiB) and the
-# merged tensor.
-_WORKING_SET: dict[tuple[str, bool], tuple[float, int]] = {
-    ("legacy", False): (1.0, 30),
-    ("legacy", True): (1.6, 70),
-    ("torch_dist", False): (1.5, 180),
-    ("torch_dist", True): (1.3, 230),  # refitted on 22e560b, after re-sharding gave pages back sooner
-    ("safetensors", False): (1.6, 60),
-    ("safetensors", True): (1.6, 60),
+# MiB), by output format and by what is read ("hf", "legacy", "torch_dist"): fitted to the peaks
+# `make bench` measured at the 0.5B, 1.5B and 3B shapes (bench/results/ed27609.json). HF sources: the
+# mapped tensors of the entries in flight (one written, one fetched ahead); torch_dist outputs add
+# their ~128 MB write batches; legacy sources add the shards being merged (mapped pages, given back
+# every 64 MiB) and the merged tensors with their pool of reused buffers (256 MiB at most).
+# Re-sharding torch_dist to torch_dist has no bench row: taken as hf -> torch_dist plus that pool.
+_WORKING_SET: dict[tuple[str, str], tuple[float, int]] = {
+    ("legacy", "hf"): (1.15, 10),
+    ("legacy", "legacy"): (2.2, 100),
+    ("legacy", "torch_dist"): (1.2, 120),
+    ("torch_dist", "hf"): (1.8, 80),
+    ("torch_dist", "legacy"): (2.1, 230),
+    ("torch_dist", "torch_dist"): (1.8, 330),
+    ("safetensors", "hf"): (1.6, 60),
+    ("safetensors", "legacy"): (2.55, 10),
+    ("safetensors", "torch_dist"): (1.55, 10),
 }
 
 
@@ -94,11 +98,11 @@ def largest_tensor(shapes: Mapping[str, tuple[torch.Size, torch.dtype]], dtype: 
     return max(math.prod(shape) * (dtype or stored).itemsize for shape, stored in shapes.values())
 
 
-def peak_rss_estimate(largest_tensor: int, fmt: str, from_megatron: bool) -> int:
+def peak_rss_estimate(largest_tensor: int, fmt: str, source: str) -> int:
     """This process's peak RSS so far (the interpreter, torch, the plan) plus the working set of
     writing ``fmt`` (``_WORKING_SET``)."""
     now = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    times, mib = _WORKING_SET[(fmt, from_megatron)]
+    times, mib = _WORKING_SET[(fmt, source)]
     return now + int(times * largest_tensor) + mib * 2**20
 
 
@@ -118,13 +122,11 @@ def output_dir(dst: Path, *, force: bool, inputs: Sequence[Path], dry_run: bool,
         yield Path(scratch)
 
 
-def output_plan(
-    files: dict[str, int], dst: Path, largest_tensor: int, fmt: str, *, from_megatron: bool = False
-) -> OutputPlan:
-    """``files``: the scratch tree's ``file_sizes``; ``fmt``: the output's; ``from_megatron``: the
-    source is a Megatron checkpoint (re-sharding, export)."""
+def output_plan(files: dict[str, int], dst: Path, largest_tensor: int, fmt: str, *, source: str = "hf") -> OutputPlan:
+    """``files``: the scratch tree's ``file_sizes``; ``fmt``: the output's; ``source``: the input's format
+    ("hf", "legacy", "torch_dist")."""
     total, free = sum(files.values()), disk_free(dst)
-    estimate = peak_rss_estimate(largest_tensor, fmt, from_megatron)
+    estimate = peak_rss_estimate(largest_tensor, fmt, source)
     return OutputPlan(files, total, free, total <= free, estimate)
 
 

@@ -124,7 +124,7 @@ def reshard(
         target=kept.target,
         hf_layout={k: (shape, gather.dtype(k)) for k, shape in hf_shapes.items()},
         dry_run=dry_run,
-        from_megatron=True,
+        source_format=meg.format,
     )
     gather.release()
     summary.source, summary.direction = str(src), "reshard"

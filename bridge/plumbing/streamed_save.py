@@ -36,6 +36,8 @@ from bridge.plumbing.direct_io import DirectFile
 from bridge.plumbing.fake import write_tensor
 
 Chunks = Callable[[], Iterable[torch.Tensor]]
+_BUFFERS = 32 * 2**20  # output buffer memory of one or more files written side by side
+_MIN_BUFFER = 8 * 2**20  # but at least this per file, so that each write stays large
 
 
 def _placeholder(shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
@@ -181,7 +183,8 @@ def stream_save_all(files: Sequence[tuple[object, Path, Deferred]]) -> None:
     cache (``direct_io``), as ``torch_save``."""
     plans = [_steps(_record(obj, deferred)) for obj, _, deferred in files]
     with contextlib.ExitStack() as stack:
-        outs = [stack.enter_context(DirectFile(path)) for _, path, _ in files]
+        buffer = max(_MIN_BUFFER, _BUFFERS // len(files))  # side by side, the files share one buffer's memory
+        outs = [stack.enter_context(DirectFile(path, buffer_bytes=buffer)) for _, path, _ in files]
         for step in range(max(len(steps) for steps in plans)):
             for out, steps in zip(outs, plans, strict=True):
                 for segment in steps[step] if step < len(steps) else ():
