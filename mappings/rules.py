@@ -37,20 +37,22 @@ def _chunk(t: Tensor, tp: int, dim: int, what: str) -> tuple[Tensor, ...]:
     return t.chunk(tp, dim)
 
 
-_EMPTY: contextvars.ContextVar[Callable[[torch.Size, torch.dtype], Tensor] | None] = contextvars.ContextVar(
-    "empty", default=None
-)
+Empty = Callable[[torch.Size, torch.dtype], Tensor]
+Copied = Callable[[Tensor], None]
+_MEMORY: contextvars.ContextVar[tuple[Empty, Copied | None] | None] = contextvars.ContextVar("memory", default=None)
 
 
 @contextmanager
-def allocating(empty: Callable[[torch.Size, torch.dtype], Tensor]) -> Iterator[None]:
+def allocating(empty: Empty, copied: Copied | None = None) -> Iterator[None]:
     """Merges in this thread build their results in memory from ``empty(shape, dtype)`` (a pool of
-    reused buffers: fresh pages are dear) instead of ``torch.empty``; the rules stay pure."""
-    token = _EMPTY.set(empty)
+    reused buffers: fresh pages are dear) instead of ``torch.empty``, copying shard after shard and
+    calling ``copied(shard)`` once each is in (so that a memory-mapped shard's pages can go before the
+    next is read: a merge then holds its result and one shard, not every shard); the rules stay pure."""
+    token = _MEMORY.set((empty, copied))
     try:
         yield
     finally:
-        _EMPTY.reset(token)
+        _MEMORY.reset(token)
 
 
 def _cat_into(parts: Sequence[Tensor], dim: int, out: Tensor | None = None) -> Tensor:
@@ -59,12 +61,20 @@ def _cat_into(parts: Sequence[Tensor], dim: int, out: Tensor | None = None) -> T
         shape = list(parts[0].shape)
         shape[dim] = sum(p.shape[dim] for p in parts)
         out = _empty_like(parts[0], torch.Size(shape))
-    return torch.cat(list(parts), dim, out=out)
+    memory = _MEMORY.get()
+    if memory is None or memory[1] is None:
+        return torch.cat(list(parts), dim, out=out)
+    offset = 0
+    for part in parts:
+        out.narrow(dim, offset, part.shape[dim]).copy_(part)
+        offset += part.shape[dim]
+        memory[1](part)
+    return out
 
 
 def _empty_like(t: Tensor, shape: torch.Size) -> Tensor:
-    empty = _EMPTY.get()
-    return t.new_empty(shape) if empty is None else empty(shape, t.dtype)  # a fake or meta t gives its kind
+    memory = _MEMORY.get()
+    return t.new_empty(shape) if memory is None else memory[0](shape, t.dtype)  # a fake or meta t gives its kind
 
 
 def _cat(shards: Sequence[Tensor], dim: int) -> Tensor:

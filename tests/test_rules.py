@@ -111,6 +111,13 @@ def test_round_trip(rule, shapes, tp):
         pooled = rule.to_hf(rule.to_megatron(hf, d, tp), d)
     assert all(torch.equal(a, b) for a, b in zip(hf, pooled, strict=False))
     assert bool(made) == (tp > 1 and rule is not REPLICATED)
+    shards, copied = rule.to_megatron(hf, d, tp), []
+    with allocating(empty, copied.append):  # shard by shard, each handed back once copied
+        stepwise = rule.to_hf(shards, d)
+    assert all(torch.equal(a, b) for a, b in zip(hf, stepwise, strict=False))
+    owners = {s.untyped_storage().data_ptr() for s in shards}
+    assert all(c.untyped_storage().data_ptr() in owners for c in copied)  # pieces of the shards, nothing else
+    assert bool(copied) == (tp > 1 and rule is not REPLICATED)
 
 
 @pytest.mark.parametrize("rule,shapes", RULE_SHAPES)

@@ -164,6 +164,9 @@ class FakeRanks:
     def release(self, done: Iterable[tuple[int, int, str]] = ()) -> None:
         """Fake tensors hold no pages."""
 
+    def copied(self, shard: torch.Tensor) -> None:
+        """Fake tensors hold no pages."""
+
     def __getattr__(self, name: str):
         return getattr(self.meg, name)
 

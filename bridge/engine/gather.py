@@ -105,7 +105,11 @@ class MegatronToHF:
             self._since_release += sum(t.numel() * t.element_size() for t in shards)
             try:
                 # Merged into reused memory (fresh pages are dear); a dry run's fake shards as they are.
-                with allocating(self.memory.empty) if holds_data(shards[0]) else contextlib.nullcontext():
+                with (
+                    allocating(self.memory.empty, self.meg.copied)
+                    if holds_data(shards[0])
+                    else contextlib.nullcontext()
+                ):
                     outs = param.rule.merge(shards, self.plan.dims)
             except ValueError as e:
                 raise InputError(f"{self.meg.iter_dir}: {name}: {e}") from None

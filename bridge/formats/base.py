@@ -31,6 +31,10 @@ class MegatronReader(Protocol):
 
     def rank_file(self, tp_rank: int, pp_rank: int) -> Path: ...
 
+    def copied(self, shard: torch.Tensor) -> None:
+        """A merge has copied ``shard`` out: memory that only maps the file may be given back now."""
+        ...
+
     def release(self, done: Iterable[tuple[int, int, str]] = ()) -> None:
         """Gives back the memory of tensors read so far; ``done``: ``(tp_rank, pp_rank, name)`` of those
         read for the last time, whose bytes may leave the page cache too."""

@@ -24,7 +24,7 @@ from bridge.errors import InputError, UnsupportedError
 from bridge.formats.base import MegatronFormat
 from bridge.formats.iterations import TRACKER, resolve_iteration_dir
 from bridge.plumbing import distributed, page_cache
-from bridge.plumbing.pages import drop_resident
+from bridge.plumbing.pages import drop_copied, drop_resident
 from bridge.plumbing.progress import Progress
 from bridge.plumbing.safe_files import open_regular, regular_file
 from bridge.plumbing.safe_pickle import safe_torch_load
@@ -123,6 +123,10 @@ class LegacyCheckpoint:
 
     def tensor_meta(self, tp_rank: int, pp_rank: int) -> dict[str, tuple[torch.Size, torch.dtype]]:
         return {k: (v.shape, v.dtype) for k, v in self.model(tp_rank, pp_rank).items()}
+
+    def copied(self, shard: torch.Tensor) -> None:
+        """A merge has copied ``shard``: its pages go now (read-only file mappings refault from the file)."""
+        drop_copied(shard)
 
     def release(self, done: Iterable[tuple[int, int, str]] = ()) -> None:
         """Gives back the pages read so far (they count as resident while mapped): dropped in place,

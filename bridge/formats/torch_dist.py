@@ -164,6 +164,9 @@ class TorchDistCheckpoint:
         tp, pp = fields.get("tensor_model_parallel_size"), fields.get("pipeline_model_parallel_size")
         return (tp if isinstance(tp, int) else None), (pp if isinstance(pp, int) else None)
 
+    def copied(self, shard: torch.Tensor) -> None:
+        """Nothing to give back: tensors live in reused anonymous memory (dropping its pages would zero it)."""
+
     def release(self, done: Iterable[tuple[int, int, str]] = ()) -> None:
         """Nothing is mapped: tensors are read on request, and their bytes leave the page cache then."""
 

@@ -45,3 +45,15 @@ def drop_resident(tensors: Iterable[torch.Tensor]) -> bool:
         if _MADVISE(start, end - start, _MADV_DONTNEED) != 0:
             return False
     return True
+
+
+def drop_copied(t: torch.Tensor) -> None:
+    """Drops the whole pages inside contiguous ``t``'s own bytes (a mapped shard once copied), where the
+    platform can; the pages it shares with neighbours stay."""
+    if _MADVISE is None or not t.is_contiguous() or not t.numel():
+        return
+    ptr = t.data_ptr()
+    start = -(-ptr // _PAGE) * _PAGE
+    end = (ptr + t.numel() * t.element_size()) // _PAGE * _PAGE
+    if end > start:
+        _MADVISE(start, end - start, _MADV_DONTNEED)
