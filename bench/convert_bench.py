@@ -393,7 +393,7 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true", help="keep the generated and converted checkpoints")
     parser.add_argument("--json", action="store_true", help="print the results as JSON instead of the table")
     args = parser.parse_args()
-    presets = args.presets.split(",") + (["7b"] if args.with_7b else [])
+    presets = list(dict.fromkeys(args.presets.split(",") + (["7b"] if args.with_7b else [])))  # each once
     args.out.mkdir(parents=True, exist_ok=True)
     cold = can_drop_caches()
     start = time.perf_counter()
