@@ -25,6 +25,7 @@ from datetime import timedelta
 from typing import Any, TypeVar
 
 from bridge.errors import BridgeError, sanitize
+from bridge.plumbing import signals
 
 T = TypeVar("T")
 
@@ -218,4 +219,8 @@ def processes() -> Iterator[Group]:
         raise
     finally:
         _current = _PLAIN
-        dist.destroy_process_group()
+        # torchrun SIGTERMs the survivors once one process has exited: raised in here, the signal cut the
+        # teardown short, and gloo's threads, left running, ended the process in std::terminate (an extra
+        # "terminate called without an active exception" after the error line). Recorded, not raised.
+        with signals.held():
+            dist.destroy_process_group()
