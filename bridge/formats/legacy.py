@@ -222,19 +222,19 @@ def write(
     stages = {pp_rank: [t for t, p in mine if p == pp_rank] for _, pp_rank in mine}
     bar = Progress(total=len(mine), unit="rank", desc="→megatron", disable=not progress)
     for pp_rank, tp_ranks in stages.items():
-        entries = [
-            (param, local, tuple(hf_name(k, layer) for k in param.hf))
-            for param, layer, local in plan.stage_entries(pp_rank)
-        ]
-        with EntryFeed(source, [keys for _, _, keys in entries]) as feed:
+        entries = []  # (param, stage-local layer, HF keys, shard shape, shard dtype): the same for every TP rank
+        for param, layer, local in plan.stage_entries(pp_rank):
+            keys = tuple(hf_name(k, layer) for k in param.hf)
+            shape = plan.shard_shape(param, [hf_shapes[k] for k in keys])
+            entries.append((param, local, keys, shape, dtype or source.dtype(keys[0])))
+        with EntryFeed(source, [keys for _, _, keys, _, _ in entries]) as feed:
             files = []
             for tp_rank in tp_ranks:
                 deferred = Deferred()
                 model: dict[str, torch.Tensor] = {}
-                for param, local, keys in entries:
-                    out_dtype = dtype or source.dtype(keys[0])
+                for param, local, keys, shape, out_dtype in entries:
                     shard = functools.partial(_shard_chunks, feed, keys, param, plan, tp_rank, out_dtype)
-                    tensor = deferred.tensor(plan.shard_shape(param, [hf_shapes[k] for k in keys]), out_dtype, shard)
+                    tensor = deferred.tensor(shape, out_dtype, shard)
                     model.update((name, tensor) for name in plan.megatron_names(param, local))
                 path = iter_dir / rank_dir_name(tp_rank, pp_rank, plan.pp) / RANK_FILE
                 path.parent.mkdir(parents=True)
