@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.utils.serialization import config
 
-from bridge.plumbing.streamed_save import Deferred, stream_save
+from bridge.plumbing.streamed_save import Deferred, stream_save_all
 
 DTYPES = [
     torch.bfloat16,
@@ -78,8 +78,31 @@ def _streamed(state: dict, tmp_path, chunk_rows: int = 3, transpose: bool = Fals
         return value
 
     path = tmp_path / "streamed.pt"
-    stream_save(swap(state), path, deferred)
+    stream_save_all([(swap(state), path, deferred)])
     return path.read_bytes()
+
+
+def test_files_side_by_side_each_equal_torch_save_and_interleave(tmp_path):
+    """A stage's rank files: each still byte for byte torch.save's, their storages produced in turn (the
+    first of each file, then the second of each...), whatever number of storages each holds."""
+    models = [{f"w{j}": _random((4, 3), torch.float32, 10 * i + j) for j in range(n)} for i, n in enumerate([3, 1, 2])]
+    produced: list[tuple[int, str]] = []
+    files = []
+    for i, model in enumerate(models):
+        deferred = Deferred()
+
+        def chunks(i=i, key="", t=None):
+            produced.append((i, key))
+            yield t
+
+        placeholders = {
+            k: deferred.tensor(v.shape, v.dtype, lambda i=i, k=k, v=v: chunks(i, k, v)) for k, v in model.items()
+        }
+        files.append((_legacy_state(placeholders), tmp_path / f"rank{i}.pt", deferred))
+    stream_save_all(files)
+    for i, model in enumerate(models):
+        assert (tmp_path / f"rank{i}.pt").read_bytes() == _torch_save_bytes(_legacy_state(model))
+    assert produced == [(0, "w0"), (1, "w0"), (2, "w0"), (0, "w1"), (2, "w1"), (0, "w2")]
 
 
 def _load(path) -> dict:
@@ -157,7 +180,7 @@ def test_any_state_dict_matches_torch_save(tmp_path_factory, entries, chunk_rows
 
 def _one(tmp_path, chunks, shape=(4, 4), dtype=torch.float32):
     deferred = Deferred()
-    stream_save({"t": deferred.tensor(torch.Size(shape), dtype, chunks)}, tmp_path / "x.pt", deferred)
+    stream_save_all([({"t": deferred.tensor(torch.Size(shape), dtype, chunks)}, tmp_path / "x.pt", deferred)])
 
 
 @pytest.mark.parametrize(
@@ -199,22 +222,22 @@ def test_chunks_read_by_torch_load_hold_their_data(tmp_path):
     def chunks():
         yield torch.load(tmp_path / "source.pt", mmap=True, weights_only=True)["w"]
 
-    stream_save({"w": deferred.tensor(source.shape, source.dtype, chunks)}, tmp_path / "x.pt", deferred)
+    stream_save_all([({"w": deferred.tensor(source.shape, source.dtype, chunks)}, tmp_path / "x.pt", deferred)])
     assert (tmp_path / "x.pt").read_bytes() == _torch_save_bytes(state)
 
 
 def test_only_placeholders_may_be_in_the_state(tmp_path):
     deferred = Deferred()
     with pytest.raises(TypeError, match="must come from Deferred.tensor"):
-        stream_save({"t": torch.zeros(2)}, tmp_path / "x.pt", deferred)
+        stream_save_all([({"t": torch.zeros(2)}, tmp_path / "x.pt", deferred)])
     with pytest.raises(TypeError, match="holds a storage"):
-        stream_save({"s": torch.zeros(2).untyped_storage()}, tmp_path / "x.pt", deferred)
+        stream_save_all([({"s": torch.zeros(2).untyped_storage()}, tmp_path / "x.pt", deferred)])
 
 
 _PEAK = """
 import resource, sys, torch
 from pathlib import Path
-from bridge.plumbing.streamed_save import Deferred, stream_save
+from bridge.plumbing.streamed_save import Deferred, stream_save_all
 deferred, rows = Deferred(), 2**20 // 4  # 1 MiB chunks of float32 rows of 1 element
 model = {
     f"t{i}": deferred.tensor(torch.Size([64 * rows, 1]), torch.float32,
@@ -222,7 +245,7 @@ model = {
     for i in range(4)
 }
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-stream_save({"model": model}, Path(sys.argv[1]), deferred)
+stream_save_all([({"model": model}, Path(sys.argv[1]), deferred)])
 print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)
 """
 

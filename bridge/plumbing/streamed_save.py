@@ -192,8 +192,3 @@ def stream_save_all(files: Sequence[tuple[object, Path, Deferred]]) -> None:
                         out.write(segment)
                     else:
                         _fill(out, *segment)
-
-
-def stream_save(obj: object, path: Path, deferred: Deferred) -> None:
-    """``torch.save(obj, path)`` for one file (``stream_save_all``)."""
-    stream_save_all([(obj, path, deferred)])
